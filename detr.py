@@ -1,0 +1,449 @@
+"""
+DETR: DEtection TRansformer (Carion et al., "End-to-End Object Detection with Transformers", 2020)
+in one file, top to bottom in the order the data flows:
+
+    image (B, 3, H, W) -> ResNet backbone -> 1x1 projection -> + 2-D sine positions
+      -> 6 encoder layers -> 6 decoder layers over 100 learned object queries
+      -> class head (K + 1) and box head (cx, cy, w, h) for every query
+
+The module names differ from facebookresearch/detr, but `official_to_minidetr_key` maps the
+official checkpoint keys onto these ones, so `DETR.from_pretrained('detr-r50')` loads the official
+COCO model and reproduces its outputs.
+
+    python detr.py                               # parameter count per part of DETR-R50 (91 classes)
+    python detr.py --backbone=resnet18 --num_classes=20
+"""
+
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.ops import box_convert
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+
+class LoadError(RuntimeError):
+    """A checkpoint or weights file could not be loaded; the message is one line meant for the user."""
+
+
+# -----------------------------------------------------------------------------
+# Backbone (paper §3.2 "Backbone")
+
+
+class Backbone(nn.Module):
+    """A torchvision ResNet up to its last stage: (B, 3, H, W) -> (B, C, H/32, W/32).
+
+    BatchNorm is frozen (its statistics and affine parameters are buffers), because detection
+    batches are too small to estimate them (paper App. A.4 / official code). The stem and layer1
+    stay frozen as in the official code; `dilation=True` turns the last stage's stride into
+    dilation (the paper's DC5 models, stride 16).
+    """
+
+    def __init__(self, name="resnet50", pretrained=False, dilation=False, train_backbone=True):
+        super().__init__()
+        if name not in ("resnet18", "resnet34", "resnet50", "resnet101"):
+            raise ValueError(f"unknown backbone '{name}': use resnet18, resnet34, resnet50 or resnet101")
+        resnet = getattr(torchvision.models, name)(
+            weights=None, norm_layer=FrozenBatchNorm2d, replace_stride_with_dilation=[False, False, dilation]
+        )
+        if pretrained:
+            resnet.load_state_dict(imagenet_state_dict(name))
+        # keep the ResNet's own module names (conv1, bn1, layer1 ...), drop its pooling and classifier
+        self.conv1, self.bn1, self.maxpool = resnet.conv1, resnet.bn1, resnet.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
+        self.num_channels = 512 if name in ("resnet18", "resnet34") else 2048
+        for pname, p in self.named_parameters():
+            if not train_backbone or not pname.startswith(("layer2", "layer3", "layer4")):
+                p.requires_grad_(False)
+
+    def forward(self, x):
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+def imagenet_state_dict(name):
+    """The ImageNet weights the paper starts from (torchvision's IMAGENET1K_V1), or one clear error."""
+    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+    try:
+        return weights.get_state_dict(progress=True)
+    except Exception as e:  # no network, a proxy, a truncated file: all end here
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+        raise LoadError(
+            f"could not get ImageNet weights for {name} ({type(e).__name__}); download {weights.url} "
+            f"to {path}, or train without them (pretrained_backbone=False)"
+        ) from None
+
+
+# -----------------------------------------------------------------------------
+# Positional encoding (paper §3.2 and App. A.4)
+
+
+def sine_pos_embed(mask, dim=256, temperature=10000.0, scale=2 * math.pi):
+    """2-D sine positional encoding of a feature map, computed from its padding mask.
+
+    mask: (B, h, w) bool, True on padding. Returns (B, h, w, dim): the first dim/2 channels
+    encode y, the last dim/2 encode x. Positions are counted over valid pixels only and normalised
+    by each image's own valid height/width, so padding never shifts the position of a real pixel.
+    """
+    not_mask = ~mask
+    y = not_mask.cumsum(1, dtype=torch.float32)  # 1, 2, ... down each column
+    x = not_mask.cumsum(2, dtype=torch.float32)  # 1, 2, ... along each row
+    eps = 1e-6
+    y = y / (y[:, -1:, :] + eps) * scale  # the last row holds each column's valid height
+    x = x / (x[:, :, -1:] + eps) * scale
+    half = dim // 2
+    i = torch.arange(half, dtype=torch.float32, device=mask.device)
+    freq = temperature ** (2 * (i // 2) / half)  # channels 2j and 2j+1 share a frequency
+    pos_x = x[..., None] / freq  # (B, h, w, half)
+    pos_y = y[..., None] / freq
+    # interleave: even channels take the sine, odd channels the cosine
+    pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
+    pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
+    return torch.cat((pos_y, pos_x), dim=3)
+
+
+# -----------------------------------------------------------------------------
+# Transformer (paper §3.2, Fig. 10): post-norm layers, positions added to queries and keys only
+
+
+class Attention(nn.Module):
+    """Multi-head attention with the same parameters as nn.MultiheadAttention (so official weights
+    load as they are): one (3C, C) input projection for q, k, v and an output projection."""
+
+    def __init__(self, dim, num_heads, dropout):
+        super().__init__()
+        self.num_heads, self.dropout = num_heads, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=False):
+        """query (B, L, C), key and value (B, S, C), key_padding_mask (B, S) True on padding.
+        Returns the output (B, L, C) and, if asked, the attention weights (B, heads, L, S)."""
+        B, L, C = query.shape
+        S = key.shape[1]
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        h = self.num_heads
+        q = F.linear(query, w_q, b_q).view(B, L, h, C // h).transpose(1, 2)  # (B, h, L, C/h)
+        k = F.linear(key, w_k, b_k).view(B, S, h, C // h).transpose(1, 2)  # (B, h, S, C/h)
+        v = F.linear(value, w_v, b_v).view(B, S, h, C // h).transpose(1, 2)
+        # SDPA's boolean mask is True where attention is allowed: every query sees every real key
+        allowed = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:  # the same computation written out, to keep the weights for plots
+            scores = q @ k.transpose(-2, -1) / math.sqrt(C // h)  # (B, h, L, S)
+            if allowed is not None:
+                scores = scores.masked_fill(~allowed, float("-inf"))
+            weights = scores.softmax(-1)
+            out = F.dropout(weights, dropout, self.training) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+        out = out.transpose(1, 2).reshape(B, L, C)
+        return self.out_proj(out), weights
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, dim, num_heads, dim_feedforward, dropout):
+        super().__init__()
+        self.dropout = dropout
+        self.self_attn = Attention(dim, num_heads, dropout)
+        self.linear1 = nn.Linear(dim, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, src, pos, mask, need_weights=False):
+        """src, pos (B, HW, C); mask (B, HW) True on padding."""
+        q = k = src + pos
+        attn, weights = self.self_attn(q, k, src, mask, need_weights)
+        src = self.norm1(src + F.dropout(attn, self.dropout, self.training))
+        ffn = self.linear2(F.dropout(F.relu(self.linear1(src)), self.dropout, self.training))
+        src = self.norm2(src + F.dropout(ffn, self.dropout, self.training))
+        return src, weights
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, dim, num_heads, dim_feedforward, dropout):
+        super().__init__()
+        self.dropout = dropout
+        self.self_attn = Attention(dim, num_heads, dropout)
+        self.cross_attn = Attention(dim, num_heads, dropout)
+        self.linear1 = nn.Linear(dim, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, tgt, query_pos, memory, pos, mask, need_weights=False):
+        """tgt, query_pos (B, Q, C); memory, pos (B, HW, C); mask (B, HW) True on padding."""
+        q = k = tgt + query_pos  # the queries talk to each other: this is what removes duplicates
+        attn, _ = self.self_attn(q, k, tgt)
+        tgt = self.norm1(tgt + F.dropout(attn, self.dropout, self.training))
+        attn, weights = self.cross_attn(tgt + query_pos, memory + pos, memory, mask, need_weights)
+        tgt = self.norm2(tgt + F.dropout(attn, self.dropout, self.training))
+        ffn = self.linear2(F.dropout(F.relu(self.linear1(tgt)), self.dropout, self.training))
+        tgt = self.norm3(tgt + F.dropout(ffn, self.dropout, self.training))
+        return tgt, weights
+
+
+# -----------------------------------------------------------------------------
+# The detector (paper §3.2, Fig. 2)
+
+
+class DETR(nn.Module):
+    def __init__(
+        self,
+        num_classes,
+        backbone="resnet50",  # resnet18 / resnet34 / resnet50 / resnet101
+        pretrained_backbone=False,  # start from torchvision's ImageNet weights (paper §4)
+        dilation=False,  # DC5: dilate the last ResNet stage (paper §4, "DETR-DC5")
+        train_backbone=True,  # False freezes the whole backbone
+        hidden_dim=256,
+        num_heads=8,
+        num_encoder_layers=6,
+        num_decoder_layers=6,
+        dim_feedforward=2048,
+        dropout=0.1,
+        num_queries=100,  # N, the most objects one image can hold (paper §3.1)
+    ):
+        super().__init__()
+        self.num_classes, self.num_queries = num_classes, num_queries
+        self.backbone = Backbone(backbone, pretrained_backbone, dilation, train_backbone)
+        self.input_proj = nn.Conv2d(self.backbone.num_channels, hidden_dim, kernel_size=1)
+        self.encoder = nn.ModuleList(
+            EncoderLayer(hidden_dim, num_heads, dim_feedforward, dropout) for _ in range(num_encoder_layers)
+        )
+        self.decoder = nn.ModuleList(
+            DecoderLayer(hidden_dim, num_heads, dim_feedforward, dropout) for _ in range(num_decoder_layers)
+        )
+        self.decoder_norm = nn.LayerNorm(hidden_dim)  # shared by every decoder layer's output
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)  # the object queries
+        self.class_head = nn.Linear(hidden_dim, num_classes + 1)  # the last class is "no object"
+        self.box_head = nn.ModuleList(  # 3-layer MLP -> (cx, cy, w, h)
+            [nn.Linear(hidden_dim, hidden_dim), nn.Linear(hidden_dim, hidden_dim), nn.Linear(hidden_dim, 4)]
+        )
+        # as the official code: Xavier for every transformer matrix, zero attention biases
+        for layer in [*self.encoder, *self.decoder]:
+            for p in layer.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+            for attn in [m for m in layer.modules() if isinstance(m, Attention)]:
+                nn.init.zeros_(attn.in_proj_bias)
+                nn.init.zeros_(attn.out_proj.bias)
+
+    def forward(self, images, mask=None, need_weights=False):
+        """images (B, 3, H, W) ImageNet-normalised, padded bottom/right; mask (B, H, W) True on
+        padding, or None when nothing is padded. need_weights=True also returns the attention
+        weights of every layer (for plots; it uses a slower, written-out attention)."""
+        B, _, H, W = images.shape
+        features = self.backbone(images)  # (B, 2048, h, w)
+        h, w = features.shape[-2:]
+        if mask is None:
+            mask = torch.zeros(B, H, W, dtype=torch.bool, device=images.device)
+        mask = F.interpolate(mask[:, None].float(), size=(h, w)).bool()[:, 0]  # (B, h, w), nearest
+        pos = sine_pos_embed(mask, self.input_proj.out_channels).flatten(1, 2)  # (B, hw, C)
+        pos = pos.to(features.dtype)
+        src = self.input_proj(features).flatten(2).transpose(1, 2)  # (B, hw, C)
+        mask = mask.flatten(1)  # (B, hw)
+
+        enc_weights, dec_weights = [], []
+        memory = src
+        for layer in self.encoder:
+            memory, weights = layer(memory, pos, mask, need_weights)
+            enc_weights.append(weights)
+
+        query_pos = self.query_embed.weight[None].expand(B, -1, -1)  # (B, Q, C)
+        tgt = torch.zeros_like(query_pos)  # the decoder starts from zeros; queries enter as positions
+        hs = []
+        for layer in self.decoder:
+            tgt, weights = layer(tgt, query_pos, memory, pos, mask, need_weights)
+            hs.append(self.decoder_norm(tgt))
+            dec_weights.append(weights)
+        hs = torch.stack(hs)  # (num_decoder_layers, B, Q, C)
+
+        logits = self.class_head(hs)  # (L, B, Q, K+1)
+        boxes = hs
+        for i, linear in enumerate(self.box_head):
+            boxes = linear(boxes) if i == len(self.box_head) - 1 else F.relu(linear(boxes))
+        boxes = boxes.sigmoid()  # (L, B, Q, 4) cx, cy, w, h relative to the image's own size
+        out = {
+            "pred_logits": logits[-1],
+            "pred_boxes": boxes[-1],
+            # every earlier decoder layer is supervised too (paper §3.2, "Auxiliary decoding losses")
+            "aux_outputs": [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])],
+        }
+        if need_weights:
+            out["enc_attn"] = enc_weights  # per layer (B, heads, hw, hw)
+            out["dec_attn"] = dec_weights  # per layer (B, heads, Q, hw): cross-attention over the features
+            out["feat_size"] = (h, w)
+        return out
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, **kwargs):
+        """Build a DETR from an official facebookresearch/detr checkpoint: a known name
+        ('detr-r50', 'detr-r50-dc5', 'detr-r101', 'detr-r101-dc5', downloaded by torch.hub) or a
+        local file. The architecture is read off the weights; kwargs override the rest
+        (num_heads, dilation for a local DC5 file)."""
+        if name_or_path in OFFICIAL_CHECKPOINTS:
+            url = OFFICIAL_CHECKPOINTS[name_or_path]
+            kwargs.setdefault("dilation", "-dc5" in name_or_path)
+            try:
+                ckpt = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True)
+            except Exception as e:
+                path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+                raise LoadError(f"could not download {url} ({type(e).__name__}); put the file at {path}") from None
+        else:
+            ckpt = load_checkpoint_file(name_or_path)
+        state_dict = ckpt.get("model", ckpt)
+        model = cls(**{**official_model_args(state_dict, name_or_path), **kwargs})
+        model.load_official_state_dict(state_dict, name_or_path)
+        return model
+
+    def load_official_state_dict(self, state_dict, source="checkpoint"):
+        """Load a state dict with the official key names, after checking every key and shape, so
+        that a wrong file fails with one line naming the first bad key."""
+        expected = {minidetr_to_official_key(k): v.shape for k, v in self.state_dict().items()}
+        ours = {}
+        for key, value in state_dict.items():
+            if key.endswith("num_batches_tracked"):  # written by plain BatchNorm, unused when frozen
+                continue
+            if key not in expected:
+                raise LoadError(f"{source}: unexpected key '{key}' (not part of an official DETR checkpoint)")
+            if not torch.is_tensor(value) or value.shape != expected[key]:
+                shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                raise LoadError(f"{source}: key '{key}' has shape {shape}, expected {tuple(expected[key])}")
+            ours[official_to_minidetr_key(key)] = value
+        missing = [k for k in expected if k not in state_dict]
+        if missing:
+            raise LoadError(f"{source}: missing key '{missing[0]}' ({len(missing)} missing in all)")
+        self.load_state_dict(ours)
+
+
+def postprocess(outputs, sizes):
+    """Model outputs -> one dict per image with `scores`, `labels` (Q,) and `boxes` (Q, 4) as absolute
+    (x0, y0, x1, y1) pixels of the original image. sizes: (B, 2) of (height, width)."""
+    probs = outputs["pred_logits"].softmax(-1)[..., :-1]  # drop "no object"
+    scores, labels = probs.max(-1)  # (B, Q): the best real class of each query
+    sizes = torch.as_tensor(sizes, dtype=torch.float32, device=scores.device)
+    scale = torch.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], dim=1)  # (B, 4): w, h, w, h
+    boxes = box_convert(outputs["pred_boxes"].float(), "cxcywh", "xyxy") * scale[:, None, :]
+    return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+
+
+# -----------------------------------------------------------------------------
+# Official checkpoints: key names and architecture
+
+OFFICIAL_CHECKPOINTS = {
+    "detr-r50": "https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth",
+    "detr-r50-dc5": "https://dl.fbaipublicfiles.com/detr/detr-r50-dc5-f0fb7ef5.pth",
+    "detr-r101": "https://dl.fbaipublicfiles.com/detr/detr-r101-2c7b67e5.pth",
+    "detr-r101-dc5": "https://dl.fbaipublicfiles.com/detr/detr-r101-dc5-a2e86def.pth",
+}
+
+# official key prefix -> ours; and whole dotted parts renamed anywhere in a key
+KEY_PREFIXES = [
+    ("backbone.0.body.", "backbone."),
+    ("transformer.encoder.layers.", "encoder."),
+    ("transformer.decoder.layers.", "decoder."),
+    ("transformer.decoder.norm.", "decoder_norm."),
+    ("class_embed.", "class_head."),
+    ("bbox_embed.layers.", "box_head."),
+]
+KEY_PARTS = {"multihead_attn": "cross_attn"}
+
+
+def official_to_minidetr_key(key):
+    for official, ours in KEY_PREFIXES:
+        if key.startswith(official):
+            key = ours + key[len(official) :]
+            break
+    return ".".join(KEY_PARTS.get(part, part) for part in key.split("."))
+
+
+def minidetr_to_official_key(key):
+    for official, ours in KEY_PREFIXES:
+        if key.startswith(ours):
+            key = official + key[len(ours) :]
+            break
+    parts = {ours: official for official, ours in KEY_PARTS.items()}
+    return ".".join(parts.get(part, part) for part in key.split("."))
+
+
+def official_model_args(state_dict, source):
+    """Read the architecture off an official state dict (the number of heads is not in the weights:
+    the official models all use 8)."""
+    try:
+        num_queries, hidden_dim = state_dict["query_embed.weight"].shape
+        blocks = {k.split(".")[4] for k in state_dict if k.startswith("backbone.0.body.layer3.")}
+        bottleneck = "backbone.0.body.layer1.0.conv3.weight" in state_dict
+        backbone = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50", (True, 23): "resnet101"}
+        return dict(
+            num_classes=state_dict["class_embed.weight"].shape[0] - 1,
+            backbone=backbone[(bottleneck, len(blocks))],
+            hidden_dim=hidden_dim,
+            num_queries=num_queries,
+            num_encoder_layers=len({k.split(".")[3] for k in state_dict if k.startswith("transformer.encoder.layers.")}),
+            num_decoder_layers=len({k.split(".")[3] for k in state_dict if k.startswith("transformer.decoder.layers.")}),
+            dim_feedforward=state_dict["transformer.encoder.layers.0.linear1.weight"].shape[0],
+        )
+    except (KeyError, AttributeError, ValueError, TypeError) as e:
+        raise LoadError(f"{source}: not an official DETR checkpoint (cannot read the architecture: {e!r})") from None
+
+
+def load_checkpoint_file(path):
+    """torch.load that fails with one line: a missing file, or a file that is no checkpoint."""
+    if not os.path.isfile(path):
+        known = ", ".join(OFFICIAL_CHECKPOINTS)
+        raise LoadError(f"no checkpoint file at '{path}' (known names: {known})")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise LoadError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {first_line[:200]})") from None
+    if not isinstance(ckpt, dict):
+        raise LoadError(f"{path}: not a checkpoint (holds a {type(ckpt).__name__}, expected a dict)")
+    return ckpt
+
+
+# -----------------------------------------------------------------------------
+
+
+def summary(model):
+    """Parameter counts per part, as the lines `python detr.py` prints."""
+    parts = {
+        "backbone": model.backbone,
+        "input_proj": model.input_proj,
+        "encoder": model.encoder,
+        "decoder": [model.decoder, model.decoder_norm],
+        "query_embed": model.query_embed,
+        "class_head": model.class_head,
+        "box_head": model.box_head,
+    }
+    lines = []
+    for name, modules in parts.items():
+        params = [p for m in (modules if isinstance(modules, list) else [modules]) for p in m.parameters()]
+        total = sum(p.numel() for p in params)
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        lines.append(f"{name:<12} {total:>12,} params ({trainable:,} trainable)")
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lines.append(f"{'total':<12} {total:>12,} params ({trainable:,} trainable), {len(model.state_dict())} state-dict keys")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    args = dict(num_classes=91, backbone="resnet50")
+    for arg in sys.argv[1:]:
+        key, _, value = arg.removeprefix("--").partition("=")
+        if key not in args:
+            sys.exit(f"error: unknown flag --{key} (use --num_classes=N, --backbone=NAME)")
+        args[key] = int(value) if key == "num_classes" else value
+    model = DETR(**args)
+    print(f"DETR with {args['backbone']} backbone, {args['num_classes']} classes")
+    print(summary(model))
