@@ -40,15 +40,21 @@ class Backbone(nn.Module):
     BatchNorm is frozen (its statistics and affine parameters are buffers), because detection
     batches are too small to estimate them (paper App. A.4 / official code). The stem and layer1
     stay frozen as in the official code; `dilation=True` turns the last stage's stride into
-    dilation (the paper's DC5 models, stride 16).
+    dilation (the paper's DC5 models, stride 16). Frozen statistics only make sense for pretrained
+    weights: a backbone trained from scratch (the CPU configs) needs frozen_bn=False, a trained
+    BatchNorm, or it has no normalisation at all.
     """
 
-    def __init__(self, name="resnet50", pretrained=False, dilation=False, train_backbone=True):
+    def __init__(self, name="resnet50", pretrained=False, dilation=False, train_backbone=True, frozen_bn=True):
         super().__init__()
         if name not in ("resnet18", "resnet34", "resnet50", "resnet101"):
             raise ValueError(f"unknown backbone '{name}': use resnet18, resnet34, resnet50 or resnet101")
+        if dilation and name in ("resnet18", "resnet34"):
+            raise ValueError(f"dilation (DC5) needs a bottleneck ResNet (resnet50 or resnet101), not {name}")
         resnet = getattr(torchvision.models, name)(
-            weights=None, norm_layer=FrozenBatchNorm2d, replace_stride_with_dilation=[False, False, dilation]
+            weights=None,
+            norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d,
+            replace_stride_with_dilation=[False, False, dilation],
         )
         if pretrained:
             resnet.load_state_dict(imagenet_state_dict(name))
@@ -204,6 +210,7 @@ class DETR(nn.Module):
         pretrained_backbone=False,  # start from torchvision's ImageNet weights (paper §4)
         dilation=False,  # DC5: dilate the last ResNet stage (paper §4, "DETR-DC5")
         train_backbone=True,  # False freezes the whole backbone
+        frozen_bn=True,  # False: a trained BatchNorm, for a backbone trained from scratch
         hidden_dim=256,
         num_heads=8,
         num_encoder_layers=6,
@@ -214,7 +221,14 @@ class DETR(nn.Module):
     ):
         super().__init__()
         self.num_classes, self.num_queries = num_classes, num_queries
-        self.backbone = Backbone(backbone, pretrained_backbone, dilation, train_backbone)
+        # what rebuilds this model (checkpoints store it); the weights, pretrained or not, come from the file
+        self.config = dict(
+            num_classes=num_classes, backbone=backbone, dilation=dilation, train_backbone=train_backbone, frozen_bn=frozen_bn,
+            hidden_dim=hidden_dim, num_heads=num_heads, num_encoder_layers=num_encoder_layers,
+            num_decoder_layers=num_decoder_layers, dim_feedforward=dim_feedforward, dropout=dropout,
+            num_queries=num_queries,
+        )
+        self.backbone = Backbone(backbone, pretrained_backbone, dilation, train_backbone, frozen_bn)
         self.input_proj = nn.Conv2d(self.backbone.num_channels, hidden_dim, kernel_size=1)
         self.encoder = nn.ModuleList(
             EncoderLayer(hidden_dim, num_heads, dim_feedforward, dropout) for _ in range(num_encoder_layers)

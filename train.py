@@ -15,13 +15,80 @@ import json
 import math
 import os
 import sys
+import time
+from contextlib import nullcontext
+from functools import partial
+from types import SimpleNamespace
 
 import numpy as np
 import torch
-from PIL import Image
+import torch.distributed as dist
+import torch.nn.functional as F
 import torchvision.transforms.v2 as v2
+from PIL import Image
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision import tv_tensors
-from torchvision.ops import box_convert, box_iou
+from torchvision.ops import box_convert, box_iou, generalized_box_iou, generalized_box_iou_loss
+from tqdm import tqdm
+
+from detr import DETR, LoadError, postprocess
+
+# -----------------------------------------------------------------------------
+# default config: the paper's DETR-R50 recipe (§4, App. A.4); config/*.py and --key=value override it
+# I/O
+out_dir = "out"  # ckpt.pt, best.pt and log.jsonl go here
+dataset = "shapes"  # reads data/<dataset>/<train_split>.json and <val_split>.json (or <dataset>/... if it is a path)
+train_split = "train"
+val_split = "val"
+init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), or an official checkpoint: 'detr-r50' or a path
+eval_interval = 1000  # evaluate (and checkpoint) every this many iterations, and at the end
+log_interval = 10  # print and log the losses every this many iterations
+eval_only = False  # evaluate the initial model and exit
+best_metric = "mAP50"  # the val metric that decides best.pt
+# model
+backbone = "resnet50"
+pretrained_backbone = True  # torchvision's ImageNet weights (the paper starts from them)
+dilation = False  # DC5
+frozen_bn = True  # the backbone's BatchNorm statistics frozen (pretrained); False to train it from scratch
+hidden_dim = 256
+num_heads = 8
+num_encoder_layers = 6
+num_decoder_layers = 6
+dim_feedforward = 2048
+dropout = 0.1
+num_queries = 100
+# loss (paper §3.1 and App. A.1): matching costs and loss weights are the same numbers
+cost_class = 1.0
+cost_bbox = 5.0
+cost_giou = 2.0
+eos_coef = 0.1  # weight of the "no object" class in the cross-entropy
+# data
+batch_size = 2  # images per micro-batch on each process
+gradient_accumulation_steps = 1  # micro-batches per optimizer step
+num_workers = 2
+train_scales = list(range(480, 801, 32))  # shorter side, drawn at random per image
+max_size = 1333  # longer side at most
+crop_scales = [400, 500, 600]  # resize before the random crop
+crop_size = (384, 600)  # random crop side range
+val_scale = 800  # shorter side at validation
+pad_to = 1  # pad batches to a multiple of this (e.g. 64 for fewer shapes under torch.compile)
+keep_difficult = False  # train on VOC's difficult objects too
+# optimizer (paper §4): AdamW, backbone at a tenth of the rest, gradients clipped at 0.1
+learning_rate = 1e-4
+lr_backbone = 1e-5  # 0 freezes the backbone
+weight_decay = 1e-4
+grad_clip = 0.1
+max_iters = 100000
+lr_drop = 70000  # multiply the learning rates by 0.1 from this iteration on
+warmup_iters = 0  # linear warm-up from 0
+# system
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; float32 turns AMP off
+compile = False  # torch.compile the model
+seed = 1337
+CONFIG_KEYS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, list, tuple))]
 
 # -----------------------------------------------------------------------------
 # data: a prepared json (DESIGN §3) -> (image, target) pairs
@@ -85,7 +152,16 @@ class DetectionDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.records)
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        """key: an index, or (index, seed) to draw the augmentation from its own seed (so that a
+        sample's augmentation does not depend on worker processes or on where a run resumed)."""
+        index, aug_seed = key if isinstance(key, tuple) else (key, None)
+        with torch.random.fork_rng(devices=[], enabled=aug_seed is not None):
+            if aug_seed is not None:
+                torch.manual_seed(aug_seed)
+            return self.load(index)
+
+    def load(self, index):
         for i in range(index, index + len(self)):
             i %= len(self)
             try:
@@ -133,6 +209,141 @@ def collate(batch, pad_to=1):
         pad[:, : im.shape[1], : im.shape[2]].copy_(im)
         m[: im.shape[1], : im.shape[2]] = False
     return padded, (mask if mask.any() else None), list(targets)
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Endless training order that a resumed run can re-enter at any point: epoch e is a permutation
+    drawn from seed + e, split across processes as DistributedSampler does (padded to a multiple of
+    world_size, then every world_size-th index), and each index comes with its augmentation seed.
+    start: how many samples this process has already consumed."""
+
+    def __init__(self, num_samples, seed, start=0, rank=0, world_size=1):
+        self.num_samples, self.seed, self.start, self.rank, self.world_size = num_samples, seed, start, rank, world_size
+
+    def __iter__(self):
+        per_rank = math.ceil(self.num_samples / self.world_size)
+        epoch, offset = divmod(self.start, per_rank)
+        while True:
+            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
+            order = torch.cat([order, order[: per_rank * self.world_size - self.num_samples]])
+            for i in order[self.rank :: self.world_size][offset:].tolist():
+                yield i, (self.seed * 1_000_003 + epoch * self.num_samples + i) % 2**62
+            epoch, offset = epoch + 1, 0
+
+
+# -----------------------------------------------------------------------------
+# Hungarian matcher and set loss (paper §3.1, App. A.1)
+
+
+class HungarianMatcher(nn.Module):
+    """The optimal one-to-one assignment between predictions and targets (paper Eq. 1): the cost of
+    pairing query i with target j is -p_i(c_j) * cost_class + L1(b_i, b_j) * cost_bbox
+    - GIoU(b_i, b_j) * cost_giou. One cost matrix for the whole batch (every query against every
+    target of the batch, for every decoder layer given), one copy to the CPU, then scipy's
+    linear_sum_assignment per image and layer."""
+
+    def __init__(self, cost_class=1.0, cost_bbox=5.0, cost_giou=2.0):
+        super().__init__()
+        self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
+
+    @torch.no_grad()
+    def forward(self, outputs, targets):
+        """outputs: pred_logits (B, Q, K+1) and pred_boxes (B, Q, 4), or with a leading layer
+        dimension (L, B, Q, ...). Returns per image a (pred_idx, tgt_idx) pair of LongTensors,
+        or a list of those per layer when a layer dimension was given."""
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        per_layer = logits.dim() == 4
+        if not per_layer:
+            logits, boxes = logits[None], boxes[None]
+        L, B, Q = logits.shape[:3]
+        prob = logits.flatten(0, 2).float().softmax(-1)  # (L*B*Q, K+1)
+        boxes = boxes.flatten(0, 2).float()  # (L*B*Q, 4)
+        tgt_labels = torch.cat([t["labels"] for t in targets])  # (T,) all targets of the batch
+        tgt_boxes = torch.cat([t["boxes"] for t in targets]).float()  # (T, 4)
+        cost = (
+            -self.cost_class * prob[:, tgt_labels]  # the probability itself, not its log (App. A.1)
+            + self.cost_bbox * torch.cdist(boxes, tgt_boxes, p=1)
+            - self.cost_giou * generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"))
+        )
+        cost = cost.view(L, B, Q, -1).cpu().numpy()  # the step's one host sync
+        if not np.isfinite(cost).all():
+            raise FloatingPointError("the model's outputs are not finite")
+        sizes = [len(t["labels"]) for t in targets]
+        indices = [
+            [
+                tuple(torch.as_tensor(ij, dtype=torch.int64) for ij in linear_sum_assignment(c[b]))
+                for b, c in enumerate(np.split(cost[layer], np.cumsum(sizes)[:-1], axis=-1))
+            ]
+            for layer in range(L)
+        ]
+        return indices if per_layer else indices[0]
+
+
+class SetCriterion(nn.Module):
+    """DETR's set loss (paper Eq. 2): after matching, cross-entropy on every query (the "no object"
+    class weighted by eos_coef), and L1 + GIoU on the matched boxes, for the last decoder layer
+    and each auxiliary one. Returns loss_ce, loss_bbox, loss_giou (last layer), loss_ce_0 ...
+    loss_giou_{L-2} (auxiliary layers) and `loss`, their weighted sum.
+
+    Normalisers: box losses are divided by num_boxes (the batch's target count; under DDP the
+    mean over processes, at least 1) and the cross-entropy by the sum of its class weights, as a
+    weighted mean does. Both may be given as local counts for a whole accumulated batch, so that
+    gradient accumulation gives exactly the gradients of one big batch."""
+
+    def __init__(self, num_classes, matcher, eos_coef=0.1, weight_ce=1.0, weight_bbox=5.0, weight_giou=2.0):
+        super().__init__()
+        self.num_classes, self.matcher, self.eos_coef = num_classes, matcher, eos_coef
+        self.weight_ce, self.weight_bbox, self.weight_giou = weight_ce, weight_bbox, weight_giou
+        class_weight = torch.ones(num_classes + 1)
+        class_weight[-1] = eos_coef
+        self.register_buffer("class_weight", class_weight)
+
+    def forward(self, outputs, targets, num_boxes=None, class_weight_sum=None):
+        # every decoder layer at once: (L, B, Q, ...), the last layer last
+        layers = outputs.get("aux_outputs", []) + [outputs]
+        logits = torch.stack([o["pred_logits"] for o in layers]).float()
+        boxes = torch.stack([o["pred_boxes"] for o in layers]).float()
+        L, B, Q = logits.shape[:3]
+        if num_boxes is None:
+            num_boxes = sum(len(t["labels"]) for t in targets)
+        num_boxes = torch.as_tensor(num_boxes, dtype=torch.float32, device=logits.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(num_boxes)
+            num_boxes /= dist.get_world_size()
+        num_boxes = num_boxes.clamp(min=1)
+        if class_weight_sum is None:
+            matched = sum(min(len(t["labels"]), Q) for t in targets)
+            class_weight_sum = matched + self.eos_coef * (B * Q - matched)
+        indices = self.matcher({"pred_logits": logits, "pred_boxes": boxes}, targets)
+
+        # which (layer, image, query) is matched to which target
+        layer_idx = torch.cat([torch.full_like(p, layer) for layer, per_image in enumerate(indices) for p, _ in per_image])
+        image_idx = torch.cat([torch.full_like(p, b) for per_image in indices for b, (p, _) in enumerate(per_image)])
+        query_idx = torch.cat([p for per_image in indices for p, _ in per_image])
+        device = logits.device
+        layer_idx, image_idx, query_idx = layer_idx.to(device), image_idx.to(device), query_idx.to(device)
+        tgt_labels = torch.cat([t["labels"][j] for per_image in indices for t, (_, j) in zip(targets, per_image)])
+        tgt_boxes = torch.cat([t["boxes"][j] for per_image in indices for t, (_, j) in zip(targets, per_image)])
+
+        target_classes = torch.full((L, B, Q), self.num_classes, dtype=torch.int64, device=device)  # "no object"
+        target_classes[layer_idx, image_idx, query_idx] = tgt_labels.to(device)
+        ce = F.cross_entropy(logits.flatten(0, 2), target_classes.flatten(), self.class_weight, reduction="none")
+        loss_ce = ce.view(L, -1).sum(1) / class_weight_sum  # (L,)
+
+        src_boxes = boxes[layer_idx, image_idx, query_idx]  # (M, 4)
+        tgt_boxes = tgt_boxes.to(device).float()
+        l1 = F.l1_loss(src_boxes, tgt_boxes, reduction="none").sum(1)  # (M,)
+        giou = generalized_box_iou_loss(box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"))
+        loss_bbox = torch.zeros(L, device=device).index_add(0, layer_idx, l1) / num_boxes
+        loss_giou = torch.zeros(L, device=device).index_add(0, layer_idx, giou) / num_boxes
+
+        losses = {"loss": (self.weight_ce * loss_ce + self.weight_bbox * loss_bbox + self.weight_giou * loss_giou).sum()}
+        for layer in range(L):
+            suffix = "" if layer == L - 1 else f"_{layer}"
+            losses["loss_ce" + suffix] = loss_ce[layer]
+            losses["loss_bbox" + suffix] = loss_bbox[layer]
+            losses["loss_giou" + suffix] = loss_giou[layer]
+        return losses
 
 
 # -----------------------------------------------------------------------------
@@ -268,3 +479,304 @@ def coco_ap(precision, recall):
     envelope = np.append(np.maximum.accumulate(precision[::-1])[::-1], 0.0)  # last: never reached
     i = np.searchsorted(recall, np.linspace(0.0, 1.0, 101), side="left")  # len(recall) when never reached
     return float(envelope[i].mean())
+
+
+# -----------------------------------------------------------------------------
+# config, checkpoints, evaluation
+
+
+def get_config(argv):
+    """The defaults above, overridden by config files (plain Python) and --key=value, in order."""
+    config = {k: globals()[k] for k in CONFIG_KEYS}
+    for arg in argv:
+        if not arg.startswith("--"):
+            if not os.path.isfile(arg):
+                raise SystemExit(f"error: no config file {arg}")
+            namespace = {}
+            exec(open(arg).read(), namespace)
+            for key, value in namespace.items():
+                if key in config:
+                    config[key] = value
+                elif not key.startswith("_") and isinstance(value, (bool, int, float, str, list, tuple)):
+                    raise SystemExit(f"error: {arg} sets '{key}', which is not a config key")
+            continue
+        key, _, value = arg[2:].partition("=")
+        if key not in config:
+            raise SystemExit(f"error: unknown config key --{key}")
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass  # a plain string, such as --out_dir=out-voc
+        default = config[key]
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not type(default):
+            raise SystemExit(f"error: --{key}={value!r} should be a {type(default).__name__}")
+        config[key] = value
+    if config["max_size"] <= max([*config["train_scales"], config["val_scale"]]):
+        raise SystemExit(f"error: max_size={config['max_size']} must be larger than every train_scale and val_scale")
+    return config
+
+
+def save_checkpoint(checkpoint, path):
+    """Write to a temporary file, then rename: a run killed mid-write leaves the old file whole."""
+    tmp = path + ".tmp"
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def lr_factor(it, cfg):
+    """Linear warm-up, then the paper's single step drop by 10x at lr_drop."""
+    if it < cfg.warmup_iters:
+        return (it + 1) / cfg.warmup_iters
+    return 0.1 if it >= cfg.lr_drop else 1.0
+
+
+@torch.no_grad()
+def evaluate(model, dataset, cfg, device, rank=0, world_size=1):
+    """mAP of the model on a dataset (compute_map), each process taking every world_size-th image."""
+    model.eval()
+    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+    loader = torch.utils.data.DataLoader(shard, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                         collate_fn=partial(collate, pad_to=cfg.pad_to),
+                                         generator=torch.Generator())  # leaves the global RNG (dropout) alone
+    detections, image_ids = [], []
+    for images, mask, targets in loader:
+        with autocast(device, cfg.dtype):
+            outputs = model(images.to(device), None if mask is None else mask.to(device))
+        results = postprocess(outputs, torch.stack([t["orig_size"] for t in targets]))
+        detections += [{k: v.float().cpu() for k, v in r.items()} for r in results]
+        image_ids += [t["image_id"] for t in targets]
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, (detections, image_ids))
+        detections = [d for part, _ in gathered for d in part]
+        image_ids = [i for _, part in gathered for i in part]
+    ground_truths = []
+    for i in image_ids:  # ground truth in original pixels, difficult objects flagged (DESIGN §3)
+        r = dataset.records[i]
+        ground_truths.append({"boxes": torch.tensor(r["boxes"], dtype=torch.float32).reshape(-1, 4),
+                              "labels": torch.tensor(r["labels"]),
+                              "difficult": torch.tensor(r.get("difficult", [0] * len(r["labels"])), dtype=torch.bool)})
+    model.train()
+    return compute_map(detections, ground_truths, len(dataset.classes))
+
+
+def autocast(device, dtype):
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast("cuda" if "cuda" in str(device) else "cpu", dtype=getattr(torch, dtype))
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def train(config):
+    """Run training with a config dict (get_config's); returns the model and its last validation metrics."""
+    cfg = SimpleNamespace(**config)
+    ddp = "RANK" in os.environ
+    if ddp:
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
+        if "cuda" in device:
+            torch.cuda.set_device(device)
+    else:
+        rank, world_size, device = 0, 1, cfg.device
+    master = rank == 0
+    torch.manual_seed(cfg.seed + rank)
+    if "cuda" in device:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # data
+    data_dir = cfg.dataset if os.sep in cfg.dataset else os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", cfg.dataset)
+    json_paths = [os.path.join(data_dir, f"{split}.json") for split in (cfg.train_split, cfg.val_split)]
+    for path in json_paths:
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: no {path}: prepare the dataset first (python data/{cfg.dataset}/prepare.py)")
+    sizes = dict(scales=cfg.train_scales, max_size=cfg.max_size, crop_scales=cfg.crop_scales,
+                 crop_size=cfg.crop_size, val_scale=cfg.val_scale)
+    train_set = DetectionDataset(json_paths[0], make_transforms(True, **sizes), cfg.keep_difficult)
+    val_set = DetectionDataset(json_paths[1], make_transforms(False, **sizes))
+    classes = train_set.classes
+
+    # model
+    iter_num, best_val, checkpoint = 0, -math.inf, None
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.init_from == "resume":
+        if not os.path.isfile(ckpt_path):
+            raise SystemExit(f"error: init_from='resume' but there is no {ckpt_path}")
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if checkpoint["classes"] != classes:
+            raise SystemExit(f"error: {ckpt_path} was trained on classes {checkpoint['classes']}, not {classes}")
+        model = DETR(**checkpoint["model_args"])
+        model.load_state_dict(checkpoint["model"])
+        iter_num, best_val = checkpoint["iter_num"], checkpoint["best_val"]
+    elif cfg.init_from == "scratch":
+        model = DETR(
+            len(classes), backbone=cfg.backbone, pretrained_backbone=cfg.pretrained_backbone, dilation=cfg.dilation,
+            train_backbone=cfg.lr_backbone > 0, frozen_bn=cfg.frozen_bn, hidden_dim=cfg.hidden_dim, num_heads=cfg.num_heads,
+            num_encoder_layers=cfg.num_encoder_layers, num_decoder_layers=cfg.num_decoder_layers,
+            dim_feedforward=cfg.dim_feedforward, dropout=cfg.dropout, num_queries=cfg.num_queries,
+        )
+    else:  # fine-tune an official checkpoint: everything but the class head, which gets the dataset's classes
+        model = DETR.from_pretrained(cfg.init_from, dropout=cfg.dropout, train_backbone=cfg.lr_backbone > 0)
+        model.class_head = nn.Linear(model.class_head.in_features, len(classes) + 1)
+        model.num_classes = model.config["num_classes"] = len(classes)
+    model.to(device)
+
+    # optimizer: the backbone at its own learning rate; fused AdamW where the device has it
+    backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
+    other_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
+    groups = [{"params": other_params, "lr": cfg.learning_rate, "base_lr": cfg.learning_rate}]
+    if backbone_params:
+        groups.append({"params": backbone_params, "lr": cfg.lr_backbone, "base_lr": cfg.lr_backbone})
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused="cuda" in device)
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        torch.set_rng_state(checkpoint["rng"]["cpu"][rank % len(checkpoint["rng"]["cpu"])])
+        if "cuda" in device and checkpoint["rng"]["cuda"]:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"][rank % len(checkpoint["rng"]["cuda"])])
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[device] if "cuda" in device else None)
+    criterion = SetCriterion(len(classes), HungarianMatcher(cfg.cost_class, cfg.cost_bbox, cfg.cost_giou),
+                             cfg.eos_coef, 1.0, cfg.cost_bbox, cfg.cost_giou).to(device)
+
+    def checkpoint_and_log(metrics):
+        nonlocal best_val
+        metrics = {f"val_{k}": v for k, v in metrics.items()}
+        improved = metrics[f"val_{cfg.best_metric}"] > best_val
+        best_val = max(best_val, metrics[f"val_{cfg.best_metric}"])
+        if master:
+            aps = ", ".join(f"{c} {ap:.3f}" for c, ap in zip(classes, metrics["val_AP_per_class"]) if ap == ap)
+            tqdm.write(f"iter {iter_num}: val mAP50 {metrics['val_mAP50']:.4f}, mAP50 (VOC07) "
+                       f"{metrics['val_mAP50_07']:.4f}, mAP {metrics['val_mAP']:.4f} | {aps}")
+            log({"iter": iter_num, **metrics})
+            ckpt = {
+                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": raw_model.config,
+                "iter_num": iter_num, "best_val": best_val, "config": config, "classes": classes,
+                "rng": {"cpu": all_gather_rng(torch.get_rng_state()),
+                        "cuda": all_gather_rng(torch.cuda.get_rng_state()) if "cuda" in device else []},
+            }
+            save_checkpoint(ckpt, ckpt_path)
+            if improved:
+                save_checkpoint(ckpt, os.path.join(cfg.out_dir, "best.pt"))
+        elif world_size > 1:
+            all_gather_rng(torch.get_rng_state())
+            if "cuda" in device:
+                all_gather_rng(torch.cuda.get_rng_state())
+        return metrics
+
+    def all_gather_rng(state):
+        if world_size == 1:
+            return [state]
+        states = [None] * world_size
+        dist.all_gather_object(states, state)
+        return states
+
+    def log(record):
+        with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        n_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+        print(f"{cfg.dataset}: {len(train_set)} train / {len(val_set)} val images, {len(classes)} classes; "
+              f"model {n_params / 1e6:.2f}M trainable parameters; {device}, {cfg.dtype}, world size {world_size}")
+    if cfg.eval_only:
+        metrics = evaluate(model, val_set, cfg, device, rank, world_size)
+        if master:
+            print(json.dumps(metrics))
+        return raw_model, metrics
+
+    # data order: a pure function of (seed, samples consumed), so that a resumed run continues exactly
+    samples_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps
+    sampler = ResumableSampler(len(train_set), cfg.seed, iter_num * samples_per_iter, rank, world_size)
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+        collate_fn=partial(collate, pad_to=cfg.pad_to), pin_memory="cuda" in device,
+        persistent_workers=cfg.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    batches = iter(loader)
+    first_bad_iter = torch.tensor(-1, device=device)  # where the loss first went non-finite, kept on the device
+
+    def stop_if_not_finite(it=None):
+        bad = first_bad_iter.item()  # a host sync, so only at log intervals (or when the matcher already saw it)
+        if bad >= 0 or it is not None:
+            if master:
+                tqdm.write(f"error: the loss is not finite at iteration {bad if bad >= 0 else it}; stopping. "
+                           f"The last good checkpoint ({ckpt_path}) is left as it was.")
+            raise SystemExit(1)
+
+    metrics, sums, iters_since_log, images_since_log = {}, {}, 0, 0
+    progress = tqdm(range(iter_num, cfg.max_iters), initial=iter_num, total=cfg.max_iters, disable=not master,
+                    dynamic_ncols=True)
+    t_log = time.time()
+    for it in progress:
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_factor(it, cfg)
+        micro_batches = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
+        # normalisers for the whole accumulated batch (local counts; the criterion averages boxes over processes)
+        all_targets = [t for _, _, targets in micro_batches for t in targets]
+        num_boxes = sum(len(t["labels"]) for t in all_targets)
+        matched = sum(min(len(t["labels"]), raw_model.num_queries) for t in all_targets)
+        class_weight_sum = matched + cfg.eos_coef * (len(all_targets) * raw_model.num_queries - matched)
+        for micro_step, (images, mask, targets) in enumerate(micro_batches):
+            images = images.to(device, non_blocking=True)
+            mask = None if mask is None else mask.to(device, non_blocking=True)
+            targets = [{k: t[k].to(device, non_blocking=True) for k in ("labels", "boxes")} for t in targets]
+            last_micro_step = micro_step == cfg.gradient_accumulation_steps - 1
+            with model.no_sync() if ddp and not last_micro_step else nullcontext():  # all-reduce grads once
+                with autocast(device, cfg.dtype):
+                    outputs = model(images, mask)
+                try:
+                    losses = criterion(outputs, targets, num_boxes, class_weight_sum)
+                except FloatingPointError:  # the matcher found non-finite outputs
+                    stop_if_not_finite(it)
+                losses["loss"].backward()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.detach()
+            bad_now = (first_bad_iter < 0) & ~torch.isfinite(losses["loss"].detach())
+            first_bad_iter = first_bad_iter.masked_fill(bad_now, it)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num, iters_since_log = it + 1, iters_since_log + 1
+        images_since_log += len(all_targets) * world_size
+
+        last = iter_num == cfg.max_iters
+        if iter_num % cfg.log_interval == 0 or iter_num % cfg.eval_interval == 0 or last:
+            stop_if_not_finite()  # before anything is logged or saved
+            if master:
+                record = {"iter": iter_num, **{k: v.item() / iters_since_log for k, v in sums.items()},
+                          "lr": optimizer.param_groups[0]["lr"], "img_per_s": images_since_log / (time.time() - t_log)}
+                progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}",
+                                     img_s=f"{record['img_per_s']:.1f}")
+                tqdm.write(f"iter {iter_num}: " + ", ".join(f"{k} {record[k]:.4f}" for k in
+                           ("loss", "loss_ce", "loss_bbox", "loss_giou")) + f", lr {record['lr']:.1e}, "
+                           f"{record['img_per_s']:.1f} img/s")
+                log(record)
+            sums, iters_since_log, images_since_log = {}, 0, 0
+            if iter_num % cfg.eval_interval == 0 or last:
+                metrics = checkpoint_and_log(evaluate(model, val_set, cfg, device, rank, world_size))
+            t_log = time.time()
+    if ddp:
+        dist.destroy_process_group()
+    return raw_model, metrics
+
+
+def main():
+    try:
+        train(get_config(sys.argv[1:]))
+    except LoadError as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

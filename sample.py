@@ -1,0 +1,251 @@
+"""
+Look at what a DETR sees: its detections drawn on images, what each detection's object query attends
+to (paper Fig. 6), what the encoder attends to from a few pixels (paper Fig. 3), and training curves.
+
+    python sample.py --ckpt=out-shapes/ckpt.pt                        # a few val images of that run
+    python sample.py --ckpt=out-voc/best.pt --images=photos/ --attention
+    python sample.py --ckpt=detr-r50 --images=street.jpg              # the official COCO model
+    python sample.py --log=out-shapes/log.jsonl                       # training curves (needs matplotlib)
+
+One PNG per image goes to out_dir (<name>.png; with --attention also <name>_attention.png).
+"""
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torchvision.utils import draw_bounding_boxes
+
+import train
+from detr import DETR, OFFICIAL_CHECKPOINTS, LoadError, load_checkpoint_file, postprocess
+
+# defaults, each overridable as --key=value
+ckpt = "out-shapes/ckpt.pt"  # a minidetr checkpoint, an official one (file), or 'detr-r50' ...
+images = ""  # an image file or a folder of them; empty: the checkpoint's val split
+out_dir = "samples"
+device = "cpu"
+threshold = 0.7  # keep detections whose class probability is above this
+max_images = 8
+attention = False  # also draw the attention maps of every kept detection
+num_pixels = 4  # encoder self-attention is shown from this many pixels (the centres of detections)
+log = ""  # a log.jsonl: draw its training curves instead of sampling
+
+# the official models' 91 COCO category ids (N/A: ids that COCO leaves unused)
+COCO_CLASSES = [
+    "N/A", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "N/A", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "N/A", "backpack", "umbrella", "N/A", "N/A", "handbag", "tie",
+    "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
+    "skateboard", "surfboard", "tennis racket", "bottle", "N/A", "wine glass", "cup", "fork", "knife", "spoon",
+    "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake",
+    "chair", "couch", "potted plant", "bed", "N/A", "dining table", "N/A", "N/A", "toilet", "N/A", "tv", "laptop",
+    "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "N/A",
+    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+]
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def load_model(path):
+    """(model, class names, val_scale, max_size, val json or None) from a minidetr or official checkpoint."""
+    if path in OFFICIAL_CHECKPOINTS:
+        return DETR.from_pretrained(path), COCO_CLASSES, 800, 1333, None
+    checkpoint = load_checkpoint_file(path)
+    if "model_args" not in checkpoint:  # an official-format file
+        model = DETR.from_pretrained(path)
+        if model.num_classes != len(COCO_CLASSES):
+            raise LoadError(f"{path}: an official-format checkpoint with {model.num_classes} classes; only COCO's {len(COCO_CLASSES)} have names here")
+        return model, COCO_CLASSES, 800, 1333, None
+    classes, config = checkpoint["classes"], checkpoint["config"]
+    if checkpoint["model_args"]["num_classes"] != len(classes):
+        raise LoadError(f"{path}: the model has {checkpoint['model_args']['num_classes']} classes but the checkpoint names {len(classes)}")
+    model = DETR(**checkpoint["model_args"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        raise LoadError(f"{path}: weights do not fit the model ({str(e).splitlines()[1].strip()})") from None
+    dataset = config["dataset"]
+    data_dir = dataset if os.sep in dataset else os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
+    return model, classes, config["val_scale"], config["max_size"], os.path.join(data_dir, f"{config['val_split']}.json")
+
+
+def image_paths(images, val_json, classes):
+    """The images to sample: a file, a folder's images, or the first ones of the val split."""
+    if not images:
+        if val_json is None or not os.path.isfile(val_json):
+            raise SystemExit(f"error: give --images=path (no val split {val_json or ''} to sample from)")
+        with open(val_json) as f:
+            data = json.load(f)
+        if data["classes"] != classes:
+            raise SystemExit(f"error: {val_json} has classes {data['classes']}, the checkpoint {classes}")
+        return [os.path.join(os.path.dirname(os.path.abspath(val_json)), r["file"]) for r in data["images"]]
+    if os.path.isdir(images):
+        paths = sorted(os.path.join(images, f) for f in os.listdir(images) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not paths:
+            raise SystemExit(f"error: no images ({', '.join(IMAGE_EXTENSIONS)}) in {images}")
+        return paths
+    if not os.path.isfile(images):
+        raise SystemExit(f"error: no image or folder at {images}")
+    return [images]
+
+
+def class_colour(label):
+    """A distinct, stable colour per class: hues spaced by the golden angle."""
+    hue = (label * 0.618033988749895) % 1.0
+    rgb = Image.new("HSV", (1, 1), (int(hue * 255), 200, 255)).convert("RGB").getpixel((0, 0))
+    return rgb
+
+
+def draw_detections(image, result, classes, threshold):
+    """image (3, H, W) uint8; result: one postprocess dict. Returns the drawn image and the kept query ids."""
+    keep = torch.nonzero(result["scores"] > threshold).flatten()
+    if len(keep) == 0:
+        return image, keep
+    labels = result["labels"][keep].tolist()
+    names = [f"{classes[l]} {s:.2f}" for l, s in zip(labels, result["scores"][keep].tolist())]
+    drawn = draw_bounding_boxes(image, result["boxes"][keep], labels=names, colors=[class_colour(l) for l in labels], width=2)
+    return drawn, keep
+
+
+def attention_maps(weights, size):
+    """Attention weights of one image (heads, L, hw) -> (L, h, w), averaged over heads (each row sums to 1)."""
+    return weights.mean(0).reshape(-1, *size)
+
+
+def heat_overlay(image, heat):
+    """Blend a (h, w) map, upsampled to the image and scaled to [0, 1], over a (3, H, W) uint8 image."""
+    H, W = image.shape[-2:]
+    heat = F.interpolate(heat[None, None].float(), size=(H, W), mode="bilinear", align_corners=False)[0, 0]
+    heat = (heat - heat.min()) / (heat.max() - heat.min() + 1e-12)
+    # a small "hot" colour map: black -> red -> yellow -> white
+    colour = torch.stack([(3 * heat).clamp(0, 1), (3 * heat - 1).clamp(0, 1), (3 * heat - 2).clamp(0, 1)]) * 255
+    return (0.35 * image.float() + 0.65 * colour).to(torch.uint8)
+
+
+def grid(panels, titles, columns=4):
+    """Paste (3, H, W) uint8 panels with a title line above each into one PIL image."""
+    H, W = panels[0].shape[-2:]
+    rows = math.ceil(len(panels) / columns)
+    columns = min(columns, len(panels))
+    sheet = Image.new("RGB", (columns * W, rows * (H + 14)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (panel, title) in enumerate(zip(panels, titles)):
+        x, y = (i % columns) * W, (i // columns) * (H + 14)
+        sheet.paste(Image.fromarray(panel.permute(1, 2, 0).numpy()), (x, y + 14))
+        draw.text((x + 2, y + 1), title, fill="black")
+    return sheet
+
+
+def sample(model, classes, val_scale, max_size, paths):
+    transform = train.make_transforms(False, [val_scale], max_size, [val_scale], (1, 1), val_scale)
+    model.to(device).eval()
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for path in paths[:max_images]:
+        try:
+            with Image.open(path) as im:
+                pixels = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+        except (OSError, SyntaxError, ValueError) as e:
+            print(f"skip: cannot decode {path} ({type(e).__name__})", file=sys.stderr)
+            continue
+        x = transform(pixels)
+        with torch.no_grad():
+            outputs = model(x[None].float().to(device), need_weights=attention)
+        (result,) = postprocess(outputs, [pixels.shape[-2:]])
+        result = {k: v.cpu() for k, v in result.items()}
+        drawn, keep = draw_detections(pixels, result, classes, threshold)
+        name = os.path.splitext(os.path.basename(path))[0]
+        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(os.path.join(out_dir, f"{name}.png"))
+        written.append(os.path.join(out_dir, f"{name}.png"))
+        print(f"{path}: {len(keep)} detections above {threshold} -> {written[-1]}")
+        if attention:
+            written.append(draw_attention(pixels, outputs, result, keep, classes, name))
+    return written
+
+
+def draw_attention(pixels, outputs, result, keep, classes, name):
+    """One grid per image: the detections, then per kept query its last decoder layer's cross-attention
+    (paper Fig. 6), then the last encoder layer's self-attention from a few pixels (paper Fig. 3)."""
+    size = outputs["feat_size"]
+    decoder = attention_maps(outputs["dec_attn"][-1][0].cpu(), size)  # (Q, h, w)
+    encoder = attention_maps(outputs["enc_attn"][-1][0].cpu(), size)  # (hw, h, w)
+    drawn, _ = draw_detections(pixels, result, classes, threshold)
+    panels, titles = [drawn], ["detections"]
+    for q in keep.tolist():
+        label = result["labels"][q].item()
+        heat = heat_overlay(pixels, decoder[q])
+        panels.append(draw_bounding_boxes(heat, result["boxes"][q : q + 1], colors=[class_colour(label)], width=2))
+        titles.append(f"query {q}: {classes[label]} {result['scores'][q]:.2f}")
+    # encoder attention from the centres of the detections (or from a few spread pixels if none)
+    H, W = pixels.shape[-2:]
+    h, w = size
+    if len(keep):
+        centres = [((b[1] + b[3]) / 2, (b[0] + b[2]) / 2) for b in result["boxes"][keep].tolist()]
+    else:
+        centres = [(H * (i + 1) / (num_pixels + 1), W * (i + 1) / (num_pixels + 1)) for i in range(num_pixels)]
+    for cy, cx in centres[:num_pixels]:
+        r, c = min(int(cy / H * h), h - 1), min(int(cx / W * w), w - 1)
+        heat = heat_overlay(pixels, encoder[r * w + c])
+        dot = torch.tensor([[cx - 3, cy - 3, cx + 3, cy + 3]])
+        panels.append(draw_bounding_boxes(heat, dot, colors=["cyan"], fill=True))
+        titles.append(f"encoder, from pixel ({int(cx)}, {int(cy)})")
+    path = os.path.join(out_dir, f"{name}_attention.png")
+    grid(panels, titles).save(path)
+    return path
+
+
+def plot_log(log_path, out_path):
+    """Training curves of a log.jsonl: total loss, each loss component, learning rate, val mAP."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: --log needs matplotlib: pip install matplotlib") from None
+    if not os.path.isfile(log_path):
+        raise SystemExit(f"error: no log file {log_path}")
+    with open(log_path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    panels = [("loss", ["loss"]), ("classification", ["loss_ce"]), ("L1 box", ["loss_bbox"]),
+              ("GIoU", ["loss_giou"]), ("learning rate", ["lr"]), ("val", ["val_mAP50", "val_mAP50_07", "val_mAP"])]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for key in keys:
+            points = [(r["iter"], r[key]) for r in records if key in r]
+            if points:
+                ax.plot(*zip(*points), label=key, marker="o" if key.startswith("val") else None)
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=8)
+    axes.flat[4].set_yscale("log")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    fig.savefig(out_path, dpi=80)
+    print(f"{len(records)} log records -> {out_path}")
+    return out_path
+
+
+def main():
+    if log:
+        plot_log(log, os.path.join(out_dir, "curves.png"))
+        return
+    try:
+        model, classes, val_scale, max_size, val_json = load_model(ckpt)
+    except LoadError as e:
+        raise SystemExit(f"error: {e}")
+    sample(model, classes, val_scale, max_size, image_paths(images, val_json, classes))
+
+
+if __name__ == "__main__":
+    for arg in sys.argv[1:]:
+        key, _, value = arg.removeprefix("--").partition("=")
+        if key not in ("ckpt", "images", "out_dir", "device", "threshold", "max_images", "attention", "num_pixels", "log"):
+            sys.exit(f"error: unknown flag --{key}")
+        default = globals()[key]
+        globals()[key] = (value != "False") if isinstance(default, bool) else type(default)(value)
+    main()

@@ -1,0 +1,108 @@
+"""sample.py: boxes land on their pixels, attention maps are distributions, curves are drawn."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import load_script
+from detr import DETR
+
+
+@pytest.fixture
+def sample(tmp_path):
+    module = load_script("sample.py")
+    module.out_dir = str(tmp_path / "samples")
+    return module
+
+
+def fixed_box_model():
+    """A tiny DETR whose every query says: class 1 at (cx, cy, w, h) = (0.5, 0.5, 0.5, 0.25), sure of it."""
+    torch.manual_seed(0)
+    model = DETR(num_classes=3, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1,
+                 num_decoder_layers=1, dim_feedforward=64, num_queries=3)
+    with torch.no_grad():
+        model.class_head.weight.zero_()
+        model.class_head.bias.copy_(torch.tensor([0.0, 10.0, 0.0, 0.0]))
+        last = model.box_head[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.logit(torch.tensor([0.5, 0.5, 0.5, 0.25])))
+    return model
+
+
+def save_checkpoint(model, path, classes):
+    config = {"dataset": "nowhere", "val_split": "val", "val_scale": 64, "max_size": 200}
+    torch.save({"model": model.state_dict(), "model_args": model.config, "classes": classes, "config": config}, path)
+
+
+def test_drawn_box_is_exactly_the_predicted_rectangle(sample, tmp_path):
+    save_checkpoint(fixed_box_model(), tmp_path / "ckpt.pt", ["a", "b", "c"])
+    Image.new("RGB", (96, 64), (0, 0, 0)).save(tmp_path / "black.png")
+    model, classes, val_scale, max_size, _ = sample.load_model(str(tmp_path / "ckpt.pt"))
+    written = sample.sample(model, classes, val_scale, max_size, [str(tmp_path / "black.png")])
+    pixels = np.asarray(Image.open(written[0]).convert("RGB"))
+    colour = np.array(sample.class_colour(1))
+    is_colour = (pixels == colour).all(-1)  # (64, 96)
+    # the box: x 24..72, y 24..40 on a 96x64 image; a 2-pixel outline
+    x0, y0, x1, y1 = 24, 24, 72, 40
+    outline = np.zeros_like(is_colour)
+    outline[y0 : y1 + 1, x0 : x1 + 1] = True
+    outline[y0 + 2 : y1 - 1, x0 + 2 : x1 - 1] = False
+    assert is_colour[outline].all()  # inside it only the label text may share the colour
+    assert not is_colour[:y0].any() and not is_colour[y1 + 1 :].any()  # nothing outside the box
+    assert not is_colour[:, :x0].any() and not is_colour[:, x1 + 1 :].any()
+
+
+def test_attention_maps_are_distributions_over_the_feature_map(sample, tmp_path):
+    model = fixed_box_model().eval()
+    outputs = model(torch.randn(1, 3, 64, 96), need_weights=True)
+    assert outputs["feat_size"] == (2, 3)
+    maps = sample.attention_maps(outputs["dec_attn"][-1][0], outputs["feat_size"])
+    assert maps.shape == (3, 2, 3)
+    assert torch.allclose(maps.sum((1, 2)), torch.ones(3))
+    encoder = sample.attention_maps(outputs["enc_attn"][-1][0], outputs["feat_size"])
+    assert encoder.shape == (6, 2, 3) and torch.allclose(encoder.sum((1, 2)), torch.ones(6))
+    # and the --attention path draws one grid per image
+    save_checkpoint(model, tmp_path / "ckpt.pt", ["a", "b", "c"])
+    Image.new("RGB", (96, 64), (40, 40, 40)).save(tmp_path / "grey.jpg")
+    sample.attention = True
+    written = sample.sample(*sample.load_model(str(tmp_path / "ckpt.pt"))[:4], [str(tmp_path / "grey.jpg")])
+    assert [p.rsplit("/", 1)[1] for p in written] == ["grey.png", "grey_attention.png"]
+    # detections panel, 3 query panels, 3 encoder panels: a 4-column grid of two rows
+    assert Image.open(written[1]).size == (4 * 96, 2 * (64 + 14))
+
+
+def test_curves_png_from_a_hand_made_log(sample, tmp_path):
+    pytest.importorskip("matplotlib")
+    records = [{"iter": i, "loss": 10 / i, "loss_ce": 1 / i, "loss_bbox": 0.5 / i, "loss_giou": 0.7 / i, "lr": 1e-4}
+               for i in range(1, 30)] + [{"iter": 29, "val_mAP50": 0.5, "val_mAP50_07": 0.48, "val_mAP": 0.3}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    path = sample.plot_log(str(tmp_path / "log.jsonl"), str(tmp_path / "curves.png"))
+    image = np.asarray(Image.open(path).convert("RGB"))
+    assert image.shape[0] > 300 and image.shape[1] > 600 and image.std() > 10  # a drawn figure, not blank
+
+
+def test_bad_input_gives_one_line(sample, tmp_path, capsys):
+    save_checkpoint(fixed_box_model(), tmp_path / "ckpt.pt", ["a", "b", "c"])
+    with pytest.raises(Exception, match="no checkpoint file at"):
+        sample.load_model(str(tmp_path / "missing.pt"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no images"):
+        sample.image_paths(str(tmp_path / "empty"), None, [])
+    with pytest.raises(SystemExit, match="no image or folder"):
+        sample.image_paths(str(tmp_path / "nope.jpg"), None, [])
+    bad = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    bad["classes"] = ["a", "b"]
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(Exception, match="the model has 3 classes but the checkpoint names 2"):
+        sample.load_model(str(tmp_path / "bad.pt"))
+    # an undecodable image is skipped with one line, the others are still drawn
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    Image.new("RGB", (64, 64)).save(tmp_path / "fine.png")
+    written = sample.sample(*sample.load_model(str(tmp_path / "ckpt.pt"))[:4],
+                            [str(tmp_path / "broken.jpg"), str(tmp_path / "fine.png")])
+    assert [p.rsplit("/", 1)[1] for p in written] == ["fine.png"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "broken.jpg" in err[0]
