@@ -38,14 +38,15 @@ class Backbone(nn.Module):
     """A torchvision ResNet up to its last stage: (B, 3, H, W) -> (B, C, H/32, W/32).
 
     BatchNorm is frozen (its statistics and affine parameters are buffers), because detection
-    batches are too small to estimate them (paper App. A.4 / official code). The stem and layer1
-    stay frozen as in the official code; `dilation=True` turns the last stage's stride into
-    dilation (the paper's DC5 models, stride 16). Frozen statistics only make sense for pretrained
-    weights: a backbone trained from scratch (the CPU configs) needs frozen_bn=False, a trained
-    BatchNorm, or it has no normalisation at all.
+    batches are too small to estimate them (paper App. A.4 / official code). trainable_layers counts
+    the stages that learn, from the top (torchvision's convention): 3 (layer2-4, the stem and
+    layer1 frozen) as in the official code, 0 for a frozen backbone, 5 for all. `dilation=True`
+    turns the last stage's stride into dilation (the paper's DC5 models, stride 16). Frozen
+    statistics and a frozen stem only make sense for pretrained weights: a backbone trained from
+    scratch (the CPU configs) wants frozen_bn=False, a trained BatchNorm, and trainable_layers=5.
     """
 
-    def __init__(self, name="resnet50", pretrained=False, dilation=False, train_backbone=True, frozen_bn=True):
+    def __init__(self, name="resnet50", pretrained=False, dilation=False, trainable_layers=3, frozen_bn=True):
         super().__init__()
         if name not in ("resnet18", "resnet34", "resnet50", "resnet101"):
             raise ValueError(f"unknown backbone '{name}': use resnet18, resnet34, resnet50 or resnet101")
@@ -62,13 +63,36 @@ class Backbone(nn.Module):
         self.conv1, self.bn1, self.maxpool = resnet.conv1, resnet.bn1, resnet.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
         self.num_channels = 512 if name in ("resnet18", "resnet34") else 2048
+        trainable = (("layer4",), ("layer3",), ("layer2",), ("layer1",), ("conv1", "bn1"))[:trainable_layers]
         for pname, p in self.named_parameters():
-            if not train_backbone or not pname.startswith(("layer2", "layer3", "layer4")):
+            if not pname.startswith(sum(trainable, ())):
                 p.requires_grad_(False)
 
     def forward(self, x):
-        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        """The ResNet's own computation, written out so that each frozen BatchNorm folds into its conv."""
+        x = self.maxpool(F.relu(conv_bn(self.conv1, self.bn1, x), inplace=True))
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in layer:
+                identity = x if block.downsample is None else conv_bn(*block.downsample, x)
+                out = F.relu(conv_bn(block.conv1, block.bn1, x), inplace=True)
+                if hasattr(block, "conv3"):  # bottleneck: 1x1, 3x3, 1x1
+                    out = F.relu(conv_bn(block.conv2, block.bn2, out), inplace=True)
+                    out = conv_bn(block.conv3, block.bn3, out)
+                else:  # basic block: 3x3, 3x3
+                    out = conv_bn(block.conv2, block.bn2, out)
+                x = F.relu(out + identity, inplace=True)
+        return x
+
+
+def conv_bn(conv, bn, x):
+    """bn(conv(x)). A frozen BatchNorm is a fixed per-channel affine map, so it folds into the conv's
+    weights and bias: one pass over the activations instead of two (forward and backward), same result."""
+    if not isinstance(bn, FrozenBatchNorm2d):
+        return bn(conv(x))
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()  # (C_out,)
+    weight = conv.weight * scale[:, None, None, None]
+    bias = bn.bias - bn.running_mean * scale
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def imagenet_state_dict(name):
@@ -209,7 +233,7 @@ class DETR(nn.Module):
         backbone="resnet50",  # resnet18 / resnet34 / resnet50 / resnet101
         pretrained_backbone=False,  # start from torchvision's ImageNet weights (paper §4)
         dilation=False,  # DC5: dilate the last ResNet stage (paper §4, "DETR-DC5")
-        train_backbone=True,  # False freezes the whole backbone
+        trainable_layers=3,  # ResNet stages that learn, from the top: 3 as the paper, 0 freezes the backbone
         frozen_bn=True,  # False: a trained BatchNorm, for a backbone trained from scratch
         hidden_dim=256,
         num_heads=8,
@@ -223,12 +247,12 @@ class DETR(nn.Module):
         self.num_classes, self.num_queries = num_classes, num_queries
         # what rebuilds this model (checkpoints store it); the weights, pretrained or not, come from the file
         self.config = dict(
-            num_classes=num_classes, backbone=backbone, dilation=dilation, train_backbone=train_backbone, frozen_bn=frozen_bn,
+            num_classes=num_classes, backbone=backbone, dilation=dilation, trainable_layers=trainable_layers, frozen_bn=frozen_bn,
             hidden_dim=hidden_dim, num_heads=num_heads, num_encoder_layers=num_encoder_layers,
             num_decoder_layers=num_decoder_layers, dim_feedforward=dim_feedforward, dropout=dropout,
             num_queries=num_queries,
         )
-        self.backbone = Backbone(backbone, pretrained_backbone, dilation, train_backbone, frozen_bn)
+        self.backbone = Backbone(backbone, pretrained_backbone, dilation, trainable_layers, frozen_bn)
         self.input_proj = nn.Conv2d(self.backbone.num_channels, hidden_dim, kernel_size=1)
         self.encoder = nn.ModuleList(
             EncoderLayer(hidden_dim, num_heads, dim_feedforward, dropout) for _ in range(num_encoder_layers)

@@ -52,6 +52,7 @@ backbone = "resnet50"
 pretrained_backbone = True  # torchvision's ImageNet weights (the paper starts from them)
 dilation = False  # DC5
 frozen_bn = True  # the backbone's BatchNorm statistics frozen (pretrained); False to train it from scratch
+trainable_layers = 3  # ResNet stages that learn, from the top: 3 (layer2-4) as the paper, 5 from scratch
 hidden_dim = 256
 num_heads = 8
 num_encoder_layers = 6
@@ -617,12 +618,13 @@ def train(config):
     elif cfg.init_from == "scratch":
         model = DETR(
             len(classes), backbone=cfg.backbone, pretrained_backbone=cfg.pretrained_backbone, dilation=cfg.dilation,
-            train_backbone=cfg.lr_backbone > 0, frozen_bn=cfg.frozen_bn, hidden_dim=cfg.hidden_dim, num_heads=cfg.num_heads,
+            trainable_layers=cfg.trainable_layers if cfg.lr_backbone > 0 else 0, frozen_bn=cfg.frozen_bn, hidden_dim=cfg.hidden_dim, num_heads=cfg.num_heads,
             num_encoder_layers=cfg.num_encoder_layers, num_decoder_layers=cfg.num_decoder_layers,
             dim_feedforward=cfg.dim_feedforward, dropout=cfg.dropout, num_queries=cfg.num_queries,
         )
     else:  # fine-tune an official checkpoint: everything but the class head, which gets the dataset's classes
-        model = DETR.from_pretrained(cfg.init_from, dropout=cfg.dropout, train_backbone=cfg.lr_backbone > 0)
+        model = DETR.from_pretrained(cfg.init_from, dropout=cfg.dropout,
+                                     trainable_layers=cfg.trainable_layers if cfg.lr_backbone > 0 else 0)
         model.class_head = nn.Linear(model.class_head.in_features, len(classes) + 1)
         model.num_classes = model.config["num_classes"] = len(classes)
     model.to(device)
@@ -642,6 +644,7 @@ def train(config):
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)
+    eval_model = model  # not the DDP wrapper: its forward is a collective, and shards may differ by a batch
     if ddp:
         model = DDP(model, device_ids=[device] if "cuda" in device else None)
     criterion = SetCriterion(len(classes), HungarianMatcher(cfg.cost_class, cfg.cost_bbox, cfg.cost_giou),
@@ -689,7 +692,7 @@ def train(config):
         print(f"{cfg.dataset}: {len(train_set)} train / {len(val_set)} val images, {len(classes)} classes; "
               f"model {n_params / 1e6:.2f}M trainable parameters; {device}, {cfg.dtype}, world size {world_size}")
     if cfg.eval_only:
-        metrics = evaluate(model, val_set, cfg, device, rank, world_size)
+        metrics = evaluate(eval_model, val_set, cfg, device, rank, world_size)
         if master:
             print(json.dumps(metrics))
         return raw_model, metrics
@@ -764,7 +767,7 @@ def train(config):
                 log(record)
             sums, iters_since_log, images_since_log = {}, 0, 0
             if iter_num % cfg.eval_interval == 0 or last:
-                metrics = checkpoint_and_log(evaluate(model, val_set, cfg, device, rank, world_size))
+                metrics = checkpoint_and_log(evaluate(eval_model, val_set, cfg, device, rank, world_size))
             t_log = time.time()
     if ddp:
         dist.destroy_process_group()

@@ -4,11 +4,12 @@ out_dir = "out-shapes"
 dataset = "shapes"
 eval_interval = 500
 log_interval = 50
-# a small model: ResNet-18 trained from scratch (no ImageNet weights offline), so its BatchNorm is
-# trained too; 2 + 2 transformer layers of width 128; 10 queries for at most 6 objects an image
+# a small model: ResNet-18 trained from scratch (no ImageNet weights offline), so all of it learns,
+# BatchNorm included; 2 + 2 transformer layers of width 128; 10 queries for at most 6 objects an image
 backbone = "resnet18"
 pretrained_backbone = False
 frozen_bn = False
+trainable_layers = 5  # a random stem must learn too
 hidden_dim = 128
 num_heads = 4
 num_encoder_layers = 2

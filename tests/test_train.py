@@ -218,7 +218,8 @@ def test_overfits_two_images_to_perfect_map(tmp_path):
     dataset = train.DetectionDataset(tmp_path / "train.json", transform)
     images, mask, targets = train.collate([dataset[0], dataset[1]])
     torch.manual_seed(0)
-    model = tiny_model(num_classes=4, num_queries=4, num_encoder_layers=1, num_decoder_layers=1, hidden_dim=64)
+    model = tiny_model(num_classes=4, num_queries=4, num_encoder_layers=1, num_decoder_layers=1, hidden_dim=64,
+                       frozen_bn=False, trainable_layers=5)
     criterion = train.SetCriterion(4, train.HungarianMatcher())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-4)
     losses = []
@@ -247,7 +248,7 @@ torch.save(model.state_dict(), {out!r} + f"/weights_{{__import__('os').environ['
 
 
 def test_ddp_two_processes_agree(tmp_path):
-    make_shapes(tmp_path / "data", 8, 3)
+    make_shapes(tmp_path / "data", 8, 5)  # 5 val images: the two processes evaluate 2 and 1 batches
     config = dict(TINY, dataset=str(tmp_path / "data"), out_dir=str(tmp_path / "out"), max_iters=3)
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(root=str(ROOT), config=config, out=str(tmp_path)))
