@@ -75,6 +75,19 @@ def random_batch(generator):
     return images, mask, targets
 
 
+def make_optimizer(model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, fused=device == "cuda")
+
+
+def backward_and_step(loss, model, optimizer):
+    """The rest of a training step, the same for both implementations (gradients clipped at 0.1)."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 class MiniDETR:
     """minidetr's model, loss and optimizer behind the two calls the benchmark times."""
 
@@ -87,18 +100,13 @@ class MiniDETR:
         if channels_last:
             self.model.backbone.to(memory_format=torch.channels_last)
         self.criterion = train.SetCriterion(num_classes, train.HungarianMatcher()).to(device)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, fused=device == "cuda")
+        self.optimizer = make_optimizer(self.model)
         self.forward = torch.compile(self.model) if compiled else self.model
 
     def train_step(self, images, mask, targets, autocast):
         with autocast:
             outputs = self.forward(images, mask)
-        loss = self.criterion(outputs, targets)["loss"]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 0.1)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        backward_and_step(self.criterion(outputs, targets)["loss"], self.model, self.optimizer)
 
     def infer(self, images, mask, autocast):
         with torch.no_grad(), autocast:
@@ -123,18 +131,14 @@ class HFDETR:
         for name, p in self.model.named_parameters():  # the same frozen stem and layer1 as the paper (and minidetr)
             if "backbone" in name and not any(f"layer{i}." in name for i in (2, 3, 4)):
                 p.requires_grad_(False)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, fused=device == "cuda")
+        self.optimizer = make_optimizer(self.model)
         self.forward = torch.compile(self.model) if compiled else self.model
 
     def train_step(self, images, mask, targets, autocast):
         labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
         with autocast:
             loss = self.forward(pixel_values=images, pixel_mask=(~mask).long(), labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 0.1)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        backward_and_step(loss, self.model, self.optimizer)
 
     def infer(self, images, mask, autocast):
         with torch.no_grad(), autocast:

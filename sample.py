@@ -68,9 +68,8 @@ def load_model(path):
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as e:
         raise LoadError(f"{path}: weights do not fit the model ({str(e).splitlines()[1].strip()})") from None
-    dataset = config["dataset"]
-    data_dir = dataset if os.sep in dataset else os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
-    return model, classes, config["val_scale"], config["max_size"], os.path.join(data_dir, f"{config['val_split']}.json")
+    val_json = os.path.join(train.dataset_dir(config["dataset"]), f"{config['val_split']}.json")
+    return model, classes, config["val_scale"], config["max_size"], val_json
 
 
 def image_paths(images, val_json, classes):
@@ -168,13 +167,15 @@ def sample(model, classes, val_scale, max_size, paths):
 
 
 def draw_attention(pixels, outputs, result, keep, classes, name):
-    """One grid per image: the detections, then per kept query its last decoder layer's cross-attention
-    (paper Fig. 6), then the last encoder layer's self-attention from a few pixels (paper Fig. 3)."""
+    """One grid per image: the detections, then per kept query (the 8 surest) its last decoder layer's
+    cross-attention (paper Fig. 6), then the last encoder layer's self-attention from a few pixels
+    (paper Fig. 3)."""
     size = outputs["feat_size"]
     decoder = attention_maps(outputs["dec_attn"][-1][0].cpu(), size)  # (Q, h, w)
     encoder = attention_maps(outputs["enc_attn"][-1][0].cpu(), size)  # (hw, h, w)
     drawn, _ = draw_detections(pixels, result, classes, threshold)
     panels, titles = [drawn], ["detections"]
+    keep = keep[result["scores"][keep].argsort(descending=True)][:8]  # the 8 surest, to keep the grid readable
     for q in keep.tolist():
         label = result["labels"][q].item()
         heat = heat_overlay(pixels, decoder[q])

@@ -519,6 +519,11 @@ def get_config(argv):
     return config
 
 
+def dataset_dir(dataset):
+    """A prepared dataset's folder: data/<dataset> beside this file, or the path itself if it is one."""
+    return dataset if os.sep in dataset else os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
+
+
 def save_checkpoint(checkpoint, path):
     """Write to a temporary file, then rename: a run killed mid-write leaves the old file whole."""
     tmp = path + ".tmp"
@@ -592,8 +597,7 @@ def train(config):
         torch.backends.cudnn.allow_tf32 = True
 
     # data
-    data_dir = cfg.dataset if os.sep in cfg.dataset else os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", cfg.dataset)
-    json_paths = [os.path.join(data_dir, f"{split}.json") for split in (cfg.train_split, cfg.val_split)]
+    json_paths = [os.path.join(dataset_dir(cfg.dataset), f"{split}.json") for split in (cfg.train_split, cfg.val_split)]
     for path in json_paths:
         if not os.path.isfile(path):
             raise SystemExit(f"error: no {path}: prepare the dataset first (python data/{cfg.dataset}/prepare.py)")
@@ -628,6 +632,8 @@ def train(config):
         model.class_head = nn.Linear(model.class_head.in_features, len(classes) + 1)
         model.num_classes = model.config["num_classes"] = len(classes)
     model.to(device)
+    if "cuda" in device:  # NHWC convolutions run on tensor cores without layout transposes
+        model.backbone.to(memory_format=torch.channels_last)
 
     # optimizer: the backbone at its own learning rate; fused AdamW where the device has it
     backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
@@ -659,7 +665,7 @@ def train(config):
             aps = ", ".join(f"{c} {ap:.3f}" for c, ap in zip(classes, metrics["val_AP_per_class"]) if ap == ap)
             tqdm.write(f"iter {iter_num}: val mAP50 {metrics['val_mAP50']:.4f}, mAP50 (VOC07) "
                        f"{metrics['val_mAP50_07']:.4f}, mAP {metrics['val_mAP']:.4f} | {aps}")
-            log({"iter": iter_num, **metrics})
+            log({"iter": iter_num, "time": round(time.time() - t_start, 1), **metrics})
             ckpt = {
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": raw_model.config,
                 "iter_num": iter_num, "best_val": best_val, "config": config, "classes": classes,
@@ -719,7 +725,7 @@ def train(config):
     metrics, sums, iters_since_log, images_since_log = {}, {}, 0, 0
     progress = tqdm(range(iter_num, cfg.max_iters), initial=iter_num, total=cfg.max_iters, disable=not master,
                     dynamic_ncols=True)
-    t_log = time.time()
+    t_start = t_log = time.time()
     for it in progress:
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(it, cfg)
@@ -731,6 +737,8 @@ def train(config):
         class_weight_sum = matched + cfg.eos_coef * (len(all_targets) * raw_model.num_queries - matched)
         for micro_step, (images, mask, targets) in enumerate(micro_batches):
             images = images.to(device, non_blocking=True)
+            if "cuda" in device:
+                images = images.contiguous(memory_format=torch.channels_last)
             mask = None if mask is None else mask.to(device, non_blocking=True)
             targets = [{k: t[k].to(device, non_blocking=True) for k in ("labels", "boxes")} for t in targets]
             last_micro_step = micro_step == cfg.gradient_accumulation_steps - 1
@@ -757,7 +765,8 @@ def train(config):
         if iter_num % cfg.log_interval == 0 or iter_num % cfg.eval_interval == 0 or last:
             stop_if_not_finite()  # before anything is logged or saved
             if master:
-                record = {"iter": iter_num, **{k: v.item() / iters_since_log for k, v in sums.items()},
+                record = {"iter": iter_num, "time": round(time.time() - t_start, 1),
+                          **{k: v.item() / iters_since_log for k, v in sums.items()},
                           "lr": optimizer.param_groups[0]["lr"], "img_per_s": images_since_log / (time.time() - t_log)}
                 progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}",
                                      img_s=f"{record['img_per_s']:.1f}")
