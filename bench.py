@@ -215,7 +215,7 @@ def write_profile(train_step, path="trace.json"):
         train_step()
         synchronize()
     prof.export_chrome_trace(path)
-    sort_by = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort_by, row_limit=12), file=sys.stderr)
     print(f"trace of one training step -> {path}", file=sys.stderr)
 

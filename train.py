@@ -610,6 +610,7 @@ def train(config):
     # model
     iter_num, best_val, checkpoint = 0, -math.inf, None
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    trainable_layers = cfg.trainable_layers if cfg.lr_backbone > 0 else 0  # lr_backbone=0 freezes the backbone
     if cfg.init_from == "resume":
         if not os.path.isfile(ckpt_path):
             raise SystemExit(f"error: init_from='resume' but there is no {ckpt_path}")
@@ -622,13 +623,13 @@ def train(config):
     elif cfg.init_from == "scratch":
         model = DETR(
             len(classes), backbone=cfg.backbone, pretrained_backbone=cfg.pretrained_backbone, dilation=cfg.dilation,
-            trainable_layers=cfg.trainable_layers if cfg.lr_backbone > 0 else 0, frozen_bn=cfg.frozen_bn, hidden_dim=cfg.hidden_dim, num_heads=cfg.num_heads,
-            num_encoder_layers=cfg.num_encoder_layers, num_decoder_layers=cfg.num_decoder_layers,
-            dim_feedforward=cfg.dim_feedforward, dropout=cfg.dropout, num_queries=cfg.num_queries,
+            trainable_layers=trainable_layers, frozen_bn=cfg.frozen_bn, hidden_dim=cfg.hidden_dim,
+            num_heads=cfg.num_heads, num_encoder_layers=cfg.num_encoder_layers,
+            num_decoder_layers=cfg.num_decoder_layers, dim_feedforward=cfg.dim_feedforward, dropout=cfg.dropout,
+            num_queries=cfg.num_queries,
         )
     else:  # fine-tune an official checkpoint: everything but the class head, which gets the dataset's classes
-        model = DETR.from_pretrained(cfg.init_from, dropout=cfg.dropout,
-                                     trainable_layers=cfg.trainable_layers if cfg.lr_backbone > 0 else 0)
+        model = DETR.from_pretrained(cfg.init_from, dropout=cfg.dropout, trainable_layers=trainable_layers)
         model.class_head = nn.Linear(model.class_head.in_features, len(classes) + 1)
         model.num_classes = model.config["num_classes"] = len(classes)
     model.to(device)
@@ -661,6 +662,9 @@ def train(config):
         metrics = {f"val_{k}": v for k, v in metrics.items()}
         improved = metrics[f"val_{cfg.best_metric}"] > best_val
         best_val = max(best_val, metrics[f"val_{cfg.best_metric}"])
+        # every process's RNG states, so that a resumed DDP run draws the same dropout masks
+        rng = {"cpu": all_gather_rng(torch.get_rng_state()),
+               "cuda": all_gather_rng(torch.cuda.get_rng_state()) if "cuda" in device else []}
         if master:
             aps = ", ".join(f"{c} {ap:.3f}" for c, ap in zip(classes, metrics["val_AP_per_class"]) if ap == ap)
             tqdm.write(f"iter {iter_num}: val mAP50 {metrics['val_mAP50']:.4f}, mAP50 (VOC07) "
@@ -668,17 +672,11 @@ def train(config):
             log({"iter": iter_num, "time": round(time.time() - t_start, 1), **metrics})
             ckpt = {
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": raw_model.config,
-                "iter_num": iter_num, "best_val": best_val, "config": config, "classes": classes,
-                "rng": {"cpu": all_gather_rng(torch.get_rng_state()),
-                        "cuda": all_gather_rng(torch.cuda.get_rng_state()) if "cuda" in device else []},
+                "iter_num": iter_num, "best_val": best_val, "config": config, "classes": classes, "rng": rng,
             }
             save_checkpoint(ckpt, ckpt_path)
             if improved:
                 save_checkpoint(ckpt, os.path.join(cfg.out_dir, "best.pt"))
-        elif world_size > 1:
-            all_gather_rng(torch.get_rng_state())
-            if "cuda" in device:
-                all_gather_rng(torch.cuda.get_rng_state())
         return metrics
 
     def all_gather_rng(state):
