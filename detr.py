@@ -189,7 +189,7 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
 
     def forward(self, src, pos, mask, need_weights=False):
-        """src, pos (B, HW, C); mask (B, HW) True on padding."""
+        """src, pos (B, HW, C); mask (B, HW) True on padding, or None."""
         q = k = src + pos
         attn, weights = self.self_attn(q, k, src, mask, need_weights)
         src = self.norm1(src + F.dropout(attn, self.dropout, self.training))
@@ -211,7 +211,7 @@ class DecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, tgt, query_pos, memory, pos, mask, need_weights=False):
-        """tgt, query_pos (B, Q, C); memory, pos (B, HW, C); mask (B, HW) True on padding."""
+        """tgt, query_pos (B, Q, C); memory, pos (B, HW, C); mask (B, HW) True on padding, or None."""
         q = k = tgt + query_pos  # the queries talk to each other: this is what removes duplicates
         attn, _ = self.self_attn(q, k, tgt)
         tgt = self.norm1(tgt + F.dropout(attn, self.dropout, self.training))
@@ -279,16 +279,17 @@ class DETR(nn.Module):
         """images (B, 3, H, W) ImageNet-normalised, padded bottom/right; mask (B, H, W) True on
         padding, or None when nothing is padded. need_weights=True also returns the attention
         weights of every layer (for plots; it uses a slower, written-out attention)."""
-        B, _, H, W = images.shape
+        B = images.shape[0]
         features = self.backbone(images)  # (B, 2048, h, w)
         h, w = features.shape[-2:]
-        if mask is None:
-            mask = torch.zeros(B, H, W, dtype=torch.bool, device=images.device)
-        mask = F.interpolate(mask[:, None].float(), size=(h, w)).bool()[:, 0]  # (B, h, w), nearest
-        pos = sine_pos_embed(mask, self.input_proj.out_channels).flatten(1, 2)  # (B, hw, C)
+        if mask is None:  # nothing padded: no attention mask either, so SDPA may take its fastest kernel
+            feature_mask = torch.zeros(B, h, w, dtype=torch.bool, device=images.device)
+        else:
+            feature_mask = F.interpolate(mask[:, None].float(), size=(h, w)).bool()[:, 0]  # (B, h, w), nearest
+        pos = sine_pos_embed(feature_mask, self.input_proj.out_channels).flatten(1, 2)  # (B, hw, C)
         pos = pos.to(features.dtype)
         src = self.input_proj(features).flatten(2).transpose(1, 2)  # (B, hw, C)
-        mask = mask.flatten(1)  # (B, hw)
+        mask = None if mask is None else feature_mask.flatten(1)  # (B, hw) True on padding
 
         enc_weights, dec_weights = [], []
         memory = src
