@@ -1,7 +1,6 @@
 """Data: VOC and shapes preparation, augmentation that keeps boxes on their pixels, batching."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
