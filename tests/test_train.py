@@ -262,3 +262,20 @@ def test_ddp_two_processes_agree(tmp_path):
     assert not torch.equal(a["class_head.weight"], start["class_head.weight"])
     log = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
     assert log[-1]["iter"] == 3 and "val_mAP50" in log[-1]
+
+
+def test_fine_tune_from_an_official_checkpoint_gets_a_new_class_head(tmp_path):
+    import detr
+
+    make_shapes(tmp_path / "data", 4, 2)
+    official = DETR(num_classes=7, backbone="resnet18", hidden_dim=32, num_heads=8, num_encoder_layers=1,
+                    num_decoder_layers=2, dim_feedforward=64, num_queries=8)
+    torch.save({"model": {detr.minidetr_to_official_key(k): v for k, v in official.state_dict().items()}},
+               tmp_path / "official.pth")
+    run(tmp_path / "out", tmp_path / "data", max_iters=1, init_from=str(tmp_path / "official.pth"))
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)
+    assert ckpt["model_args"]["num_classes"] == 4 and ckpt["model"]["class_head.weight"].shape == (5, 32)
+    # everything but the class head starts from the official weights (one small step away from them)
+    start, tuned = official.state_dict()["query_embed.weight"], ckpt["model"]["query_embed.weight"]
+    assert 0 < (start - tuned).abs().max() < 1e-2
+    assert torch.equal(official.state_dict()["backbone.conv1.weight"], ckpt["model"]["backbone.conv1.weight"])
