@@ -33,7 +33,7 @@ from torchvision import tv_tensors
 from torchvision.ops import box_convert, box_iou, generalized_box_iou, generalized_box_iou_loss
 from tqdm import tqdm
 
-from detr import DETR, LoadError, postprocess
+from detr import DETR, LoadError, parts, postprocess
 
 # -----------------------------------------------------------------------------
 # default config: the paper's DETR-R50 recipe (§4, App. A.4); config/*.py and --key=value override it
@@ -60,6 +60,12 @@ num_decoder_layers = 6
 dim_feedforward = 2048
 dropout = 0.1
 num_queries = 100
+# additions beyond the paper (detr.py, "Additions beyond the paper"), all off: the paper's DETR
+feature_stride = 32  # 16 or 8: backbone features from layer3 or layer2, a finer token grid for small images
+anchor_queries = False  # DAB-DETR: queries are boxes, refined by every decoder layer
+encoder_proposals = False  # two-stage: the encoder's best tokens start the queries' boxes (needs anchor_queries)
+denoising_groups = 0  # DN-DETR: this many noised copies of the ground truth as extra queries (needs anchor_queries)
+query_groups = 1  # Group DETR: this many groups of queries in training, each matched one-to-one
 # loss (paper §3.1 and App. A.1): matching costs and loss weights are the same numbers
 cost_class = 1.0
 cost_bbox = 5.0
@@ -248,10 +254,12 @@ class HungarianMatcher(nn.Module):
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
 
     @torch.no_grad()
-    def forward(self, outputs, targets):
+    def forward(self, outputs, targets, groups=1):
         """outputs: pred_logits (B, Q, K+1) and pred_boxes (B, Q, 4), or with a leading layer
-        dimension (L, B, Q, ...). Returns per image a (pred_idx, tgt_idx) pair of LongTensors,
-        or a list of those per layer when a layer dimension was given."""
+        dimension (L, B, Q, ...), and optionally valid (B, Q), False for queries that must not be
+        matched (padding). Returns per image a (pred_idx, tgt_idx) pair of LongTensors, or a list of
+        those per layer when a layer dimension was given. groups > 1 (Group DETR): the queries are
+        that many equal groups, each matched on its own; an image's pairs of every group come together."""
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         per_layer = logits.dim() == 4
         if not per_layer:
@@ -265,18 +273,23 @@ class HungarianMatcher(nn.Module):
             -self.cost_class * prob[:, tgt_labels]  # the probability itself, not its log (App. A.1)
             + self.cost_bbox * torch.cdist(boxes, tgt_boxes, p=1)
             - self.cost_giou * generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"))
-        )
-        cost = cost.view(L, B, Q, -1).cpu().numpy()  # the step's one host sync
+        ).view(L, B, Q, -1)
+        if "valid" in outputs:
+            cost = cost.masked_fill(~outputs["valid"][None, :, :, None], 1e6)
+        cost = cost.cpu().numpy()  # the step's one host sync
         if not np.isfinite(cost).all():
             raise FloatingPointError("the model's outputs are not finite")
         sizes = [len(t["labels"]) for t in targets]
-        indices = [
-            [
-                tuple(torch.as_tensor(ij, dtype=torch.int64) for ij in linear_sum_assignment(c[b]))
-                for b, c in enumerate(np.split(cost[layer], np.cumsum(sizes)[:-1], axis=-1))
-            ]
-            for layer in range(L)
-        ]
+        n = Q // groups
+        indices = []
+        for layer in range(L):
+            per_image = []
+            for b, c in enumerate(np.split(cost[layer], np.cumsum(sizes)[:-1], axis=-1)):  # c[b]: (Q, b's targets)
+                pairs = [linear_sum_assignment(c[b, g * n : (g + 1) * n]) for g in range(groups)]
+                pred = np.concatenate([p + g * n for g, (p, _) in enumerate(pairs)])
+                tgt = np.concatenate([t for _, t in pairs])
+                per_image.append((torch.as_tensor(pred, dtype=torch.int64), torch.as_tensor(tgt, dtype=torch.int64)))
+            indices.append(per_image)
         return indices if per_layer else indices[0]
 
 
@@ -289,12 +302,19 @@ class SetCriterion(nn.Module):
     Normalisers: box losses are divided by num_boxes (the batch's target count; under DDP the
     mean over processes, at least 1) and the cross-entropy by the sum of its class weights, as a
     weighted mean does. Both may be given as local counts for a whole accumulated batch, so that
-    gradient accumulation gives exactly the gradients of one big batch."""
+    gradient accumulation gives exactly the gradients of one big batch.
 
-    def __init__(self, num_classes, matcher, eos_coef=0.1, weight_ce=1.0, weight_bbox=5.0, weight_giou=2.0):
+    The additions (detr.py) add their own terms, each normalised by num_boxes so that accumulation
+    stays exact: loss_*_enc for the encoder proposals (every token matched), loss_*_dn for the
+    denoising queries (each reconstructs its own object, every layer), and with query_groups each
+    group is matched on its own and the groups' losses are averaged (Group DETR)."""
+
+    def __init__(self, num_classes, matcher, eos_coef=0.1, weight_ce=1.0, weight_bbox=5.0, weight_giou=2.0,
+                 query_groups=1):
         super().__init__()
         self.num_classes, self.matcher, self.eos_coef = num_classes, matcher, eos_coef
         self.weight_ce, self.weight_bbox, self.weight_giou = weight_ce, weight_bbox, weight_giou
+        self.query_groups = query_groups
         class_weight = torch.ones(num_classes + 1)
         class_weight[-1] = eos_coef
         self.register_buffer("class_weight", class_weight)
@@ -305,6 +325,7 @@ class SetCriterion(nn.Module):
         logits = torch.stack([o["pred_logits"] for o in layers]).float()
         boxes = torch.stack([o["pred_boxes"] for o in layers]).float()
         L, B, Q = logits.shape[:3]
+        G = self.query_groups  # Q = G groups of Q // G queries
         if num_boxes is None:
             num_boxes = sum(len(t["labels"]) for t in targets)
         num_boxes = torch.as_tensor(num_boxes, dtype=torch.float32, device=logits.device)
@@ -312,11 +333,44 @@ class SetCriterion(nn.Module):
             dist.all_reduce(num_boxes)
             num_boxes /= dist.get_world_size()
         num_boxes = num_boxes.clamp(min=1)
-        if class_weight_sum is None:
-            matched = sum(min(len(t["labels"]), Q) for t in targets)
-            class_weight_sum = matched + self.eos_coef * (B * Q - matched)
-        indices = self.matcher({"pred_logits": logits, "pred_boxes": boxes}, targets)
+        if class_weight_sum is None:  # of one group
+            matched = sum(min(len(t["labels"]), Q // G) for t in targets)
+            class_weight_sum = matched + self.eos_coef * (B * Q // G - matched)
+        indices = self.matcher({"pred_logits": logits, "pred_boxes": boxes}, targets, G)
+        ce, l1, giou = self.summed_losses(logits, boxes, targets, indices)  # (L,) each
+        parts = {"": (ce / (G * class_weight_sum), l1 / (G * num_boxes), giou / (G * num_boxes))}
 
+        if "enc_outputs" in outputs:  # encoder proposals (detr.py, addition 2): every token is a query
+            enc = outputs["enc_outputs"]
+            enc_logits, enc_boxes = enc["pred_logits"][None].float(), enc["pred_boxes"][None].float()
+            enc_indices = self.matcher({"pred_logits": enc_logits, "pred_boxes": enc_boxes, "valid": enc["valid"]}, targets)
+            parts["_enc"] = tuple(s / num_boxes for s in self.summed_losses(enc_logits, enc_boxes, targets, enc_indices))
+        if "dn_outputs" in outputs:  # denoising queries (detr.py, addition 3): query g * n + j is a copy of target j
+            dn = outputs["dn_outputs"]
+            groups, n = dn["groups"], dn["pred_logits"].shape[2] // dn["groups"]
+            per_image = [(torch.cat([torch.arange(len(t["labels"])) + g * n for g in range(groups)]),
+                          torch.arange(len(t["labels"])).repeat(groups)) for t in targets]
+            sums = self.summed_losses(dn["pred_logits"].float(), dn["pred_boxes"].float(), targets, [per_image] * L)
+            parts["_dn"] = tuple(s / (groups * num_boxes) for s in sums)
+
+        total = sum((self.weight_ce * ce + self.weight_bbox * l1 + self.weight_giou * giou).sum()
+                    for ce, l1, giou in parts.values())
+        losses = {"loss": total}
+        for part, (loss_ce, loss_bbox, loss_giou) in parts.items():
+            n_layers = len(loss_ce)
+            for layer in range(n_layers):
+                suffix = part if layer == n_layers - 1 else f"{part}_{layer}"
+                if layer == n_layers - 1 or part == "":  # per-layer values of the additions are not logged
+                    losses["loss_ce" + suffix] = loss_ce[layer]
+                    losses["loss_bbox" + suffix] = loss_bbox[layer]
+                    losses["loss_giou" + suffix] = loss_giou[layer]
+        return losses
+
+    def summed_losses(self, logits, boxes, targets, indices):
+        """Per layer (L,): the class-weighted cross-entropy summed over every query (the unmatched ones
+        target "no object"), and L1 and GIoU summed over the matched pairs. logits (L, B, Q, K+1),
+        boxes (L, B, Q, 4); indices: per layer, per image, a (pred_idx, tgt_idx) pair."""
+        L, B, Q = logits.shape[:3]
         # which (layer, image, query) is matched to which target
         layer_idx = torch.cat([torch.full_like(p, layer) for layer, per_image in enumerate(indices) for p, _ in per_image])
         image_idx = torch.cat([torch.full_like(p, b) for per_image in indices for b, (p, _) in enumerate(per_image)])
@@ -329,22 +383,13 @@ class SetCriterion(nn.Module):
         target_classes = torch.full((L, B, Q), self.num_classes, dtype=torch.int64, device=device)  # "no object"
         target_classes[layer_idx, image_idx, query_idx] = tgt_labels.to(device)
         ce = F.cross_entropy(logits.flatten(0, 2), target_classes.flatten(), self.class_weight, reduction="none")
-        loss_ce = ce.view(L, -1).sum(1) / class_weight_sum  # (L,)
 
         src_boxes = boxes[layer_idx, image_idx, query_idx]  # (M, 4)
         tgt_boxes = tgt_boxes.to(device).float()
         l1 = F.l1_loss(src_boxes, tgt_boxes, reduction="none").sum(1)  # (M,)
         giou = generalized_box_iou_loss(box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"))
-        loss_bbox = torch.zeros(L, device=device).index_add(0, layer_idx, l1) / num_boxes
-        loss_giou = torch.zeros(L, device=device).index_add(0, layer_idx, giou) / num_boxes
-
-        losses = {"loss": (self.weight_ce * loss_ce + self.weight_bbox * loss_bbox + self.weight_giou * loss_giou).sum()}
-        for layer in range(L):
-            suffix = "" if layer == L - 1 else f"_{layer}"
-            losses["loss_ce" + suffix] = loss_ce[layer]
-            losses["loss_bbox" + suffix] = loss_bbox[layer]
-            losses["loss_giou" + suffix] = loss_giou[layer]
-        return losses
+        zeros = torch.zeros(L, device=device)
+        return ce.view(L, -1).sum(1), zeros.index_add(0, layer_idx, l1), zeros.index_add(0, layer_idx, giou)
 
 
 # -----------------------------------------------------------------------------
@@ -574,6 +619,29 @@ def autocast(device, dtype):
     return torch.autocast("cuda" if "cuda" in str(device) else "cpu", dtype=getattr(torch, dtype))
 
 
+@torch.no_grad()
+def training_diagnostics(model, outputs):
+    """What shows DETR's early plateau (logged every log_interval, drawn by sample.py --log):
+    - grad_norm_<part> and weight_norm_<part> for each part of the model (detr.parts), the gradient
+      before clipping;
+    - query_classes: how many distinct classes ("no object" included) the queries of an image
+      predict, averaged over the batch: 1 while every query says the same thing;
+    - query_box_spread: the standard deviation of the predicted box centres across the queries of
+      an image (in image widths), averaged over the batch: near 0 while every query gives one box.
+    Only the first num_queries queries count (one group, no denoising queries)."""
+    record = {}
+    for name, params in parts(model).items():
+        grads = [p.grad.float().norm() for p in params if p.grad is not None]
+        record[f"grad_norm_{name}"] = torch.stack(grads).norm().item() if grads else 0.0
+        record[f"weight_norm_{name}"] = torch.stack([p.float().norm() for p in params]).norm().item()
+    Q = model.num_queries
+    classes = outputs["pred_logits"][:, :Q].argmax(-1)  # (B, Q)
+    record["query_classes"] = float(np.mean([len(c.unique()) for c in classes]))
+    centres = outputs["pred_boxes"][:, :Q, :2].float()  # (B, Q, 2)
+    record["query_box_spread"] = centres.var(1, unbiased=False).sum(-1).sqrt().mean().item()
+    return record
+
+
 # -----------------------------------------------------------------------------
 # training
 
@@ -626,7 +694,8 @@ def train(config):
             trainable_layers=trainable_layers, frozen_bn=cfg.frozen_bn, hidden_dim=cfg.hidden_dim,
             num_heads=cfg.num_heads, num_encoder_layers=cfg.num_encoder_layers,
             num_decoder_layers=cfg.num_decoder_layers, dim_feedforward=cfg.dim_feedforward, dropout=cfg.dropout,
-            num_queries=cfg.num_queries,
+            num_queries=cfg.num_queries, feature_stride=cfg.feature_stride, anchor_queries=cfg.anchor_queries,
+            encoder_proposals=cfg.encoder_proposals, denoising_groups=cfg.denoising_groups, query_groups=cfg.query_groups,
         )
     else:  # fine-tune an official checkpoint: everything but the class head, which gets the dataset's classes
         model = DETR.from_pretrained(cfg.init_from, dropout=cfg.dropout, trainable_layers=trainable_layers)
@@ -636,13 +705,13 @@ def train(config):
     if "cuda" in device:  # NHWC convolutions run on tensor cores without layout transposes
         model.backbone.to(memory_format=torch.channels_last)
 
-    # optimizer: the backbone at its own learning rate; fused AdamW where the device has it
+    # optimizer: the backbone at its own learning rate; fused AdamW (one kernel for all tensors, CPU too)
     backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
     other_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
     groups = [{"params": other_params, "lr": cfg.learning_rate, "base_lr": cfg.learning_rate}]
     if backbone_params:
         groups.append({"params": backbone_params, "lr": cfg.lr_backbone, "base_lr": cfg.lr_backbone})
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused="cuda" in device)
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=True)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         torch.set_rng_state(checkpoint["rng"]["cpu"][rank % len(checkpoint["rng"]["cpu"])])
@@ -655,7 +724,7 @@ def train(config):
     if ddp:
         model = DDP(model, device_ids=[device] if "cuda" in device else None)
     criterion = SetCriterion(len(classes), HungarianMatcher(cfg.cost_class, cfg.cost_bbox, cfg.cost_giou),
-                             cfg.eos_coef, 1.0, cfg.cost_bbox, cfg.cost_giou).to(device)
+                             cfg.eos_coef, 1.0, cfg.cost_bbox, cfg.cost_giou, raw_model.query_groups).to(device)
 
     def checkpoint_and_log(metrics):
         nonlocal best_val
@@ -741,8 +810,8 @@ def train(config):
             targets = [{k: t[k].to(device, non_blocking=True) for k in ("labels", "boxes")} for t in targets]
             last_micro_step = micro_step == cfg.gradient_accumulation_steps - 1
             with model.no_sync() if ddp and not last_micro_step else nullcontext():  # all-reduce grads once
-                with autocast(device, cfg.dtype):
-                    outputs = model(images, mask)
+                with autocast(device, cfg.dtype):  # the targets only feed denoising queries
+                    outputs = model(images, mask, targets if raw_model.denoising_groups else None)
                 try:
                     losses = criterion(outputs, targets, num_boxes, class_weight_sum)
                 except FloatingPointError:  # the matcher found non-finite outputs
@@ -752,6 +821,9 @@ def train(config):
                 sums[k] = sums.get(k, 0.0) + v.detach()
             bad_now = (first_bad_iter < 0) & ~torch.isfinite(losses["loss"].detach())
             first_bad_iter = first_bad_iter.masked_fill(bad_now, it)
+        log_now = (it + 1) % cfg.log_interval == 0
+        if log_now and master:  # before clipping: what the loss asks of each part
+            diagnostics = training_diagnostics(raw_model, outputs)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -765,7 +837,8 @@ def train(config):
             if master:
                 record = {"iter": iter_num, "time": round(time.time() - t_start, 1),
                           **{k: v.item() / iters_since_log for k, v in sums.items()},
-                          "lr": optimizer.param_groups[0]["lr"], "img_per_s": images_since_log / (time.time() - t_log)}
+                          "lr": optimizer.param_groups[0]["lr"], "img_per_s": images_since_log / (time.time() - t_log),
+                          **(diagnostics if log_now else {})}
                 progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}",
                                      img_s=f"{record['img_per_s']:.1f}")
                 tqdm.write(f"iter {iter_num}: " + ", ".join(f"{k} {record[k]:.4f}" for k in
