@@ -6,8 +6,10 @@ to (paper Fig. 6), what the encoder attends to from a few pixels (paper Fig. 3),
     python sample.py --ckpt=out-voc/best.pt --images=photos/ --attention
     python sample.py --ckpt=detr-r50 --images=street.jpg              # the official COCO model
     python sample.py --log=out-shapes/log.jsonl                       # training curves (needs matplotlib)
+    python sample.py --ckpt=out-shapes/ckpt.pt --weights              # weight histograms (needs matplotlib)
 
-One PNG per image goes to out_dir (<name>.png; with --attention also <name>_attention.png).
+One PNG per image goes to out_dir (<name>.png; with --attention also <name>_attention.png); --log
+writes out_dir/curves.png, --weights out_dir/weights.png.
 """
 
 import json
@@ -22,7 +24,7 @@ from PIL import Image, ImageDraw
 from torchvision.utils import draw_bounding_boxes
 
 import train
-from detr import DETR, OFFICIAL_CHECKPOINTS, LoadError, load_checkpoint_file, postprocess
+from detr import DETR, OFFICIAL_CHECKPOINTS, LoadError, load_checkpoint_file, parts, postprocess
 
 # defaults, each overridable as --key=value
 ckpt = "out-shapes/ckpt.pt"  # a minidetr checkpoint, an official one (file), or 'detr-r50' ...
@@ -34,6 +36,7 @@ max_images = 8
 attention = False  # also draw the attention maps of every kept detection
 num_pixels = 4  # encoder self-attention is shown from this many pixels (the centres of detections)
 log = ""  # a log.jsonl: draw its training curves instead of sampling
+weights = False  # draw the checkpoint's weight histograms, one per part of the model, instead of sampling
 
 # the official models' 91 COCO category ids (N/A: ids that COCO leaves unused)
 COCO_CLASSES = [
@@ -199,35 +202,72 @@ def draw_attention(pixels, outputs, result, keep, classes, name):
     return path
 
 
-def plot_log(log_path, out_path):
-    """Training curves of a log.jsonl: total loss, each loss component, learning rate, val mAP."""
+def pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("error: --log needs matplotlib: pip install matplotlib") from None
+        raise SystemExit("error: --log and --weights need matplotlib: pip install matplotlib") from None
+    return plt
+
+
+def plot_log(log_path, out_path):
+    """Training curves of a log.jsonl: the losses (with the additions' own terms where present),
+    learning rate, val mAP, and the diagnostics of train.training_diagnostics: gradient and weight
+    norms per part, and how alike the queries are (DETR's early plateau is where they all agree)."""
+    plt = pyplot()
     if not os.path.isfile(log_path):
         raise SystemExit(f"error: no log file {log_path}")
     with open(log_path) as f:
         records = [json.loads(line) for line in f if line.strip()]
-    panels = [("loss", ["loss"]), ("classification", ["loss_ce"]), ("L1 box", ["loss_bbox"]),
-              ("GIoU", ["loss_giou"]), ("learning rate", ["lr"]), ("val", ["val_mAP50", "val_mAP50_07", "val_mAP"])]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-    for ax, (title, keys) in zip(axes.flat, panels):
-        for key in keys:
-            points = [(r["iter"], r[key]) for r in records if key in r]
+    model_parts = list(dict.fromkeys(k.removeprefix("grad_norm_") for r in records for k in r if k.startswith("grad_norm_")))
+    panels = [("loss", ["loss"], False), ("classification", ["loss_ce", "loss_ce_enc", "loss_ce_dn"], False),
+              ("L1 box", ["loss_bbox", "loss_bbox_enc", "loss_bbox_dn"], False),
+              ("GIoU", ["loss_giou", "loss_giou_enc", "loss_giou_dn"], False), ("learning rate", ["lr"], True),
+              ("val", ["val_mAP50", "val_mAP50_07", "val_mAP"], False),
+              ("gradient norm (before clipping)", [f"grad_norm_{p}" for p in model_parts], True),
+              ("weight norm", [f"weight_norm_{p}" for p in model_parts], True),
+              ("queries: distinct classes, box spread x10", ["query_classes", "query_box_spread"], False)]
+    fig, axes = plt.subplots(3, 3, figsize=(15, 10))
+    for ax, (title, panel_keys, log_scale) in zip(axes.flat, panels):
+        for key in panel_keys:
+            scale = 10 if key == "query_box_spread" else 1  # spread in image widths, drawn beside a count
+            points = [(r["iter"], r[key] * scale) for r in records if key in r]
             if points:
-                ax.plot(*zip(*points), label=key, marker="o" if key.startswith("val") else None)
+                label = key.removeprefix("grad_norm_").removeprefix("weight_norm_")
+                ax.plot(*zip(*points), label=label, marker="o" if key.startswith("val") else None)
         ax.set_title(title)
         ax.set_xlabel("iteration")
-        ax.legend(fontsize=8)
-    axes.flat[4].set_yscale("log")
+        if ax.lines:
+            ax.legend(fontsize=7)
+            if log_scale:
+                ax.set_yscale("log")
     fig.tight_layout()
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     fig.savefig(out_path, dpi=80)
     print(f"{len(records)} log records -> {out_path}")
+    return out_path
+
+
+def plot_weights(model, out_path):
+    """One histogram of weight values per part of the model (detr.parts), on a log count scale."""
+    plt = pyplot()
+    named = parts(model)
+    columns = 4
+    fig, axes = plt.subplots(math.ceil(len(named) / columns), columns, figsize=(4 * columns, 3 * math.ceil(len(named) / columns)),
+                             squeeze=False)
+    for ax, (name, params) in zip(axes.flat, named.items()):
+        values = torch.cat([p.detach().float().flatten() for p in params]).numpy()
+        ax.hist(values, bins=100, log=True)
+        ax.set_title(f"{name}: {values.size:,} weights, std {values.std():.3g}", fontsize=9)
+    for ax in axes.flat[len(named) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    fig.savefig(out_path, dpi=80)
+    print(f"{len(named)} parts -> {out_path}")
     return out_path
 
 
@@ -239,13 +279,17 @@ def main():
         model, classes, val_scale, max_size, val_json = load_model(ckpt)
     except LoadError as e:
         raise SystemExit(f"error: {e}")
+    if weights:
+        plot_weights(model, os.path.join(out_dir, "weights.png"))
+        return
     sample(model, classes, val_scale, max_size, image_paths(images, val_json, classes))
 
 
 if __name__ == "__main__":
     for arg in sys.argv[1:]:
         key, _, value = arg.removeprefix("--").partition("=")
-        if key not in ("ckpt", "images", "out_dir", "device", "threshold", "max_images", "attention", "num_pixels", "log"):
+        if key not in ("ckpt", "images", "out_dir", "device", "threshold", "max_images", "attention", "num_pixels", "log",
+                       "weights"):
             sys.exit(f"error: unknown flag --{key}")
         default = globals()[key]
         globals()[key] = (value != "False") if isinstance(default, bool) else type(default)(value)

@@ -82,6 +82,27 @@ def test_curves_png_from_a_hand_made_log(sample, tmp_path):
     path = sample.plot_log(str(tmp_path / "log.jsonl"), str(tmp_path / "curves.png"))
     image = np.asarray(Image.open(path).convert("RGB"))
     assert image.shape[0] > 300 and image.shape[1] > 600 and image.std() > 10  # a drawn figure, not blank
+    # the diagnostics panels (bottom row) are empty without diagnostics, and drawn with them
+    bottom = image[2 * image.shape[0] // 3 :]
+    for r in records[:-1]:
+        r.update(grad_norm_backbone=1 / r["iter"], grad_norm_class_head=2.0, weight_norm_backbone=50 + r["iter"],
+                 weight_norm_class_head=3.0, query_classes=1 + r["iter"] % 3, query_box_spread=0.01 * r["iter"])
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    drawn = np.asarray(Image.open(sample.plot_log(str(tmp_path / "log.jsonl"), str(tmp_path / "curves.png"))).convert("RGB"))
+    changed = (drawn[2 * drawn.shape[0] // 3 :] != bottom).any(-1)  # (rows, columns) of pixels that differ
+    for third in np.array_split(changed, 3, axis=1):  # each of the three diagnostics panels got drawn
+        assert third.mean() > 0.01
+
+
+def test_weight_histograms_one_panel_per_part(sample, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    model = DETR(num_classes=3, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1,
+                 num_decoder_layers=1, dim_feedforward=64, num_queries=3, anchor_queries=True)
+    save_checkpoint(model, tmp_path / "ckpt.pt", ["a", "b", "c"])
+    path = sample.plot_weights(sample.load_model(str(tmp_path / "ckpt.pt"))[0], str(tmp_path / "weights.png"))
+    assert capsys.readouterr().out.startswith("8 parts")  # the paper's 7 and the anchors
+    image = np.asarray(Image.open(path).convert("RGB"))
+    assert image.shape[1] > 600 and image.std() > 10
 
 
 def test_bad_input_gives_one_line(sample, tmp_path, capsys):
