@@ -162,3 +162,78 @@ def test_coco_map_equals_pycocotools(seed):
     assert m["mAP"] == pytest.approx(evaluator.stats[0], abs=1e-6)  # the issue asks 1e-3; it is exact
     assert m["mAP75"] == pytest.approx(evaluator.stats[2], abs=1e-6)
     assert 0.05 < m["mAP"] < 0.9
+
+
+def coco_export(rng, num_images=60, category_ids=(2, 5, 11, 40)):
+    """A hand-made COCO ground truth and results: non-contiguous image and category ids, empty images,
+    crowds, objects of every COCO area range (with segment areas unlike their boxes), detections that
+    overlap a crowd and a real object at once, and one image with more than 100 detections of a class."""
+    images, annotations, results = [], [], []
+    for i in range(num_images):
+        image_id = 1000 + 7 * i
+        images.append({"id": image_id, "width": 320, "height": 320, "file_name": f"{image_id}.png"})
+        n = 0 if i % 10 == 3 else int(rng.integers(1, 6))  # every tenth image has no object
+        for _ in range(n):
+            size = rng.choice([rng.uniform(8, 30), rng.uniform(35, 90), rng.uniform(100, 200)], 2)
+            x, y = rng.uniform(0, 320 - size[0]), rng.uniform(0, 320 - size[1])
+            crowd = int(rng.random() < 0.15)
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+                                "category_id": int(rng.choice(category_ids)), "bbox": [x, y, *size.tolist()],
+                                "area": float(size.prod() * rng.uniform(0.6, 1.0)), "iscrowd": crowd})
+        mine = [a for a in annotations if a["image_id"] == image_id]
+        for a in mine:  # jittered copies, some with the wrong class
+            for _ in range(int(rng.integers(1, 4))):
+                box = (np.array(a["bbox"]) + rng.normal(0, 0.08 * max(a["bbox"][2:]), 4)).clip(0.5)
+                category = a["category_id"] if rng.random() < 0.8 else int(rng.choice(category_ids))
+                results.append({"image_id": image_id, "category_id": category, "bbox": box.tolist(),
+                                "score": float(rng.random())})
+        if any(a["iscrowd"] for a in mine):  # a box inside a crowd and over a real object beside it
+            crowd = next(a for a in mine if a["iscrowd"])
+            x, y, w, h = crowd["bbox"]
+            results.append({"image_id": image_id, "category_id": crowd["category_id"],
+                            "bbox": [x + w / 2, y + h / 2, w, h], "score": 0.95})
+        for _ in range(int(rng.integers(0, 4))):  # random boxes
+            xy = rng.uniform(0, 250, 2)
+            results.append({"image_id": image_id, "category_id": int(rng.choice(category_ids)),
+                            "bbox": [*xy.tolist(), *rng.uniform(5, 70, 2).tolist()], "score": float(rng.random() * 0.6)})
+    crowded = images[1]["id"]  # 130 detections of one class in one image: only the best 100 count
+    for _ in range(130):
+        xy = rng.uniform(0, 300, 2)
+        results.append({"image_id": crowded, "category_id": category_ids[0],
+                        "bbox": [*xy.tolist(), 15.0, 15.0], "score": float(rng.random())})
+    categories = [{"id": c, "name": f"class{c}"} for c in category_ids]
+    return {"images": images, "annotations": annotations, "categories": categories}, results
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_coco_crowds_areas_and_ids_equal_pycocotools(seed):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    ground_truth, results = coco_export(np.random.default_rng(seed))
+    coco = COCO()
+    coco.dataset = ground_truth
+    coco.createIndex()
+    evaluator = COCOeval(coco, coco.loadRes(results), "bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+
+    label = {c["id"]: k for k, c in enumerate(ground_truth["categories"])}
+    dets, gts = [], []
+    for image in sorted(ground_truth["images"], key=lambda im: im["id"]):
+        anns = [a for a in ground_truth["annotations"] if a["image_id"] == image["id"]]
+        res = [r for r in results if r["image_id"] == image["id"]]
+        xyxy = lambda b: [b[0], b[1], b[0] + b[2], b[1] + b[3]]  # noqa: E731
+        gts.append({"boxes": torch.tensor([xyxy(a["bbox"]) for a in anns], dtype=torch.float64).reshape(-1, 4),
+                    "labels": torch.tensor([label[a["category_id"]] for a in anns], dtype=torch.int64),
+                    "iscrowd": torch.tensor([a["iscrowd"] for a in anns], dtype=torch.bool),
+                    "area": torch.tensor([a["area"] for a in anns], dtype=torch.float64)})
+        dets.append({"boxes": torch.tensor([xyxy(r["bbox"]) for r in res], dtype=torch.float64).reshape(-1, 4),
+                     "scores": torch.tensor([r["score"] for r in res], dtype=torch.float64),
+                     "labels": torch.tensor([label[r["category_id"]] for r in res], dtype=torch.int64)})
+    m = compute_map(dets, gts, num_classes=len(label))
+    ours = [m["mAP"], m["mAP75"], m["mAP_small"], m["mAP_medium"], m["mAP_large"], m["AR100"]]
+    theirs = [evaluator.stats[i] for i in (0, 2, 3, 4, 5, 8)]
+    assert ours == pytest.approx(theirs, abs=1e-6)
+    assert sum(a["iscrowd"] for a in ground_truth["annotations"]) >= 3 and 0.05 < m["mAP"] < 0.9
