@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 from torchvision.utils import draw_bounding_boxes
 
 import train
-from detr import DETR, OFFICIAL_CHECKPOINTS, LoadError, load_checkpoint_file, parts, postprocess
+from detr import COCO_CLASSES, DETR, OFFICIAL_CHECKPOINTS, LoadError, load_checkpoint_file, parts, postprocess
 
 # defaults, each overridable as --key=value
 ckpt = "out-shapes/ckpt.pt"  # a minidetr checkpoint, an official one (file), or 'detr-r50' ...
@@ -38,18 +38,6 @@ num_pixels = 4  # encoder self-attention is shown from this many pixels (the cen
 log = ""  # a log.jsonl: draw its training curves instead of sampling
 weights = False  # draw the checkpoint's weight histograms, one per part of the model, instead of sampling
 
-# the official models' 91 COCO category ids (N/A: ids that COCO leaves unused)
-COCO_CLASSES = [
-    "N/A", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "N/A", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "N/A", "backpack", "umbrella", "N/A", "N/A", "handbag", "tie",
-    "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
-    "skateboard", "surfboard", "tennis racket", "bottle", "N/A", "wine glass", "cup", "fork", "knife", "spoon",
-    "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake",
-    "chair", "couch", "potted plant", "bed", "N/A", "dining table", "N/A", "N/A", "toilet", "N/A", "tv", "laptop",
-    "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "N/A",
-    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
-]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -63,14 +51,17 @@ def load_model(path):
         if model.num_classes != len(COCO_CLASSES):
             raise LoadError(f"{path}: an official-format checkpoint with {model.num_classes} classes; only COCO's {len(COCO_CLASSES)} have names here")
         return model, COCO_CLASSES, 800, 1333, None
+    missing = [k for k in ("model", "classes", "config") if k not in checkpoint]
+    if missing:
+        raise LoadError(f"{path}: not a minidetr checkpoint (no '{missing[0]}')")
     classes, config = checkpoint["classes"], checkpoint["config"]
-    if checkpoint["model_args"]["num_classes"] != len(classes):
-        raise LoadError(f"{path}: the model has {checkpoint['model_args']['num_classes']} classes but the checkpoint names {len(classes)}")
-    model = DETR(**checkpoint["model_args"])
+    if checkpoint["model_args"].get("num_classes") != len(classes):
+        raise LoadError(f"{path}: the model has {checkpoint['model_args'].get('num_classes')} classes but the checkpoint names {len(classes)}")
     try:
+        model = DETR(**checkpoint["model_args"])
         model.load_state_dict(checkpoint["model"])
-    except RuntimeError as e:
-        raise LoadError(f"{path}: weights do not fit the model ({str(e).splitlines()[1].strip()})") from None
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise LoadError(f"{path}: weights do not fit the model ({str(e).strip().splitlines()[-1].strip()[:300]})") from None
     val_json = os.path.join(train.dataset_dir(config["dataset"]), f"{config['val_split']}.json")
     return model, classes, config["val_scale"], config["max_size"], val_json
 
@@ -80,8 +71,7 @@ def image_paths(images, val_json, classes):
     if not images:
         if val_json is None or not os.path.isfile(val_json):
             raise SystemExit(f"error: give --images=path (no val split {val_json or ''} to sample from)")
-        with open(val_json) as f:
-            data = json.load(f)
+        data = train.read_dataset_json(val_json)
         if data["classes"] != classes:
             raise SystemExit(f"error: {val_json} has classes {data['classes']}, the checkpoint {classes}")
         return [os.path.join(os.path.dirname(os.path.abspath(val_json)), r["file"]) for r in data["images"]]
@@ -166,6 +156,8 @@ def sample(model, classes, val_scale, max_size, paths):
         print(f"{path}: {len(keep)} detections above {threshold} -> {written[-1]}")
         if attention:
             written.append(draw_attention(pixels, outputs, result, keep, classes, name))
+    if not written:
+        raise SystemExit(f"error: none of the {len(paths[:max_images])} images could be read")
     return written
 
 
@@ -292,5 +284,10 @@ if __name__ == "__main__":
                        "weights"):
             sys.exit(f"error: unknown flag --{key}")
         default = globals()[key]
-        globals()[key] = (value != "False") if isinstance(default, bool) else type(default)(value)
+        try:
+            globals()[key] = (value != "False") if isinstance(default, bool) else type(default)(value)
+        except ValueError:
+            sys.exit(f"error: --{key}={value} should be a {type(default).__name__}")
+    if not 0 <= threshold <= 1 or max_images < 1 or num_pixels < 1:
+        sys.exit("error: --threshold must be in [0, 1], --max_images and --num_pixels >= 1")
     main()

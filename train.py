@@ -33,7 +33,7 @@ from torchvision import tv_tensors
 from torchvision.ops import box_convert, box_iou, generalized_box_iou, generalized_box_iou_loss
 from tqdm import tqdm
 
-from detr import DETR, LoadError, parts, postprocess
+from detr import COCO_CLASSES, DETR, LoadError, load_checkpoint_file, parts, postprocess
 
 # -----------------------------------------------------------------------------
 # default config: the paper's DETR-R50 recipe (§4, App. A.4); config/*.py and --key=value override it
@@ -46,6 +46,7 @@ init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), or an official c
 eval_interval = 1000  # evaluate (and checkpoint) every this many iterations, and at the end
 log_interval = 10  # print and log the losses every this many iterations
 eval_only = False  # evaluate the initial model and exit
+save_detections = ""  # with eval_only: also write the val detections to this path as a COCO results json
 best_metric = "mAP50"  # the val metric that decides best.pt
 # model
 backbone = "resnet50"
@@ -140,6 +141,61 @@ def make_transforms(train, scales, max_size, crop_scales, crop_size, val_scale):
     ])
 
 
+def read_dataset_json(path):
+    """A prepared dataset json (DESIGN §3), checked throughout: its first problem is one error line
+    that names the file, the image and what is wrong."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise SystemExit(f"error: cannot read {path} ({e.strerror or type(e).__name__})")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: {path} is not valid json ({e}); prepare it again")
+
+    def fail(what):
+        raise SystemExit(f"error: {path}: {what}")
+
+    def numbers(v, n=None):
+        return isinstance(v, list) and (n is None or len(v) == n) and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+
+    if not isinstance(data, dict) or not isinstance(data.get("classes"), list) or not isinstance(data.get("images"), list):
+        fail("not a prepared dataset (needs 'classes' and 'images' lists; see data/*/prepare.py)")
+    classes = data["classes"]
+    if not classes or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
+        fail("'classes' should be a non-empty list of distinct names")
+    if "category_ids" in data and not (numbers(data["category_ids"], len(classes))
+                                       and all(isinstance(i, int) for i in data["category_ids"])):
+        fail(f"'category_ids' should be {len(classes)} integers, one per class")
+    if not data["images"]:
+        fail("has no images")
+    for i, r in enumerate(data["images"]):
+        if not isinstance(r, dict) or not isinstance(r.get("file"), str):
+            fail(f"image {i} has no 'file'")
+        where = f"image {i} ({r['file']})"
+        W, H = r.get("width"), r.get("height")
+        if not (isinstance(W, int) and isinstance(H, int) and W > 0 and H > 0):
+            fail(f"{where}: width and height should be integers > 0")
+        boxes, labels = r.get("boxes"), r.get("labels")
+        if not isinstance(boxes, list) or not all(numbers(b, 4) for b in boxes):
+            fail(f"{where}: 'boxes' should be a list of [x0, y0, x1, y1]")
+        if not isinstance(labels, list) or len(labels) != len(boxes):
+            fail(f"{where}: 'labels' should be one per box")
+        for key in ("difficult", "iscrowd", "area"):
+            if key in r and not (numbers(r[key]) and len(r[key]) == len(boxes)):
+                fail(f"{where}: '{key}' should be one number per box")
+        for label in labels:
+            if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(classes):
+                fail(f"{where}: label {label!r} is not a class index 0..{len(classes) - 1}")
+        slack = 0.1 * max(W, H)  # boxes a little outside the image are clipped by the transforms; far outside is a bug
+        for x0, y0, x1, y1 in boxes:
+            if x1 <= x0 or y1 <= y0:
+                fail(f"{where}: box {[x0, y0, x1, y1]} is empty (needs x1 > x0 and y1 > y0)")
+            if x0 < -slack or y0 < -slack or x1 > W + slack or y1 > H + slack:
+                fail(f"{where}: box {[x0, y0, x1, y1]} lies outside the {W}x{H} image")
+    return data
+
+
 class DetectionDataset(torch.utils.data.Dataset):
     """Reads a prepared json. Returns (image (3, h, w) normalised float, target) with the target as
     DESIGN §2: labels (N,), boxes (N, 4) cxcywh in [0, 1] of the transformed image, plus
@@ -148,9 +204,9 @@ class DetectionDataset(torch.utils.data.Dataset):
     line and the next one is returned, so a batch keeps its size."""
 
     def __init__(self, json_path, transform, keep_difficult=False):
-        with open(json_path) as f:
-            data = json.load(f)
+        data = read_dataset_json(json_path)
         self.classes, self.records = data["classes"], data["images"]
+        self.category_ids = data.get("category_ids")
         root = os.path.dirname(os.path.abspath(json_path))
         self.paths = [os.path.join(root, r["file"]) for r in self.records]  # join keeps absolute paths
         self.transform, self.keep_difficult = transform, keep_difficult
@@ -573,14 +629,18 @@ def coco_ap(precision, recall):
 
 
 def get_config(argv):
-    """The defaults above, overridden by config files (plain Python) and --key=value, in order."""
+    """The defaults above, overridden by config files (plain Python) and --key=value, in order; every
+    value is then checked (check_config), so that a bad one is one error line before any work."""
     config = {k: globals()[k] for k in CONFIG_KEYS}
     for arg in argv:
         if not arg.startswith("--"):
             if not os.path.isfile(arg):
                 raise SystemExit(f"error: no config file {arg}")
             namespace = {}
-            exec(open(arg).read(), namespace)
+            try:
+                exec(open(arg).read(), namespace)
+            except Exception as e:  # a config file is user code: its mistake is one line, not a traceback
+                raise SystemExit(f"error: config file {arg} fails: {type(e).__name__}: {e}")
             for key, value in namespace.items():
                 if key in config:
                     config[key] = value
@@ -594,15 +654,68 @@ def get_config(argv):
             value = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             pass  # a plain string, such as --out_dir=out-voc
-        default = config[key]
-        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if type(value) is not type(default):
-            raise SystemExit(f"error: --{key}={value!r} should be a {type(default).__name__}")
         config[key] = value
-    if config["max_size"] <= max([*config["train_scales"], config["val_scale"]]):
-        raise SystemExit(f"error: max_size={config['max_size']} must be larger than every train_scale and val_scale")
+    for key, value in config.items():
+        default = globals()[key]
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            config[key] = value = float(value)
+        if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+            config[key] = value = type(default)(value)
+        if type(value) is not type(default):
+            kind = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}.get(type(default), "a list")
+            raise SystemExit(f"error: {key}={value!r} should be {kind}")
+    check_config(config)
     return config
+
+
+def check_config(c):
+    """One error line for the first value out of its range (the types are already right)."""
+    def positive_ints(v):
+        return len(v) > 0 and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
+
+    rules = [
+        ("batch_size", c["batch_size"] >= 1, ">= 1"),
+        ("gradient_accumulation_steps", c["gradient_accumulation_steps"] >= 1, ">= 1"),
+        ("num_workers", c["num_workers"] >= 0, ">= 0"),
+        ("max_iters", c["max_iters"] >= 1, ">= 1"),
+        ("eval_interval", c["eval_interval"] >= 1, ">= 1"),
+        ("log_interval", c["log_interval"] >= 1, ">= 1"),
+        ("warmup_iters", c["warmup_iters"] >= 0, ">= 0"),
+        ("lr_drop", c["lr_drop"] >= 0, ">= 0"),
+        *((k, math.isfinite(c[k]) and c[k] >= 0, "a number >= 0") for k in (
+            "learning_rate", "lr_backbone", "weight_decay", "grad_clip", "cost_class", "cost_bbox", "cost_giou")),
+        ("eos_coef", 0 < c["eos_coef"] <= 1, "in (0, 1]"),
+        ("dropout", 0 <= c["dropout"] < 1, "in [0, 1)"),
+        ("train_scales", positive_ints(c["train_scales"]), "a list of sizes > 0"),
+        ("crop_scales", positive_ints(c["crop_scales"]), "a list of sizes > 0"),
+        ("crop_size", len(c["crop_size"]) == 2 and positive_ints(c["crop_size"]) and c["crop_size"][0] <= c["crop_size"][1],
+         "(min, max) sizes with 0 < min <= max"),
+        ("val_scale", c["val_scale"] >= 1, ">= 1"),
+        ("max_size", c["max_size"] > max([*c["train_scales"], c["val_scale"]]), "larger than every train_scale and val_scale"),
+        ("pad_to", c["pad_to"] >= 1, ">= 1"),
+        ("backbone", c["backbone"] in ("resnet18", "resnet34", "resnet50", "resnet101"),
+         "resnet18, resnet34, resnet50 or resnet101"),
+        ("trainable_layers", 0 <= c["trainable_layers"] <= 5, "0 to 5"),
+        ("hidden_dim", c["hidden_dim"] >= 1 and c["num_heads"] >= 1 and c["hidden_dim"] % c["num_heads"] == 0,
+         f"a multiple of num_heads={c['num_heads']} (>= 1)"),
+        ("num_encoder_layers", c["num_encoder_layers"] >= 0, ">= 0"),
+        ("num_decoder_layers", c["num_decoder_layers"] >= 1, ">= 1"),
+        ("dim_feedforward", c["dim_feedforward"] >= 1, ">= 1"),
+        ("num_queries", c["num_queries"] >= 1, ">= 1"),
+        ("feature_stride", c["feature_stride"] in (8, 16, 32), "8, 16 or 32"),
+        ("denoising_groups", c["denoising_groups"] >= 0, ">= 0"),
+        ("query_groups", c["query_groups"] >= 1, ">= 1"),
+        ("dtype", c["dtype"] in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
+        ("best_metric", c["best_metric"] in ("mAP50", "mAP50_07", "mAP", "mAP75"), "mAP50, mAP50_07, mAP or mAP75"),
+        ("dataset", c["dataset"] != "", "a prepared dataset's name or folder"),
+        ("save_detections", not c["save_detections"] or (c["eval_only"] and os.path.isdir(
+            os.path.dirname(os.path.abspath(c["save_detections"])))), "a path in an existing folder, with eval_only=True"),
+        ("device", c["device"] == "cpu" or (c["device"].startswith("cuda") and torch.cuda.is_available()),
+         "cpu, or cuda on a machine with a GPU"),
+    ]
+    for key, ok, want in rules:
+        if not ok:
+            raise SystemExit(f"error: {key}={c[key]!r} must be {want}")
 
 
 def dataset_dir(dataset):
@@ -624,9 +737,34 @@ def lr_factor(it, cfg):
     return 0.1 if it >= cfg.lr_drop else 1.0
 
 
+def ground_truth(record):
+    """A json record's objects as compute_map reads them: original pixels, difficult objects and
+    crowds flagged, COCO areas where the json has them."""
+    gt = {"boxes": torch.tensor(record["boxes"], dtype=torch.float64).reshape(-1, 4),
+          "labels": torch.tensor(record["labels"], dtype=torch.int64)}
+    for key in ("difficult", "iscrowd", "area"):
+        if key in record:
+            gt[key] = torch.tensor(record[key])
+    return gt
+
+
+def coco_results(detections, image_ids, category_ids=None):
+    """Detections as COCO results records (what pycocotools' loadRes reads): one per detection, with
+    the dataset's own category id where it has them (else the label) and bbox [x, y, w, h] in the
+    original image's pixels."""
+    records = []
+    for det, image_id in zip(detections, image_ids):
+        xywh = box_convert(det["boxes"].double(), "xyxy", "xywh")
+        for box, score, label in zip(xywh.tolist(), det["scores"].tolist(), det["labels"].tolist()):
+            records.append({"image_id": image_id, "category_id": category_ids[label] if category_ids else label,
+                            "bbox": [round(v, 3) for v in box], "score": round(score, 5)})
+    return records
+
+
 @torch.no_grad()
-def evaluate(model, dataset, cfg, device, rank=0, world_size=1):
-    """mAP of the model on a dataset (compute_map), each process taking every world_size-th image."""
+def evaluate(model, dataset, cfg, device, rank=0, world_size=1, results_path=""):
+    """mAP of the model on a dataset (compute_map), each process taking every world_size-th image;
+    results_path: also write the detections there (coco_results, the image ids the json's "id")."""
     model.eval()
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     loader = torch.utils.data.DataLoader(shard, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
@@ -637,21 +775,19 @@ def evaluate(model, dataset, cfg, device, rank=0, world_size=1):
         with autocast(device, cfg.dtype):
             outputs = model(images.to(device), None if mask is None else mask.to(device))
         results = postprocess(outputs, torch.stack([t["orig_size"] for t in targets]))
-        detections += [{k: v.float().cpu() for k, v in r.items()} for r in results]
+        detections += [{k: v.cpu() if k == "labels" else v.float().cpu() for k, v in r.items()} for r in results]
         image_ids += [t["image_id"] for t in targets]
     if world_size > 1:
         gathered = [None] * world_size
         dist.all_gather_object(gathered, (detections, image_ids))
         detections = [d for part, _ in gathered for d in part]
         image_ids = [i for _, part in gathered for i in part]
-    ground_truths = []
-    for i in image_ids:  # ground truth in original pixels, difficult objects and crowds flagged (DESIGN §3)
-        r = dataset.records[i]
-        gt = {"boxes": torch.tensor(r["boxes"], dtype=torch.float64).reshape(-1, 4), "labels": torch.tensor(r["labels"])}
-        for key in ("difficult", "iscrowd", "area"):
-            if key in r:
-                gt[key] = torch.tensor(r[key])
-        ground_truths.append(gt)
+    ground_truths = [ground_truth(dataset.records[i]) for i in image_ids]
+    if results_path and rank == 0:
+        ids = [dataset.records[i].get("id", i) for i in image_ids]
+        with open(results_path, "w") as f:
+            json.dump(coco_results(detections, ids, dataset.category_ids), f)
+        print(f"wrote {sum(len(d['scores']) for d in detections)} detections of {len(ids)} images to {results_path}")
     model.train()
     return compute_map(detections, ground_truths, len(dataset.classes))
 
@@ -708,15 +844,19 @@ def train(config):
         torch.backends.cudnn.allow_tf32 = True
 
     # data
-    json_paths = [os.path.join(dataset_dir(cfg.dataset), f"{split}.json") for split in (cfg.train_split, cfg.val_split)]
+    splits = [cfg.val_split] if cfg.eval_only else [cfg.train_split, cfg.val_split]
+    json_paths = [os.path.join(dataset_dir(cfg.dataset), f"{split}.json") for split in splits]
     for path in json_paths:
         if not os.path.isfile(path):
-            raise SystemExit(f"error: no {path}: prepare the dataset first (python data/{cfg.dataset}/prepare.py)")
+            how = f"python data/{cfg.dataset}/prepare.py" if os.sep not in cfg.dataset else "see data/*/prepare.py"
+            raise SystemExit(f"error: no {path}: prepare the dataset first ({how})")
     sizes = dict(scales=cfg.train_scales, max_size=cfg.max_size, crop_scales=cfg.crop_scales,
                  crop_size=cfg.crop_size, val_scale=cfg.val_scale)
-    train_set = DetectionDataset(json_paths[0], make_transforms(True, **sizes), cfg.keep_difficult)
-    val_set = DetectionDataset(json_paths[1], make_transforms(False, **sizes))
-    classes = train_set.classes
+    val_set = DetectionDataset(json_paths[-1], make_transforms(False, **sizes))
+    train_set = None if cfg.eval_only else DetectionDataset(json_paths[0], make_transforms(True, **sizes), cfg.keep_difficult)
+    if train_set is not None and train_set.classes != val_set.classes:
+        raise SystemExit(f"error: {json_paths[0]} and {json_paths[1]} have different classes")
+    classes = val_set.classes
 
     # model
     iter_num, best_val, checkpoint = 0, -math.inf, None
@@ -725,12 +865,21 @@ def train(config):
     if cfg.init_from == "resume":
         if not os.path.isfile(ckpt_path):
             raise SystemExit(f"error: init_from='resume' but there is no {ckpt_path}")
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint_file(ckpt_path)
+        missing = [k for k in ("model", "optimizer", "model_args", "iter_num", "best_val", "classes", "rng") if k not in checkpoint]
+        if missing:
+            raise SystemExit(f"error: {ckpt_path} is not a minidetr training checkpoint (no '{missing[0]}')")
         if checkpoint["classes"] != classes:
             raise SystemExit(f"error: {ckpt_path} was trained on classes {checkpoint['classes']}, not {classes}")
-        model = DETR(**checkpoint["model_args"])
-        model.load_state_dict(checkpoint["model"])
+        try:
+            model = DETR(**checkpoint["model_args"])
+            model.load_state_dict(checkpoint["model"])
+        except (TypeError, ValueError, RuntimeError) as e:
+            detail = [line.strip() for line in str(e).strip().splitlines()][-1][:300]
+            raise SystemExit(f"error: {ckpt_path}: its weights do not make a model ({detail})")
         iter_num, best_val = checkpoint["iter_num"], checkpoint["best_val"]
+        if iter_num >= cfg.max_iters and not cfg.eval_only:
+            raise SystemExit(f"error: {ckpt_path} is already at iteration {iter_num}; raise max_iters={cfg.max_iters} to go on")
     elif cfg.init_from == "scratch":
         model = DETR(
             len(classes), backbone=cfg.backbone, pretrained_backbone=cfg.pretrained_backbone, dilation=cfg.dilation,
@@ -742,7 +891,15 @@ def train(config):
         )
     else:  # fine-tune an official checkpoint: everything but the class head, which gets the dataset's classes
         model = DETR.from_pretrained(cfg.init_from, dropout=cfg.dropout, trainable_layers=trainable_layers)
-        model.class_head = nn.Linear(model.class_head.in_features, len(classes) + 1)
+        class_head = nn.Linear(model.class_head.in_features, len(classes) + 1)
+        coco_names = [name.lower() for name in COCO_CLASSES]
+        if model.num_classes == 91 and all(c.lower() in coco_names for c in classes):
+            # COCO's classes (or some of them): each keeps the official head's row of its name, "no object"
+            # its own, so that the official model evaluates on COCO exactly as published
+            rows = torch.tensor([coco_names.index(c.lower()) for c in classes] + [model.num_classes])
+            class_head.load_state_dict({"weight": model.class_head.weight[rows], "bias": model.class_head.bias[rows]})
+            print(f"class head: the official model's rows for {len(classes)} COCO classes")
+        model.class_head = class_head
         model.num_classes = model.config["num_classes"] = len(classes)
     model.to(device)
     if "cuda" in device:  # NHWC convolutions run on tensor cores without layout transposes
@@ -805,10 +962,10 @@ def train(config):
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         n_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-        print(f"{cfg.dataset}: {len(train_set)} train / {len(val_set)} val images, {len(classes)} classes; "
+        print(f"{cfg.dataset}: {len(train_set) if train_set else 0} train / {len(val_set)} val images, {len(classes)} classes; "
               f"model {n_params / 1e6:.2f}M trainable parameters; {device}, {cfg.dtype}, world size {world_size}")
     if cfg.eval_only:
-        metrics = evaluate(eval_model, val_set, cfg, device, rank, world_size)
+        metrics = evaluate(eval_model, val_set, cfg, device, rank, world_size, cfg.save_detections)
         if master:
             print(json.dumps(metrics))
         return raw_model, metrics

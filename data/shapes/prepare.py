@@ -127,5 +127,10 @@ if __name__ == "__main__":
         key, _, value = arg.removeprefix("--").partition("=")
         if key not in ("out_dir", "num_train", "num_val", "image_size", "seed", "workers"):
             sys.exit(f"error: unknown flag --{key}")
-        globals()[key] = value if key == "out_dir" else int(value)
+        try:
+            globals()[key] = value if key == "out_dir" else int(value)
+        except ValueError:
+            sys.exit(f"error: --{key}={value} should be an integer")
+    if num_train < 0 or num_val < 0 or image_size < 32 or workers < 1:
+        sys.exit("error: --num_train and --num_val must be >= 0, --image_size >= 32, --workers >= 1")
     main()

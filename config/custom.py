@@ -1,0 +1,35 @@
+# Your own data: a COCO-format export (CVAT, Label Studio, Roboflow, makesense, ...) fine-tuned from
+# the official DETR-R50. Copy this file, set dataset, and check the step counts below.
+#   python data/coco/prepare.py --ann=export/train.json --images=export/images --out_dir=data/mine --split=train
+#   python data/coco/prepare.py --ann=export/val.json --images=export/images --out_dir=data/mine --split=val
+#   python train.py config/custom.py
+#   python sample.py --ckpt=out-custom/best.pt --images=export/images
+out_dir = "out-custom"
+dataset = "mine"  # data/mine/train.json and val.json, as written above
+# Fine-tune rather than train from scratch. DETR from scratch needs hundreds of epochs of COCO's 118k
+# images (the paper: 500); on a few thousand images it sits on its early plateau, every query giving
+# the same box (facebookresearch/detr #125, #202). Below ~10k images start from the COCO model: it
+# already finds objects, and only its class head is new (classes named as COCO's keep their rows).
+init_from = "detr-r50"
+# the paper's rates: the transformer at 1e-4, the pretrained backbone at a tenth of it
+learning_rate = 1e-4
+lr_backbone = 1e-5
+# ~50 epochs, the rates dropped by 10 for the last third. Set for 1,000 training images at batch 4
+# (250 steps an epoch): scale max_iters, lr_drop and eval_interval with your image count.
+batch_size = 4
+max_iters = 12_500
+lr_drop = 8_500
+eval_interval = 1_250  # every 5 epochs; best.pt keeps the best val mAP
+log_interval = 50
+best_metric = "mAP"  # COCO AP; mAP50 if your boxes are loose or your objects tiny
+# smaller images than the paper's (shorter side 480-800, at most 1333) fit a 16 GB GPU at batch 4
+train_scales = [480, 512, 544, 576, 608, 640]
+max_size = 1000
+crop_scales = [400, 500, 600]
+crop_size = (384, 600)
+val_scale = 640
+# The faster-convergence additions (config/shapes.py, detr.py "Additions beyond the paper") change
+# the architecture, so they cannot start from the official weights. Without a download, or for data
+# unlike COCO's photos, train from scratch with them on instead: init_from = "scratch",
+# pretrained_backbone = True, anchor_queries = True, encoder_proposals = True, denoising_groups = 3,
+# query_groups = 3, and feature_stride = 16 for images under ~300 pixels.
