@@ -7,9 +7,14 @@ to (paper Fig. 6), what the encoder attends to from a few pixels (paper Fig. 3),
     python sample.py --ckpt=detr-r50 --images=street.jpg              # the official COCO model
     python sample.py --log=out-shapes/log.jsonl                       # training curves (needs matplotlib)
     python sample.py --ckpt=out-shapes/ckpt.pt --weights              # weight histograms (needs matplotlib)
+    python sample.py --ckpt=detr-r50 --images=photos/ --json=detections.json   # detections as data
 
 One PNG per image goes to out_dir (<name>.png; with --attention also <name>_attention.png); --log
-writes out_dir/curves.png, --weights out_dir/weights.png.
+writes out_dir/curves.png, --weights out_dir/weights.png. --json draws nothing: it runs batched
+inference over every image of --images and writes one COCO results record per detection above
+--threshold (or the --top_k best per image): image_id (the image's index in sorted order),
+file_name (relative to --images), category_id (the dataset's own ids where the checkpoint has them;
+COCO's for the official models), bbox [x, y, w, h] in the original image's pixels, and score.
 """
 
 import json
@@ -33,6 +38,9 @@ out_dir = "samples"
 device = "cpu"
 threshold = 0.7  # keep detections whose class probability is above this
 max_images = 8
+json_path = ""  # --json=PATH: write the detections of every image of --images to PATH instead of drawing
+top_k = 0  # with --json: keep the top_k detections per image instead of those above threshold
+batch_size = 8  # with --json: images per forward pass
 attention = False  # also draw the attention maps of every kept detection
 num_pixels = 4  # encoder self-attention is shown from this many pixels (the centres of detections)
 log = ""  # a log.jsonl: draw its training curves instead of sampling
@@ -60,6 +68,7 @@ def load_model(path):
     try:
         model = DETR(**checkpoint["model_args"])
         model.load_state_dict(checkpoint["model"])
+        model.category_ids = checkpoint.get("category_ids")  # the dataset's own ids, for --json
     except (TypeError, ValueError, RuntimeError) as e:
         raise LoadError(f"{path}: weights do not fit the model ({str(e).strip().splitlines()[-1].strip()[:300]})") from None
     val_json = os.path.join(train.dataset_dir(config["dataset"]), f"{config['val_split']}.json")
@@ -83,6 +92,65 @@ def image_paths(images, val_json, classes):
     if not os.path.isfile(images):
         raise SystemExit(f"error: no image or folder at {images}")
     return [images]
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files -> (image (3, h, w) normalised, {orig_size, index}); None for a file that cannot be
+    decoded (logged, then dropped by the collate)."""
+
+    def __init__(self, paths, transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            with Image.open(self.paths[i]) as im:
+                pixels = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+        except (OSError, SyntaxError, ValueError) as e:
+            print(f"skip: cannot decode {self.paths[i]} ({type(e).__name__})", file=sys.stderr)
+            return None
+        return self.transform(pixels).float(), {"orig_size": torch.tensor(pixels.shape[-2:]), "index": i}
+
+
+def collate_readable(batch):
+    """train.collate over the images that could be read; None when none could."""
+    batch = [b for b in batch if b is not None]
+    return train.collate(batch) if batch else None
+
+
+def detect(model, category_ids, val_scale, max_size, paths, root, out_path):
+    """Batched inference over paths; writes the kept detections as COCO results records (see the
+    docstring) to out_path and returns them."""
+    from tqdm import tqdm
+
+    transform = train.make_transforms(False, [val_scale], max_size, [val_scale], (1, 1), val_scale)
+    loader = torch.utils.data.DataLoader(
+        ImageFiles(paths, transform), batch_size=batch_size, num_workers=min(4, os.cpu_count() or 1),
+        collate_fn=collate_readable)
+    model.to(device).eval()
+    records, read = [], 0
+    for batch in tqdm(loader, desc="detect", unit="batch", disable=len(paths) < 2 * batch_size):
+        if batch is None:
+            continue
+        pixels, mask, targets = batch
+        with torch.no_grad():
+            outputs = model(pixels.to(device), None if mask is None else mask.to(device))
+        results = postprocess(outputs, torch.stack([t["orig_size"] for t in targets]))
+        for target, result in zip(targets, results):
+            result = {k: v.cpu() for k, v in result.items()}
+            keep = result["scores"].argsort(descending=True)[:top_k] if top_k else result["scores"] > threshold
+            i = target["index"]
+            for record in train.coco_results([{k: v[keep] for k, v in result.items()}], [i], category_ids):
+                records.append({"image_id": i, "file_name": os.path.relpath(paths[i], root), **record})
+            read += 1
+    if not read:
+        raise SystemExit(f"error: none of the {len(paths)} images could be read")
+    with open(out_path, "w") as f:
+        json.dump(records, f)
+    print(f"{len(records)} detections of {read} images -> {out_path}")
+    return records
 
 
 def class_colour(label):
@@ -269,10 +337,18 @@ def main():
         return
     try:
         model, classes, val_scale, max_size, val_json = load_model(ckpt)
+        category_ids = getattr(model, "category_ids", None)
     except LoadError as e:
         raise SystemExit(f"error: {e}")
     if weights:
         plot_weights(model, os.path.join(out_dir, "weights.png"))
+        return
+    if json_path:
+        if not images:
+            raise SystemExit("error: --json needs --images=DIR (or one image file)")
+        paths = image_paths(images, None, classes)
+        root = images if os.path.isdir(images) else os.path.dirname(images)
+        detect(model, category_ids, val_scale, max_size, paths, root, json_path)
         return
     sample(model, classes, val_scale, max_size, image_paths(images, val_json, classes))
 
@@ -280,14 +356,17 @@ def main():
 if __name__ == "__main__":
     for arg in sys.argv[1:]:
         key, _, value = arg.removeprefix("--").partition("=")
+        key = "json_path" if key == "json" else key  # the json module keeps its name
         if key not in ("ckpt", "images", "out_dir", "device", "threshold", "max_images", "attention", "num_pixels", "log",
-                       "weights"):
+                       "weights", "json_path", "top_k", "batch_size"):
             sys.exit(f"error: unknown flag --{key}")
         default = globals()[key]
         try:
             globals()[key] = (value != "False") if isinstance(default, bool) else type(default)(value)
         except ValueError:
             sys.exit(f"error: --{key}={value} should be a {type(default).__name__}")
-    if not 0 <= threshold <= 1 or max_images < 1 or num_pixels < 1:
-        sys.exit("error: --threshold must be in [0, 1], --max_images and --num_pixels >= 1")
+    if not 0 <= threshold <= 1 or max_images < 1 or num_pixels < 1 or top_k < 0 or batch_size < 1:
+        sys.exit("error: --threshold must be in [0, 1], --max_images, --num_pixels and --batch_size >= 1, --top_k >= 0")
+    if json_path and not os.path.isdir(os.path.dirname(os.path.abspath(json_path))):
+        sys.exit(f"error: no folder for --json={json_path}")
     main()

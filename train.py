@@ -942,6 +942,7 @@ def train(config):
             ckpt = {
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": raw_model.config,
                 "iter_num": iter_num, "best_val": best_val, "config": config, "classes": classes, "rng": rng,
+                "category_ids": val_set.category_ids,
             }
             save_checkpoint(ckpt, ckpt_path)
             if improved:

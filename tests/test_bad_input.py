@@ -115,6 +115,12 @@ def inputs(tmp_path_factory):
         "coco no flags": coco,
         "voc not a devkit": [sys.executable, "data/voc/prepare.py", f"--voc_root={t}"],
         "shapes bad count": [sys.executable, "data/shapes/prepare.py", "--num_train=many", f"--out_dir={t}/sh"],
+        # sample.py --json and export.py
+        "json of nothing readable": [*sample, f"--ckpt={real}", f"--images={t}/unreadable", f"--json={t}/d.json"],
+        "json into no folder": [*sample, f"--ckpt={real}", f"--images={t}/unreadable", f"--json={t}/no/d.json"],
+        "export images too small": [sys.executable, "export.py", f"--ckpt={real}", "--sizes=16x16", f"--out={t}/m.onnx"],
+        "export not a DETR": [sys.executable, "export.py", f"--ckpt={t}/not_detr.pt", f"--out={t}/m.onnx"],
+        "export garbage": [sys.executable, "export.py", f"--ckpt={t}/garbage.pt", f"--out={t}/m.onnx"],
     }
 
 
@@ -127,7 +133,8 @@ CASES = [
     "resume with nothing there", "init_from missing file", "init_from garbage", "init_from not a DETR",
     "sample garbage checkpoint", "sample truncated checkpoint", "sample nothing readable", "sample no images there",
     "sample bad threshold", "coco truncated json", "coco json not COCO", "coco missing json", "coco no flags",
-    "voc not a devkit", "shapes bad count",
+    "voc not a devkit", "shapes bad count", "json of nothing readable", "json into no folder", "export images too small",
+    "export not a DETR", "export garbage",
 ]
 
 

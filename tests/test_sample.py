@@ -127,3 +127,29 @@ def test_bad_input_gives_one_line(sample, tmp_path, capsys):
     assert [p.rsplit("/", 1)[1] for p in written] == ["fine.png"]
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "broken.jpg" in err[0]
+
+
+def test_json_boxes_are_the_drawn_ones_in_original_pixels(sample, tmp_path, capfd):
+    model = fixed_box_model()
+    torch.save({"model": model.state_dict(), "model_args": model.config, "classes": ["a", "b", "c"],
+                "category_ids": [10, 20, 30], "config": {"dataset": "nowhere", "val_split": "val", "val_scale": 64,
+                                                         "max_size": 200}}, tmp_path / "ckpt.pt")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (96, 64)).save(folder / "a.png")  # batched with the next: padded, as in a real folder
+    Image.new("RGB", (80, 50)).save(folder / "b.png")
+    (folder / "c.jpg").write_bytes(b"no image")
+    model, classes, val_scale, max_size, _ = sample.load_model(str(tmp_path / "ckpt.pt"))
+    paths = sample.image_paths(str(folder), None, classes)
+    sample.batch_size, sample.top_k = 2, 0
+    records = sample.detect(model, model.category_ids, val_scale, max_size, paths, str(folder), str(tmp_path / "d.json"))
+    assert records == json.loads((tmp_path / "d.json").read_text())
+    assert "skip: cannot decode" in capfd.readouterr().err  # logged by a loader worker
+    by_file = {r["file_name"]: r for r in records}
+    assert len(records) == 2 * 3 and set(by_file) == {"a.png", "b.png"}
+    # the drawn rectangle (test above): x 24..72, y 24..40 of 96x64; the same box on 80x50
+    assert by_file["a.png"]["bbox"] == pytest.approx([24, 24, 48, 16], abs=1e-3)
+    assert by_file["b.png"]["bbox"] == pytest.approx([20, 18.75, 40, 12.5], abs=1e-3)
+    assert {r["category_id"] for r in records} == {20} and {r["image_id"] for r in records} == {0, 1}
+    sample.top_k = 1
+    assert len(sample.detect(model, None, val_scale, max_size, paths, str(folder), str(tmp_path / "e.json"))) == 2
