@@ -20,6 +20,7 @@ TorchScript exporter is not used. Needs the optional export packages:
 import logging
 import os
 import sys
+import time
 import warnings
 
 import torch
@@ -91,6 +92,24 @@ def compare(model, path, batches):
     return worst
 
 
+def latency(model, path, size, runs=5):
+    """Median seconds of one forward pass of a (1, 3, H, W) image: PyTorch eager, then onnxruntime."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    images, mask = torch.randn(1, 3, *size), torch.zeros(1, *size, dtype=torch.bool)
+    timings = []
+    for run in (lambda: model(images, mask), lambda: session.run(None, {"images": images.numpy(), "mask": mask.numpy()})):
+        seconds = []
+        for _ in range(runs + 1):  # the first is a warm-up
+            start = time.perf_counter()
+            with torch.no_grad():
+                run()
+            seconds.append(time.perf_counter() - start)
+        timings.append(sorted(seconds[1:])[runs // 2])
+    return timings
+
+
 def main():
     try:
         import onnx  # noqa: F401  (the exporter needs it)
@@ -121,6 +140,9 @@ def main():
     logits, boxes = compare(model, out, check_inputs(check_sizes, stride))
     print(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB); onnxruntime vs PyTorch on {sizes} "
           f"(one image padded): max |diff| logits {logits:.2e}, boxes {boxes:.2e}")
+    eager, ort = latency(model.eval(), out, check_sizes[0])
+    print(f"latency of one {check_sizes[0][0]}x{check_sizes[0][1]} image on {torch.get_num_threads()} threads: "
+          f"PyTorch eager {eager * 1000:.0f} ms, onnxruntime {ort * 1000:.0f} ms")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -130,7 +131,7 @@ def detect(model, category_ids, val_scale, max_size, paths, root, out_path):
         ImageFiles(paths, transform), batch_size=batch_size, num_workers=min(4, os.cpu_count() or 1),
         collate_fn=collate_readable)
     model.to(device).eval()
-    records, read = [], 0
+    records, read, start = [], 0, time.perf_counter()
     for batch in tqdm(loader, desc="detect", unit="batch", disable=len(paths) < 2 * batch_size):
         if batch is None:
             continue
@@ -149,7 +150,7 @@ def detect(model, category_ids, val_scale, max_size, paths, root, out_path):
         raise SystemExit(f"error: none of the {len(paths)} images could be read")
     with open(out_path, "w") as f:
         json.dump(records, f)
-    print(f"{len(records)} detections of {read} images -> {out_path}")
+    print(f"{len(records)} detections of {read} images ({read / (time.perf_counter() - start):.1f} images/s) -> {out_path}")
     return records
 
 
@@ -304,11 +305,7 @@ def plot_log(log_path, out_path):
             ax.legend(fontsize=7)
             if log_scale:
                 ax.set_yscale("log")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    fig.savefig(out_path, dpi=80)
-    print(f"{len(records)} log records -> {out_path}")
-    return out_path
+    return save_figure(fig, out_path, f"{len(records)} log records")
 
 
 def plot_weights(model, out_path):
@@ -324,10 +321,14 @@ def plot_weights(model, out_path):
         ax.set_title(f"{name}: {values.size:,} weights, std {values.std():.3g}", fontsize=9)
     for ax in axes.flat[len(named) :]:
         ax.axis("off")
+    return save_figure(fig, out_path, f"{len(named)} parts")
+
+
+def save_figure(fig, out_path, what):
     fig.tight_layout()
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     fig.savefig(out_path, dpi=80)
-    print(f"{len(named)} parts -> {out_path}")
+    print(f"{what} -> {out_path}")
     return out_path
 
 

@@ -647,9 +647,11 @@ def get_config(argv):
                 elif not key.startswith("_") and isinstance(value, (bool, int, float, str, list, tuple)):
                     raise SystemExit(f"error: {arg} sets '{key}', which is not a config key")
             continue
-        key, _, value = arg[2:].partition("=")
+        key, equals, value = arg[2:].partition("=")
         if key not in config:
             raise SystemExit(f"error: unknown config key --{key}")
+        if not equals and isinstance(config[key], bool):  # a bare --eval_only means True
+            value = "True"
         try:
             value = ast.literal_eval(value)
         except (ValueError, SyntaxError):

@@ -279,3 +279,10 @@ def test_fine_tune_from_an_official_checkpoint_gets_a_new_class_head(tmp_path):
     start, tuned = official.state_dict()["query_embed.weight"], ckpt["model"]["query_embed.weight"]
     assert 0 < (start - tuned).abs().max() < 1e-2
     assert torch.equal(official.state_dict()["backbone.conv1.weight"], ckpt["model"]["backbone.conv1.weight"])
+
+
+def test_config_bare_boolean_flag_and_file_then_flags_order(tmp_path):
+    (tmp_path / "c.py").write_text("batch_size = 4\neval_only = False\n")
+    config = train.get_config([str(tmp_path / "c.py"), "--eval_only", "--batch_size=6", "--learning_rate=1"])
+    assert config["eval_only"] is True and config["batch_size"] == 6 and config["learning_rate"] == 1.0
+    assert train.get_config(["--eval_only=False"])["eval_only"] is False
