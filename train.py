@@ -893,6 +893,9 @@ def train(config):
         )
     else:  # fine-tune an official checkpoint: everything but the class head, which gets the dataset's classes
         model = DETR.from_pretrained(cfg.init_from, dropout=cfg.dropout, trainable_layers=trainable_layers)
+        if cfg.anchor_queries or cfg.query_groups > 1 or cfg.feature_stride != 32:
+            print("note: the official model is the paper's DETR: anchor_queries, encoder_proposals, denoising_groups, "
+                  "query_groups and feature_stride are not used when fine-tuning it")
         class_head = nn.Linear(model.class_head.in_features, len(classes) + 1)
         coco_names = [name.lower() for name in COCO_CLASSES]
         if model.num_classes == 91 and all(c.lower() in coco_names for c in classes):

@@ -1,9 +1,19 @@
 # DETR-R50 on Pascal VOC (train: VOC2007 + VOC2012 trainval, 16,551 images; val: VOC2007 test, 4,952)
 # with the paper's recipe (§4, App. A.4) on one 80 GB GPU.
 #   python data/voc/prepare.py --voc_root=/path/to/VOCdevkit && python train.py config/voc.py
-# Fine-tuning the official COCO model instead (new class head) needs far fewer steps:
+# Fine-tuning the official COCO model instead (new class head) needs far fewer steps; the official
+# model is the paper's DETR, so the additions below are not used then:
 #   python train.py config/voc.py --init_from=detr-r50 --max_iters=13000 --lr_drop=9000
 out_dir = "out-voc"
+# DETR's convergence fixes (detr.py, "Additions beyond the paper"). Measured here on CPU only: on the
+# shapes set they take val mAP50 at 3,000 steps from 0.002 to 0.92, on 80 VOC photos from 0.52 to
+# 0.94 (config/shapes.py, config/voc_mini.py). On VOC with an ImageNet backbone the papers lead one to
+# expect the same AP in a fraction of the epochs (DN-DETR + DAB-DETR: 44.1 COCO AP in 50 epochs, where
+# DETR needs 500 for 42.0); not yet measured on a GPU here.
+anchor_queries = True
+encoder_proposals = True
+denoising_groups = 3
+query_groups = 3
 dataset = "voc"
 backbone = "resnet50"
 pretrained_backbone = True  # ImageNet weights, as the paper
