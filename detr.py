@@ -34,6 +34,9 @@ class LoadError(RuntimeError):
 # Backbone (paper §3.2 "Backbone")
 
 
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")  # torchvision ResNets the backbone can be
+
+
 class Backbone(nn.Module):
     """A torchvision ResNet up to its last stage: (B, 3, H, W) -> (B, C, H/32, W/32).
 
@@ -52,8 +55,8 @@ class Backbone(nn.Module):
     def __init__(self, name="resnet50", pretrained=False, dilation=False, trainable_layers=3, frozen_bn=True,
                  feature_stride=32):
         super().__init__()
-        if name not in ("resnet18", "resnet34", "resnet50", "resnet101"):
-            raise ValueError(f"unknown backbone '{name}': use resnet18, resnet34, resnet50 or resnet101")
+        if name not in BACKBONES:
+            raise ValueError(f"unknown backbone '{name}': use {', '.join(BACKBONES)}")
         if dilation and name in ("resnet18", "resnet34"):
             raise ValueError(f"dilation (DC5) needs a bottleneck ResNet (resnet50 or resnet101), not {name}")
         if feature_stride not in (8, 16, 32):
@@ -657,6 +660,21 @@ def official_model_args(state_dict, source):
         )
     except (KeyError, AttributeError, ValueError, TypeError) as e:
         raise LoadError(f"{source}: not an official DETR checkpoint (cannot read the architecture: {e!r})") from None
+
+
+def model_from_checkpoint(checkpoint, source):
+    """The model of a minidetr checkpoint (train.py's ckpt.pt / best.pt: model_args and model), or one
+    line (LoadError) saying why its weights do not make one."""
+    missing = [k for k in ("model", "model_args") if k not in checkpoint]
+    if missing:
+        raise LoadError(f"{source}: not a minidetr checkpoint (no '{missing[0]}')")
+    try:
+        model = DETR(**checkpoint["model_args"])
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        detail = [line.strip() for line in str(e).strip().splitlines()][-1][:300]
+        raise LoadError(f"{source}: its weights do not make a model ({detail})") from None
+    return model
 
 
 def load_checkpoint_file(path):

@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 from torchvision.utils import draw_bounding_boxes
 
 import train
-from detr import COCO_CLASSES, DETR, OFFICIAL_CHECKPOINTS, LoadError, load_checkpoint_file, parts, postprocess
+from detr import COCO_CLASSES, DETR, OFFICIAL_CHECKPOINTS, LoadError, load_checkpoint_file, model_from_checkpoint, parts, postprocess
 
 # defaults, each overridable as --key=value
 ckpt = "out-shapes/ckpt.pt"  # a minidetr checkpoint, an official one (file), or 'detr-r50' ...
@@ -66,12 +66,8 @@ def load_model(path):
     classes, config = checkpoint["classes"], checkpoint["config"]
     if checkpoint["model_args"].get("num_classes") != len(classes):
         raise LoadError(f"{path}: the model has {checkpoint['model_args'].get('num_classes')} classes but the checkpoint names {len(classes)}")
-    try:
-        model = DETR(**checkpoint["model_args"])
-        model.load_state_dict(checkpoint["model"])
-        model.category_ids = checkpoint.get("category_ids")  # the dataset's own ids, for --json
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise LoadError(f"{path}: weights do not fit the model ({str(e).strip().splitlines()[-1].strip()[:300]})") from None
+    model = model_from_checkpoint(checkpoint, path)
+    model.category_ids = checkpoint.get("category_ids")  # the dataset's own ids, for --json
     val_json = os.path.join(train.dataset_dir(config["dataset"]), f"{config['val_split']}.json")
     return model, classes, config["val_scale"], config["max_size"], val_json
 
@@ -95,6 +91,16 @@ def image_paths(images, val_json, classes):
     return [images]
 
 
+def read_image(path):
+    """(3, H, W) uint8 pixels, or None (with one logged line) for a file that cannot be decoded."""
+    try:
+        with Image.open(path) as im:
+            return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+    except (OSError, SyntaxError, ValueError) as e:
+        print(f"skip: cannot decode {path} ({type(e).__name__})", file=sys.stderr)
+        return None
+
+
 class ImageFiles(torch.utils.data.Dataset):
     """Image files -> (image (3, h, w) normalised, {orig_size, index}); None for a file that cannot be
     decoded (logged, then dropped by the collate)."""
@@ -106,11 +112,8 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        try:
-            with Image.open(self.paths[i]) as im:
-                pixels = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)  # (3, H, W) uint8
-        except (OSError, SyntaxError, ValueError) as e:
-            print(f"skip: cannot decode {self.paths[i]} ({type(e).__name__})", file=sys.stderr)
+        pixels = read_image(self.paths[i])
+        if pixels is None:
             return None
         return self.transform(pixels).float(), {"orig_size": torch.tensor(pixels.shape[-2:]), "index": i}
 
@@ -207,11 +210,8 @@ def sample(model, classes, val_scale, max_size, paths):
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for path in paths[:max_images]:
-        try:
-            with Image.open(path) as im:
-                pixels = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)  # (3, H, W) uint8
-        except (OSError, SyntaxError, ValueError) as e:
-            print(f"skip: cannot decode {path} ({type(e).__name__})", file=sys.stderr)
+        pixels = read_image(path)  # (3, H, W) uint8
+        if pixels is None:
             continue
         x = transform(pixels)
         with torch.no_grad():

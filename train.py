@@ -30,10 +30,10 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision import tv_tensors
-from torchvision.ops import box_convert, box_iou, generalized_box_iou, generalized_box_iou_loss
+from torchvision.ops import box_convert, generalized_box_iou, generalized_box_iou_loss
 from tqdm import tqdm
 
-from detr import COCO_CLASSES, DETR, LoadError, load_checkpoint_file, parts, postprocess
+from detr import BACKBONES, COCO_CLASSES, DETR, LoadError, load_checkpoint_file, model_from_checkpoint, parts, postprocess
 
 # -----------------------------------------------------------------------------
 # default config: the paper's DETR-R50 recipe (§4, App. A.4); config/*.py and --key=value override it
@@ -695,8 +695,7 @@ def check_config(c):
         ("val_scale", c["val_scale"] >= 1, ">= 1"),
         ("max_size", c["max_size"] > max([*c["train_scales"], c["val_scale"]]), "larger than every train_scale and val_scale"),
         ("pad_to", c["pad_to"] >= 1, ">= 1"),
-        ("backbone", c["backbone"] in ("resnet18", "resnet34", "resnet50", "resnet101"),
-         "resnet18, resnet34, resnet50 or resnet101"),
+        ("backbone", c["backbone"] in BACKBONES, ", ".join(BACKBONES)),
         ("trainable_layers", 0 <= c["trainable_layers"] <= 5, "0 to 5"),
         ("hidden_dim", c["hidden_dim"] >= 1 and c["num_heads"] >= 1 and c["hidden_dim"] % c["num_heads"] == 0,
          f"a multiple of num_heads={c['num_heads']} (>= 1)"),
@@ -873,12 +872,7 @@ def train(config):
             raise SystemExit(f"error: {ckpt_path} is not a minidetr training checkpoint (no '{missing[0]}')")
         if checkpoint["classes"] != classes:
             raise SystemExit(f"error: {ckpt_path} was trained on classes {checkpoint['classes']}, not {classes}")
-        try:
-            model = DETR(**checkpoint["model_args"])
-            model.load_state_dict(checkpoint["model"])
-        except (TypeError, ValueError, RuntimeError) as e:
-            detail = [line.strip() for line in str(e).strip().splitlines()][-1][:300]
-            raise SystemExit(f"error: {ckpt_path}: its weights do not make a model ({detail})")
+        model = model_from_checkpoint(checkpoint, ckpt_path)
         iter_num, best_val = checkpoint["iter_num"], checkpoint["best_val"]
         if iter_num >= cfg.max_iters and not cfg.eval_only:
             raise SystemExit(f"error: {ckpt_path} is already at iteration {iter_num}; raise max_iters={cfg.max_iters} to go on")
