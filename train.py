@@ -11,6 +11,7 @@ and set loss, mAP, and the training loop. Everything above `train()` is importab
 """
 
 import ast
+import inspect
 import json
 import math
 import os
@@ -30,10 +31,11 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision import tv_tensors
-from torchvision.ops import box_convert, generalized_box_iou, generalized_box_iou_loss
+from torchvision.ops import box_convert, box_iou, generalized_box_iou, generalized_box_iou_loss
 from tqdm import tqdm
 
-from detr import BACKBONES, COCO_CLASSES, DETR, LoadError, load_checkpoint_file, model_from_checkpoint, parts, postprocess
+from detr import (BACKBONES, COCO_CLASSES, DETR, LoadError, denoising_pairs, load_checkpoint_file, model_from_checkpoint,
+                  parts, postprocess, proposal_background_weight)
 
 # -----------------------------------------------------------------------------
 # default config: the paper's DETR-R50 recipe (§4, App. A.4); config/*.py and --key=value override it
@@ -67,6 +69,7 @@ anchor_queries = False  # DAB-DETR: queries are boxes, refined by every decoder 
 encoder_proposals = False  # two-stage: the encoder's best tokens start the queries' boxes (needs anchor_queries)
 denoising_groups = 0  # DN-DETR: this many noised copies of the ground truth as extra queries (needs anchor_queries)
 query_groups = 1  # Group DETR: this many groups of queries in training, each matched one-to-one
+conditional_cross_attn = False  # Conditional DETR / DAB-DETR: a spatial query from each box in cross-attention (needs anchor_queries)
 # loss (paper §3.1 and App. A.1): matching costs and loss weights are the same numbers
 cost_class = 1.0
 cost_bbox = 5.0
@@ -362,9 +365,11 @@ class SetCriterion(nn.Module):
     gradient accumulation gives exactly the gradients of one big batch.
 
     The additions (detr.py) add their own terms, each normalised by num_boxes so that accumulation
-    stays exact: loss_*_enc for the encoder proposals (every token matched), loss_*_dn for the
-    denoising queries (each reconstructs its own object, every layer), and with query_groups each
-    group is matched on its own and the groups' losses are averaged (Group DETR)."""
+    stays exact and none grows with the image: loss_*_enc for the encoder proposals (every valid
+    token matched; the unmatched ones' "no object" weighted by proposal_background_weight),
+    loss_*_dn for the denoising queries (each reconstructs its own object, every layer; padding in
+    no loss), and with query_groups each group is matched on its own and the groups' losses are
+    averaged (Group DETR)."""
 
     def __init__(self, num_classes, matcher, eos_coef=0.1, weight_ce=1.0, weight_bbox=5.0, weight_giou=2.0,
                  query_groups=1):
@@ -401,13 +406,14 @@ class SetCriterion(nn.Module):
             enc = outputs["enc_outputs"]
             enc_logits, enc_boxes = enc["pred_logits"][None].float(), enc["pred_boxes"][None].float()
             enc_indices = self.matcher({"pred_logits": enc_logits, "pred_boxes": enc_boxes, "valid": enc["valid"]}, targets)
-            parts["_enc"] = tuple(s / num_boxes for s in self.summed_losses(enc_logits, enc_boxes, targets, enc_indices))
+            parts["_enc"] = tuple(s / num_boxes for s in self.summed_losses(
+                enc_logits, enc_boxes, targets, enc_indices, proposal_background_weight(targets, enc["valid"])))
         if "dn_outputs" in outputs:  # denoising queries (detr.py, addition 3): query g * n + j is a copy of target j
             dn = outputs["dn_outputs"]
             groups, n = dn["groups"], dn["pred_logits"].shape[2] // dn["groups"]
-            per_image = [(torch.cat([torch.arange(len(t["labels"])) + g * n for g in range(groups)]),
-                          torch.arange(len(t["labels"])).repeat(groups)) for t in targets]
-            sums = self.summed_losses(dn["pred_logits"].float(), dn["pred_boxes"].float(), targets, [per_image] * L)
+            no_padding = torch.zeros(B, groups * n, device=logits.device)  # every real query is matched: the rest is padding
+            sums = self.summed_losses(dn["pred_logits"].float(), dn["pred_boxes"].float(), targets,
+                                      [denoising_pairs(targets, groups, n)] * L, no_padding)
             parts["_dn"] = tuple(s / (groups * num_boxes) for s in sums)
 
         total = sum((self.weight_ce * ce + self.weight_bbox * l1 + self.weight_giou * giou).sum()
@@ -423,10 +429,12 @@ class SetCriterion(nn.Module):
                     losses["loss_giou" + suffix] = loss_giou[layer]
         return losses
 
-    def summed_losses(self, logits, boxes, targets, indices):
+    def summed_losses(self, logits, boxes, targets, indices, no_object_weight=None):
         """Per layer (L,): the class-weighted cross-entropy summed over every query (the unmatched ones
         target "no object"), and L1 and GIoU summed over the matched pairs. logits (L, B, Q, K+1),
-        boxes (L, B, Q, 4); indices: per layer, per image, a (pred_idx, tgt_idx) pair."""
+        boxes (L, B, Q, 4); indices: per layer, per image, a (pred_idx, tgt_idx) pair.
+        no_object_weight (B, Q): the additions' own weight of each unmatched query's cross-entropy
+        (0 for padding) in place of eos_coef."""
         L, B, Q = logits.shape[:3]
         # which (layer, image, query) is matched to which target
         layer_idx = torch.cat([torch.full_like(p, layer) for layer, per_image in enumerate(indices) for p, _ in per_image])
@@ -439,7 +447,11 @@ class SetCriterion(nn.Module):
 
         target_classes = torch.full((L, B, Q), self.num_classes, dtype=torch.int64, device=device)  # "no object"
         target_classes[layer_idx, image_idx, query_idx] = tgt_labels.to(device)
-        ce = F.cross_entropy(logits.flatten(0, 2), target_classes.flatten(), self.class_weight, reduction="none")
+        if no_object_weight is None:
+            ce = F.cross_entropy(logits.flatten(0, 2), target_classes.flatten(), self.class_weight, reduction="none")
+        else:
+            ce = F.cross_entropy(logits.flatten(0, 2), target_classes.flatten(), reduction="none").view(L, B, Q)
+            ce = ce * torch.where(target_classes == self.num_classes, no_object_weight.to(ce.dtype), 1.0)
 
         src_boxes = boxes[layer_idx, image_idx, query_idx]  # (M, 4)
         tgt_boxes = tgt_boxes.to(device).float()
@@ -706,6 +718,8 @@ def check_config(c):
         ("feature_stride", c["feature_stride"] in (8, 16, 32), "8, 16 or 32"),
         ("denoising_groups", c["denoising_groups"] >= 0, ">= 0"),
         ("query_groups", c["query_groups"] >= 1, ">= 1"),
+        ("anchor_queries", c["anchor_queries"] or not (c["encoder_proposals"] or c["denoising_groups"] or c["conditional_cross_attn"]),
+         "True for encoder_proposals, denoising_groups or conditional_cross_attn (their queries are boxes)"),
         ("dtype", c["dtype"] in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
         ("best_metric", c["best_metric"] in ("mAP50", "mAP50_07", "mAP", "mAP75"), "mAP50, mAP50_07, mAP or mAP75"),
         ("dataset", c["dataset"] != "", "a prepared dataset's name or folder"),
@@ -717,6 +731,18 @@ def check_config(c):
     for key, ok, want in rules:
         if not ok:
             raise SystemExit(f"error: {key}={c[key]!r} must be {want}")
+
+
+def new_model(config, num_classes, trainable_layers):
+    """A DETR from scratch with the config's model keys (they are named as DETR's arguments)."""
+    args = {k: config[k] for k in inspect.signature(DETR).parameters if k in config}
+    return DETR(num_classes, **{**args, "trainable_layers": trainable_layers})
+
+
+def new_criterion(config, num_classes, query_groups):
+    """The set loss with the config's costs, which are also the loss weights (paper App. A.1)."""
+    matcher = HungarianMatcher(config["cost_class"], config["cost_bbox"], config["cost_giou"])
+    return SetCriterion(num_classes, matcher, config["eos_coef"], 1.0, config["cost_bbox"], config["cost_giou"], query_groups)
 
 
 def dataset_dir(dataset):
@@ -800,15 +826,19 @@ def autocast(device, dtype):
 
 
 @torch.no_grad()
-def training_diagnostics(model, outputs):
+def training_diagnostics(model, outputs, targets, matcher):
     """What shows DETR's early plateau (logged every log_interval, drawn by sample.py --log):
     - grad_norm_<part> and weight_norm_<part> for each part of the model (detr.parts), the gradient
       before clipping;
     - query_classes: how many distinct classes ("no object" included) the queries of an image
       predict, averaged over the batch: 1 while every query says the same thing;
     - query_box_spread: the standard deviation of the predicted box centres across the queries of
-      an image (in image widths), averaged over the batch: near 0 while every query gives one box.
-    Only the first num_queries queries count (one group, no denoising queries)."""
+      an image (in image widths), averaged over the batch: near 0 while every query gives one box;
+    - iou_start, iou_layer_0 ... iou_layer_{L-1}: the mean IoU with their matched objects (the last
+      layer's matching) of the boxes the queries start from (anchors or encoder proposals) and of
+      each decoder layer's boxes: whether each layer improves on the one before;
+    - iou_dn_start, iou_dn_layer_*: the same for the denoising queries and the objects they copy.
+    Only the first num_queries queries count (one group, no denoising queries) except in iou_dn_*."""
     record = {}
     for name, params in parts(model).items():
         grads = [p.grad.float().norm() for p in params if p.grad is not None]
@@ -819,6 +849,20 @@ def training_diagnostics(model, outputs):
     record["query_classes"] = float(np.mean([len(c.unique()) for c in classes]))
     centres = outputs["pred_boxes"][:, :Q, :2].float()  # (B, Q, 2)
     record["query_box_spread"] = centres.var(1, unbiased=False).sum(-1).sqrt().mean().item()
+    layers = [o["pred_boxes"][:, :Q] for o in outputs["aux_outputs"] + [outputs]]
+    matched = matcher({"pred_logits": outputs["pred_logits"][:, :Q], "pred_boxes": layers[-1]}, targets)
+    boxes = {"start": outputs.get("start_boxes"), **{f"layer_{l}": b for l, b in enumerate(layers)}}
+    if "dn_outputs" in outputs:
+        dn = outputs["dn_outputs"]
+        dn_pairs = denoising_pairs(targets, dn["groups"], dn["pred_boxes"].shape[2] // dn["groups"])
+        boxes.update({"dn_start": dn["start_boxes"], **{f"dn_layer_{l}": b for l, b in enumerate(dn["pred_boxes"])}})
+    for name, b in boxes.items():
+        if b is not None:
+            pairs = dn_pairs if name.startswith("dn") else matched
+            pred = torch.cat([b[i, p.to(b.device)] for i, (p, _) in enumerate(pairs)]).float()
+            truth = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, pairs)]).float()
+            iou = box_iou(box_convert(pred, "cxcywh", "xyxy"), box_convert(truth, "cxcywh", "xyxy")).diagonal()
+            record[f"iou_{name}"] = iou.mean().item() if len(iou) else math.nan
     return record
 
 
@@ -877,19 +921,12 @@ def train(config):
         if iter_num >= cfg.max_iters and not cfg.eval_only:
             raise SystemExit(f"error: {ckpt_path} is already at iteration {iter_num}; raise max_iters={cfg.max_iters} to go on")
     elif cfg.init_from == "scratch":
-        model = DETR(
-            len(classes), backbone=cfg.backbone, pretrained_backbone=cfg.pretrained_backbone, dilation=cfg.dilation,
-            trainable_layers=trainable_layers, frozen_bn=cfg.frozen_bn, hidden_dim=cfg.hidden_dim,
-            num_heads=cfg.num_heads, num_encoder_layers=cfg.num_encoder_layers,
-            num_decoder_layers=cfg.num_decoder_layers, dim_feedforward=cfg.dim_feedforward, dropout=cfg.dropout,
-            num_queries=cfg.num_queries, feature_stride=cfg.feature_stride, anchor_queries=cfg.anchor_queries,
-            encoder_proposals=cfg.encoder_proposals, denoising_groups=cfg.denoising_groups, query_groups=cfg.query_groups,
-        )
+        model = new_model(config, len(classes), trainable_layers)
     else:  # fine-tune an official checkpoint: everything but the class head, which gets the dataset's classes
         model = DETR.from_pretrained(cfg.init_from, dropout=cfg.dropout, trainable_layers=trainable_layers)
         if cfg.anchor_queries or cfg.query_groups > 1 or cfg.feature_stride != 32:
             print("note: the official model is the paper's DETR: anchor_queries, encoder_proposals, denoising_groups, "
-                  "query_groups and feature_stride are not used when fine-tuning it")
+                  "query_groups, conditional_cross_attn and feature_stride are not used when fine-tuning it")
         class_head = nn.Linear(model.class_head.in_features, len(classes) + 1)
         coco_names = [name.lower() for name in COCO_CLASSES]
         if model.num_classes == 91 and all(c.lower() in coco_names for c in classes):
@@ -922,8 +959,7 @@ def train(config):
     eval_model = model  # not the DDP wrapper: its forward is a collective, and shards may differ by a batch
     if ddp:
         model = DDP(model, device_ids=[device] if "cuda" in device else None)
-    criterion = SetCriterion(len(classes), HungarianMatcher(cfg.cost_class, cfg.cost_bbox, cfg.cost_giou),
-                             cfg.eos_coef, 1.0, cfg.cost_bbox, cfg.cost_giou, raw_model.query_groups).to(device)
+    criterion = new_criterion(config, len(classes), raw_model.query_groups).to(device)
 
     def checkpoint_and_log(metrics):
         nonlocal best_val
@@ -1023,7 +1059,7 @@ def train(config):
             first_bad_iter = first_bad_iter.masked_fill(bad_now, it)
         log_now = (it + 1) % cfg.log_interval == 0
         if log_now and master:  # before clipping: what the loss asks of each part
-            diagnostics = training_diagnostics(raw_model, outputs)
+            diagnostics = training_diagnostics(raw_model, outputs, targets, criterion.matcher)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
         optimizer.step()

@@ -1,11 +1,14 @@
 """The additions beyond the paper (detr.py): each one's mechanism, and that with all of them off the
 model is exactly the paper's DETR."""
 
+import math
+
 import pytest
 import torch
 
 import detr
 import train
+from conftest import ROOT
 from detr import DETR
 
 
@@ -102,6 +105,31 @@ def test_encoder_proposals_are_matched_and_padding_never_is():
     losses = criterion(outputs, targets)
     assert losses["loss_bbox_enc"] == 0 and losses["loss_giou_enc"] < 1e-5  # two valid tokens sit on the two objects
     assert losses["loss"] > losses["loss_ce"] + 5 * losses["loss_bbox"] + 2 * losses["loss_giou"]
+    # padding tokens are in no loss: whatever they predict, the losses stay the same
+    outputs["enc_outputs"]["pred_logits"] = logits.clone().index_fill_(1, torch.tensor([0, 3]), 7.0)
+    assert all(torch.equal(v, losses[k]) for k, v in criterion(outputs, targets).items())
+
+
+def test_proposal_background_weighs_as_its_objects_at_any_token_count():
+    """The tokens that match no object target "no object"; together they weigh PROPOSAL_BACKGROUND_WEIGHT
+    times the image's objects, however many tokens the image has, so the encoder's class loss does
+    not grow with the image (a cross-entropy summed over the tokens would)."""
+    criterion = train.SetCriterion(3, train.HungarianMatcher())
+    targets = targets_of(2, 0)
+    for tokens in (16, 400):
+        valid = torch.ones(2, tokens, dtype=torch.bool)
+        valid[1, tokens // 2 :] = False  # the second image half padding
+        weight = detr.proposal_background_weight(targets, valid)
+        assert weight[0].sum() == pytest.approx(detr.PROPOSAL_BACKGROUND_WEIGHT * 2 * tokens / (tokens - 2))
+        assert weight[1].sum() == pytest.approx(detr.PROPOSAL_BACKGROUND_WEIGHT * 1)  # no objects: as one
+        assert (weight[~valid] == 0).all()
+        # every token unsure between the 3 classes and "no object": the loss is the same at both token counts
+        outputs = {"pred_logits": torch.zeros(2, 4, 4), "pred_boxes": torch.rand(2, 4, 4),
+                   "enc_outputs": {"pred_logits": torch.zeros(2, tokens, 4), "valid": valid,
+                                   "pred_boxes": torch.rand(2, tokens, 4, generator=torch.Generator().manual_seed(0))}}
+        ln4 = torch.log(torch.tensor(4.0)).item()
+        expected = (2 * ln4 + detr.PROPOSAL_BACKGROUND_WEIGHT * (2 + 1) * ln4) / 2  # objects + background, over 2 boxes
+        assert criterion(outputs, targets)["loss_ce_enc"].item() == pytest.approx(expected, rel=1e-5)
 
 
 def noiseless(monkeypatch):
@@ -145,6 +173,10 @@ def test_denoising_noise_stays_within_the_paper_bounds():
     assert 0.05 < swapped < 0.25  # labels are swapped with probability 0.2 (sometimes for the same label)
     assert allowed.shape == (2, 1, 5 + 200, 5 + 200)
     assert not allowed[:, 0, :5, 5:].any() and allowed[:, 0, 5:, :5].all()
+    # the second image has 2 objects in 4 slots: its padded slots hold no content, so no padded slot looks
+    # like a real object of some class to the decoder (DINO); the real ones all hold a label's embedding
+    content = tgt[1, 5:].view(50, 4, -1)
+    assert (content[:, 2:] == 0).all() and (content[:, :2] != 0).any(-1).all()
 
 
 def test_denoising_loss_needs_no_matching():
@@ -159,7 +191,7 @@ def test_denoising_loss_needs_no_matching():
     for b, t in enumerate(targets):
         for g in range(2):
             logits[0, b, g * 2 + torch.arange(len(t["labels"])), t["labels"]] = 20.0
-    logits[0, 1, [1, 3], 3] = 20.0  # the padding says "no object"
+    logits[0, 1, [1, 3]] = torch.tensor([20.0, -20, -20, -20])  # the padding (second image) says class 0: no matter
     outputs = {"pred_logits": torch.zeros(2, 3, 4), "pred_boxes": torch.rand(2, 3, 4),
                "dn_outputs": {"pred_logits": logits, "pred_boxes": boxes, "groups": 2}}
     losses = criterion(outputs, targets)
@@ -206,18 +238,91 @@ def test_additions_need_box_queries():
             tiny(**kwargs)
 
 
-def test_diagnostics_see_alike_queries():
+def test_diagnostics_see_alike_queries_and_how_each_layer_moves_the_boxes():
     torch.manual_seed(0)
     model = tiny(anchor_queries=True)
+    matcher = train.HungarianMatcher()
+    targets = targets_of(2, 1)
     out = model(torch.randn(2, 3, 64, 64))
     out["pred_logits"].sum().backward()
-    record = train.training_diagnostics(model, out)
+    record = train.training_diagnostics(model, out, targets, matcher)
     params = detr.parts(model)["class_head"]
     assert record["grad_norm_class_head"] == pytest.approx(torch.cat([p.grad.flatten() for p in params]).norm().item(), rel=1e-5)
     assert record["weight_norm_anchors"] > 0 and record["grad_norm_backbone"] > 0
-    same = {"pred_logits": torch.tensor([[[0.0, 1, 0, 0]] * 5] * 2), "pred_boxes": torch.full((2, 5, 4), 0.5)}
-    record = train.training_diagnostics(model, same)
+    assert {"iou_start", "iou_layer_0", "iou_layer_1", "iou_layer_2"} <= set(record)
+    same = {"pred_logits": torch.tensor([[[0.0, 1, 0, 0]] * 5] * 2), "pred_boxes": torch.full((2, 5, 4), 0.5), "aux_outputs": []}
+    record = train.training_diagnostics(model, same, targets, matcher)
     assert record["query_classes"] == 1 and record["query_box_spread"] == 0
-    apart = {"pred_logits": torch.eye(4)[[0, 1, 2, 3, 3]][None], "pred_boxes": torch.tensor([[[0.1, 0.5, 0.1, 0.1], [0.9, 0.5, 0.1, 0.1]] + [[0.5, 0.5, 0.1, 0.1]] * 3])}
-    record = train.training_diagnostics(model, apart)
+    apart = {"pred_logits": torch.eye(4)[[0, 1, 2, 3, 3]][None], "aux_outputs": [],
+             "pred_boxes": torch.tensor([[[0.1, 0.5, 0.1, 0.1], [0.9, 0.5, 0.1, 0.1]] + [[0.5, 0.5, 0.1, 0.1]] * 3])}
+    record = train.training_diagnostics(model, apart, targets[:1], matcher)
     assert record["query_classes"] == 4 and record["query_box_spread"] == pytest.approx((0.32 / 5) ** 0.5, rel=1e-5)
+    # IoU with the matched object: a query starts at half its object's width, layer 0 gets it right, layer 1
+    # makes it worse again; the denoising query starts shifted by a quarter of the width, then is exact
+    truth = {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.2]])}
+    half, right, shifted = [[0.5, 0.5, 0.2, 0.2]], [[0.5, 0.5, 0.4, 0.2]], [[0.6, 0.5, 0.4, 0.2]]
+    layer = lambda boxes: {"pred_logits": torch.eye(4)[[2]][None], "pred_boxes": torch.tensor([boxes])}
+    outputs = {**layer(shifted), "aux_outputs": [layer(right)], "start_boxes": torch.tensor([half]),
+               "dn_outputs": {"pred_boxes": torch.tensor([[right]]), "pred_logits": torch.zeros(1, 1, 1, 4),
+                              "start_boxes": torch.tensor([shifted]), "groups": 1}}
+    record = train.training_diagnostics(model, outputs, [truth], matcher)
+    assert record["iou_start"] == pytest.approx(0.5) and record["iou_layer_0"] == pytest.approx(1.0)
+    assert record["iou_layer_1"] == pytest.approx(0.3 / 0.5)  # 0.3 x 0.2 shared of 0.5 x 0.2
+    assert record["iou_dn_start"] == pytest.approx(0.6) and record["iou_dn_layer_0"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("config_file, sizes, smaller", [
+    ("config/shapes.py", (64, 256), {}),
+    # config/voc.py's additions, stride and query count on a narrower, shallower model (fast on a CPU)
+    ("config/voc.py", (384, 800), dict(backbone="resnet18", pretrained_backbone=False, hidden_dim=64, num_heads=4,
+                                       dim_feedforward=128, num_encoder_layers=1, num_decoder_layers=2)),
+])
+def test_loss_parts_keep_their_balance_at_every_image_size(config_file, sizes, smaller):
+    """Every loss part at the first step, as a ratio to the decoder's class loss, with the same weights,
+    boxes and padding at two image sizes (4x to 16x the tokens): no part may grow with the image."""
+    config = {**train.get_config([str(ROOT / config_file)]), **smaller}
+    assert config["encoder_proposals"] and config["denoising_groups"] and config["query_groups"] > 1
+    targets = [{"labels": torch.tensor([1, 4, 7]),
+                "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.6, 0.5, 0.4, 0.2], [0.7, 0.75, 0.15, 0.15]])},
+               {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.4, 0.5, 0.3, 0.3]])}]
+    ratios = []
+    for size in sizes:
+        torch.manual_seed(0)
+        model = train.new_model(config, 10, config["trainable_layers"]).train()
+        criterion = train.new_criterion(config, 10, model.query_groups)
+        # the same smooth picture at each size; the second image a quarter padding (at its right)
+        images = torch.nn.functional.interpolate(torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)),
+                                                 size=(size, size), mode="bilinear")
+        mask = torch.zeros(2, size, size, dtype=torch.bool)
+        mask[1, :, size * 3 // 4 :] = True
+        with torch.no_grad():
+            losses = criterion(model(images, mask, targets), targets)
+        assert {"loss_ce_enc", "loss_bbox_dn", "loss_giou_0"} <= set(losses)
+        ratios.append({k: v.item() / losses["loss_ce"].item() for k, v in losses.items() if k.startswith("loss_")})
+    for key in ratios[0]:
+        assert 1 / 2 < ratios[1][key] / ratios[0][key] < 2, (key, ratios[0][key], ratios[1][key])
+
+
+def test_conditional_cross_attention_looks_where_the_box_is():
+    """With the content part of layer 0's cross-attention switched off and identity spatial projections, the
+    attention logit of a query is the dot product of its box centre's sine encoding with each token's: it
+    peaks at the box centre, and a wider box (DAB-DETR's modulation: reference size / box size) looks wider."""
+    torch.manual_seed(0)
+    model = tiny(anchor_queries=True, conditional_cross_attn=True, num_decoder_layers=1, num_queries=3).eval()
+    C = 32
+    with torch.no_grad():
+        model.decoder[0].cross_attn.in_proj_weight[: 2 * C] = 0  # content queries and keys: nothing
+        for proj in (model.spatial_query_proj[0], model.spatial_key_proj[0]):
+            proj.weight.copy_(torch.eye(C))
+            proj.bias.zero_()
+        model.spatial_size_head[-1].weight.zero_()
+        model.spatial_size_head[-1].bias.fill_(math.log(0.9 / 0.1))  # reference width and height 0.9
+        # an 8x8 token grid; the feature positions count tokens from 1, so token (r, c) sits at ((c+1)/8, (r+1)/8)
+        boxes = torch.tensor([[3 / 8, 6 / 8, 0.05, 0.05], [7 / 8, 2 / 8, 0.05, 0.05], [7 / 8, 2 / 8, 0.5, 0.5]])
+        model.anchor_embed.weight.copy_(detr.inverse_sigmoid(boxes))
+    attn = model(torch.randn(1, 3, 64, 64), need_weights=True)["dec_attn"][0][0].mean(0)  # (Q, 64) over the heads
+    assert attn.argmax(-1)[:2].tolist() == [5 * 8 + 2, 1 * 8 + 6]  # (row 5, column 2) and (row 1, column 6)
+    entropy = -(attn * attn.log()).sum(-1)  # the same centre, a 10x wider box: a flatter attention
+    assert entropy[2] > entropy[1] + 0.1 and attn[1].max() > 2 * attn[2].max()
+    # and with conditional_cross_attn off the model has none of these parameters
+    assert not any("spatial" in k for k in tiny(anchor_queries=True).state_dict())

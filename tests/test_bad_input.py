@@ -79,6 +79,7 @@ def inputs(tmp_path_factory):
         "unknown backbone": [*run, "--backbone=resnet7"],
         "dropout above 1": [*run, "--dropout=1.5"],
         "heads do not divide width": [*run, "--num_heads=5"],
+        "box additions without anchor queries": [*run, "--conditional_cross_attn=True"],
         "wrong type": [*run, "--batch_size=two"],
         "unknown key": [*run, "--batch_sise=2"],
         "missing config file": [*run[:2], "config/nope.py"],
@@ -126,7 +127,7 @@ def inputs(tmp_path_factory):
 
 CASES = [
     "batch_size 0", "negative learning rate", "max_iters 0", "zero scale", "crop range reversed", "unknown backbone",
-    "dropout above 1", "heads do not divide width", "wrong type", "unknown key", "missing config file",
+    "dropout above 1", "heads do not divide width", "box additions without anchor queries", "wrong type", "unknown key", "missing config file",
     "config file that fails", "save_detections without eval_only", "unknown dataset", "truncated dataset json",
     "dataset json not a dict", "label outside the classes", "empty box", "box far outside", "labels and boxes differ",
     "other classes in train", "resume garbage", "resume truncated", "resume another model", "resume other classes",
