@@ -290,15 +290,18 @@ def plot_log(log_path, out_path):
               ("val", ["val_mAP50", "val_mAP50_07", "val_mAP"], False),
               ("gradient norm (before clipping)", [f"grad_norm_{p}" for p in model_parts], True),
               ("weight norm", [f"weight_norm_{p}" for p in model_parts], True),
-              ("queries: distinct classes, box spread x10", ["query_classes", "query_box_spread"], False)]
-    fig, axes = plt.subplots(3, 3, figsize=(15, 10))
+              ("queries: distinct classes, box spread x10", ["query_classes", "query_box_spread"], False),
+              ("matched IoU by layer (dashed: denoising)",
+               sorted(dict.fromkeys(k for r in records for k in r if k.startswith("iou_")), key=iou_order), False)]
+    fig, axes = plt.subplots(2, 5, figsize=(25, 9))
     for ax, (title, panel_keys, log_scale) in zip(axes.flat, panels):
         for key in panel_keys:
             scale = 10 if key == "query_box_spread" else 1  # spread in image widths, drawn beside a count
             points = [(r["iter"], r[key] * scale) for r in records if key in r]
             if points:
-                label = key.removeprefix("grad_norm_").removeprefix("weight_norm_")
-                ax.plot(*zip(*points), label=label, marker="o" if key.startswith("val") else None)
+                label = key.removeprefix("grad_norm_").removeprefix("weight_norm_").removeprefix("iou_")
+                ax.plot(*zip(*points), label=label, marker="o" if key.startswith("val") else None,
+                        linestyle="--" if key.startswith("iou_dn") else "-")
         ax.set_title(title)
         ax.set_xlabel("iteration")
         if ax.lines:
@@ -306,6 +309,12 @@ def plot_log(log_path, out_path):
             if log_scale:
                 ax.set_yscale("log")
     return save_figure(fig, out_path, f"{len(records)} log records")
+
+
+def iou_order(key):
+    """iou_start, iou_layer_0, iou_layer_1, ..., then the same for iou_dn_*: the order boxes are refined in."""
+    name = key.removeprefix("iou_")
+    return name.startswith("dn"), name.removeprefix("dn_") != "start", int(name.rsplit("_", 1)[-1]) if name[-1].isdigit() else -1
 
 
 def plot_weights(model, out_path):

@@ -82,16 +82,19 @@ def test_curves_png_from_a_hand_made_log(sample, tmp_path):
     path = sample.plot_log(str(tmp_path / "log.jsonl"), str(tmp_path / "curves.png"))
     image = np.asarray(Image.open(path).convert("RGB"))
     assert image.shape[0] > 300 and image.shape[1] > 600 and image.std() > 10  # a drawn figure, not blank
-    # the diagnostics panels (bottom row) are empty without diagnostics, and drawn with them
-    bottom = image[2 * image.shape[0] // 3 :]
+    # the four diagnostics panels (the bottom row's last four) are empty without diagnostics, and drawn with them
+    bottom = image[image.shape[0] // 2 :]
     for r in records[:-1]:
         r.update(grad_norm_backbone=1 / r["iter"], grad_norm_class_head=2.0, weight_norm_backbone=50 + r["iter"],
-                 weight_norm_class_head=3.0, query_classes=1 + r["iter"] % 3, query_box_spread=0.01 * r["iter"])
+                 weight_norm_class_head=3.0, query_classes=1 + r["iter"] % 3, query_box_spread=0.01 * r["iter"],
+                 iou_start=0.3, iou_layer_0=0.4 + 0.01 * r["iter"], iou_dn_start=0.5, iou_dn_layer_0=0.6)
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     drawn = np.asarray(Image.open(sample.plot_log(str(tmp_path / "log.jsonl"), str(tmp_path / "curves.png"))).convert("RGB"))
-    changed = (drawn[2 * drawn.shape[0] // 3 :] != bottom).any(-1)  # (rows, columns) of pixels that differ
-    for third in np.array_split(changed, 3, axis=1):  # each of the three diagnostics panels got drawn
-        assert third.mean() > 0.01
+    changed = (drawn[drawn.shape[0] // 2 :] != bottom).any(-1)  # (rows, columns) of pixels that differ
+    for fifth in np.array_split(changed, 5, axis=1)[1:]:  # each of the four diagnostics panels got drawn
+        assert fifth.mean() > 0.01
+    keys = ["iou_dn_layer_0", "iou_layer_1", "iou_dn_start", "iou_layer_0", "iou_start"]
+    assert sorted(keys, key=sample.iou_order) == ["iou_start", "iou_layer_0", "iou_layer_1", "iou_dn_start", "iou_dn_layer_0"]
 
 
 def test_weight_histograms_one_panel_per_part(sample, tmp_path, capsys):
