@@ -29,11 +29,14 @@ val_scale = 64
 pad_to = 32
 feature_stride = 8
 # DETR's convergence fixes (detr.py, "Additions beyond the paper"): together they take val mAP50 at
-# ten CPU minutes from ~0.0 (vanilla DETR, same model and steps) to ~0.9; see the README's ablation
+# ten CPU minutes from ~0.0 (vanilla DETR, same model and steps) to ~0.9; see the README's ablation.
+# conditional_cross_attn is what lets the decoder move its boxes: with it the denoising queries end at
+# IoU 0.78 with their objects, from 0.60 noised (0.63 without it)
 anchor_queries = True
 encoder_proposals = True
 denoising_groups = 3
 query_groups = 3
+conditional_cross_attn = True
 # with the dense supervision above a from-scratch backbone takes 5x the paper's rate (2e-3 diverged)
 learning_rate = 1e-3
 lr_backbone = 1e-3
