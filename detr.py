@@ -607,7 +607,8 @@ def add_denoising_queries(model, targets, tgt, boxes, self_attn_mask):
     allowed[Q:, Q:] = group[:, None] == group[None, :]  # each denoising group sees only itself (and the real queries)
     allowed = allowed[None].repeat(B, 1, 1)
     allowed[:, :, Q:] &= real[:, None, :]  # padded queries are keys to nobody ...
-    allowed[:, torch.arange(Q, Q + D), torch.arange(Q, Q + D)] = True  # ... but themselves
+    own = torch.arange(Q, Q + D, device=device)  # made on the device: a CPU index would be a host copy each step
+    allowed[:, own, own] = True  # ... but themselves
     tgt = torch.cat([tgt, model.label_embed(labels) * real[..., None]], dim=1)  # padding: no content (DINO)
     boxes = torch.cat([boxes, noised], dim=1)
     return tgt, boxes, allowed[:, None]

@@ -320,9 +320,38 @@ class HungarianMatcher(nn.Module):
         matched (padding). Returns per image a (pred_idx, tgt_idx) pair of LongTensors, or a list of
         those per layer when a layer dimension was given. groups > 1 (Group DETR): the queries are
         that many equal groups, each matched on its own; an image's pairs of every group come together."""
+        return self.match_sets([(outputs, groups)], targets)[0]
+
+    @torch.no_grad()
+    def match_sets(self, sets, targets):
+        """forward for several (outputs, groups) at once, e.g. the decoder's and the encoder proposals':
+        their costs reach the host in one copy, the step's one host sync. Returns their results."""
+        costs = [self.cost(outputs, targets) for outputs, _ in sets]  # (L, B, Q, T) each
+        host = torch.cat([c.flatten() for c in costs]).cpu().numpy()
+        if not np.isfinite(host).all():
+            raise FloatingPointError("the model's outputs are not finite")
+        bounds = np.cumsum([0] + [c.numel() for c in costs])
+        split = np.cumsum([len(t["labels"]) for t in targets])[:-1]
+        results = []
+        for (outputs, groups), c, lo, hi in zip(sets, costs, bounds[:-1], bounds[1:]):
+            L, B, Q, _ = c.shape
+            n = Q // groups
+            indices = []
+            for layer in host[lo:hi].reshape(c.shape):
+                per_image = []
+                for b, cb in enumerate(np.split(layer, split, axis=-1)):  # cb[b]: (Q, b's targets)
+                    pairs = [linear_sum_assignment(cb[b, g * n : (g + 1) * n]) for g in range(groups)]
+                    pred = np.concatenate([p + g * n for g, (p, _) in enumerate(pairs)])
+                    tgt = np.concatenate([t for _, t in pairs])
+                    per_image.append((torch.as_tensor(pred, dtype=torch.int64), torch.as_tensor(tgt, dtype=torch.int64)))
+                indices.append(per_image)
+            results.append(indices if outputs["pred_logits"].dim() == 4 else indices[0])
+        return results
+
+    def cost(self, outputs, targets):
+        """(L, B, Q, T): every query of every layer against every target of the batch."""
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
-        per_layer = logits.dim() == 4
-        if not per_layer:
+        if logits.dim() == 3:
             logits, boxes = logits[None], boxes[None]
         L, B, Q = logits.shape[:3]
         prob = logits.flatten(0, 2).float().softmax(-1)  # (L*B*Q, K+1)
@@ -336,21 +365,7 @@ class HungarianMatcher(nn.Module):
         ).view(L, B, Q, -1)
         if "valid" in outputs:
             cost = cost.masked_fill(~outputs["valid"][None, :, :, None], 1e6)
-        cost = cost.cpu().numpy()  # the step's one host sync
-        if not np.isfinite(cost).all():
-            raise FloatingPointError("the model's outputs are not finite")
-        sizes = [len(t["labels"]) for t in targets]
-        n = Q // groups
-        indices = []
-        for layer in range(L):
-            per_image = []
-            for b, c in enumerate(np.split(cost[layer], np.cumsum(sizes)[:-1], axis=-1)):  # c[b]: (Q, b's targets)
-                pairs = [linear_sum_assignment(c[b, g * n : (g + 1) * n]) for g in range(groups)]
-                pred = np.concatenate([p + g * n for g, (p, _) in enumerate(pairs)])
-                tgt = np.concatenate([t for _, t in pairs])
-                per_image.append((torch.as_tensor(pred, dtype=torch.int64), torch.as_tensor(tgt, dtype=torch.int64)))
-            indices.append(per_image)
-        return indices if per_layer else indices[0]
+        return cost
 
 
 class SetCriterion(nn.Module):
@@ -398,16 +413,18 @@ class SetCriterion(nn.Module):
         if class_weight_sum is None:  # of one group
             matched = sum(min(len(t["labels"]), Q // G) for t in targets)
             class_weight_sum = matched + self.eos_coef * (B * Q // G - matched)
-        indices = self.matcher({"pred_logits": logits, "pred_boxes": boxes}, targets, G)
-        ce, l1, giou = self.summed_losses(logits, boxes, targets, indices)  # (L,) each
-        parts = {"": (ce / (G * class_weight_sum), l1 / (G * num_boxes), giou / (G * num_boxes))}
-
+        to_match = [({"pred_logits": logits, "pred_boxes": boxes}, G)]
         if "enc_outputs" in outputs:  # encoder proposals (detr.py, addition 2): every token is a query
             enc = outputs["enc_outputs"]
             enc_logits, enc_boxes = enc["pred_logits"][None].float(), enc["pred_boxes"][None].float()
-            enc_indices = self.matcher({"pred_logits": enc_logits, "pred_boxes": enc_boxes, "valid": enc["valid"]}, targets)
+            to_match.append(({"pred_logits": enc_logits, "pred_boxes": enc_boxes, "valid": enc["valid"]}, 1))
+        indices, *enc_indices = self.matcher.match_sets(to_match, targets)  # one copy to the host for all
+        ce, l1, giou = self.summed_losses(logits, boxes, targets, indices)  # (L,) each
+        parts = {"": (ce / (G * class_weight_sum), l1 / (G * num_boxes), giou / (G * num_boxes))}
+
+        if enc_indices:
             parts["_enc"] = tuple(s / num_boxes for s in self.summed_losses(
-                enc_logits, enc_boxes, targets, enc_indices, proposal_background_weight(targets, enc["valid"])))
+                enc_logits, enc_boxes, targets, enc_indices[0], proposal_background_weight(targets, enc["valid"])))
         if "dn_outputs" in outputs:  # denoising queries (detr.py, addition 3): query g * n + j is a copy of target j
             dn = outputs["dn_outputs"]
             groups, n = dn["groups"], dn["pred_logits"].shape[2] // dn["groups"]

@@ -1,0 +1,88 @@
+"""What a GPU step needs, checked without a GPU: the forward never waits on the host, and the loss
+moves its matching costs to the host once per step."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import train
+from detr import DETR
+
+aten = torch.ops.aten
+
+
+class HostAccess(TorchDispatchMode):
+    """Records every op that would stall a GPU: reading a value on the host (.item(), .tolist(),
+    .cpu(), bool()), data-dependent shapes (nonzero, boolean indexing), and any op that touches a
+    CPU tensor while the model runs on another device (a tensor made on the CPU and copied over)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [a for a in tree_leaves((args, kwargs or {})) if isinstance(a, torch.Tensor)]
+        if func in (aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default):
+            self.found.append(func.overloadpacket.__name__)
+        elif func is aten.index.Tensor and any(t.dtype == torch.bool for t in tensors[1:]):
+            self.found.append("boolean indexing")
+        elif any(t.device.type == "cpu" for t in tensors):
+            self.found.append(f"{func.overloadpacket.__name__} on a CPU tensor")
+        return func(*args, **(kwargs or {}))
+
+
+def meta_model_and_batch(**additions):
+    """A small DETR and a batch on the meta device: shapes without data, so any read of a value fails
+    or shows up, and any tensor made on the CPU is a second device."""
+    torch.manual_seed(0)
+    model = DETR(3, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1, num_decoder_layers=2,
+                 dim_feedforward=64, num_queries=5, dropout=0.0, feature_stride=8, **additions).to("meta").train()
+    images, mask = torch.zeros(2, 3, 64, 96, device="meta"), torch.zeros(2, 64, 96, dtype=torch.bool, device="meta")
+    targets = [{"labels": torch.zeros(n, dtype=torch.int64, device="meta"), "boxes": torch.zeros(n, 4, device="meta")}
+               for n in (3, 1)]
+    return model, images, mask, targets
+
+
+ALL_ADDITIONS = dict(anchor_queries=True, encoder_proposals=True, denoising_groups=2, query_groups=2,
+                     conditional_cross_attn=True)
+
+
+@pytest.mark.parametrize("additions", [{}, ALL_ADDITIONS], ids=["paper", "all additions"])
+def test_forward_never_waits_on_the_host(additions):
+    model, images, mask, targets = meta_model_and_batch(**additions)
+    with HostAccess() as host:
+        out = model(images, mask, targets)
+    assert out["pred_boxes"].shape[:2] == (2, 5 * model.query_groups) and host.found == []
+
+
+def test_host_access_is_caught():
+    """The check itself: an .item() in the forward, or an index made on the CPU, is found."""
+    model, images, mask, targets = meta_model_and_batch(**ALL_ADDITIONS)
+    head = model.class_head.forward
+    model.class_head.forward = lambda x: head(x) * (1 + 0 * x.mean().item())
+    with HostAccess() as host, pytest.raises(Exception):  # meta tensors have no value to read
+        model(images, mask, targets)
+    assert host.found == ["_local_scalar_dense"]
+    with HostAccess() as host:
+        images[:, :, torch.arange(2)]
+    assert host.found == ["index on a CPU tensor"]
+
+
+def test_the_loss_moves_its_costs_to_the_host_once_per_step(monkeypatch):
+    """Decoder layers, query groups and encoder proposals are matched from one copy of their costs."""
+    torch.manual_seed(0)
+    model = DETR(3, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1, num_decoder_layers=3,
+                 dim_feedforward=64, num_queries=5, dropout=0.0, feature_stride=8, **ALL_ADDITIONS).train()
+    targets = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2]])},
+               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    outputs = model(torch.randn(2, 3, 64, 64), None, targets)
+    criterion = train.SetCriterion(3, train.HungarianMatcher(), query_groups=2)
+    reads = []
+    numpy = torch.Tensor.numpy
+    monkeypatch.setattr(torch.Tensor, "numpy", lambda self, *a, **k: reads.append(self.numel()) or numpy(self, *a, **k))
+    losses = criterion(outputs, targets)
+    monkeypatch.undo()
+    hw = outputs["enc_outputs"]["pred_logits"].shape[1]
+    assert reads == [3 * 2 * 10 * 3 + 2 * hw * 3]  # (layers, images, 2 groups of 5, targets) + (images, tokens, targets)
+    assert torch.isfinite(losses["loss"]) and "loss_ce_enc" in losses
