@@ -351,7 +351,7 @@ class DETR(nn.Module):
             feature_mask = F.interpolate(mask[:, None].float(), size=(h, w)).bool()[:, 0]  # (B, h, w), nearest
         pos = sine_pos_embed(feature_mask, self.input_proj.out_channels).flatten(1, 2)  # (B, hw, C)
         pos = pos.to(features.dtype)
-        src = self.input_proj(features).flatten(2).transpose(1, 2)  # (B, hw, C)
+        src = self.input_proj(features).flatten(2).transpose(1, 2).contiguous()  # (B, hw, C), laid out as every layer's output
         mask = None if mask is None else feature_mask.flatten(1)  # (B, hw) True on padding
 
         enc_weights, dec_weights = [], []
@@ -584,14 +584,9 @@ def add_denoising_queries(model, targets, tgt, boxes, self_attn_mask):
     has no content (DINO), so it cannot pass for an object of some class, is seen by no other, and
     is in no loss (DN-DETR)."""
     B, Q, C = tgt.shape
-    G, n = model.denoising_groups, max(len(t["labels"]) for t in targets)
     device = tgt.device
-    labels = torch.zeros(B, n, dtype=torch.int64, device=device)
-    gt_boxes = torch.full((B, n, 4), 0.5, device=device)
-    real = torch.zeros(B, n, dtype=torch.bool, device=device)
-    for b, t in enumerate(targets):
-        k = len(t["labels"])
-        labels[b, :k], gt_boxes[b, :k], real[b, :k] = t["labels"], t["boxes"].to(gt_boxes.dtype), True
+    labels, gt_boxes, real = padded_targets(targets, tgt.dtype)  # (B, n, ...)
+    G, n = model.denoising_groups, labels.shape[1]
     labels, gt_boxes, real = labels.repeat(1, G), gt_boxes.repeat(1, G, 1), real.repeat(1, G)  # (B, G*n, ...)
     swap = torch.rand(labels.shape, device=device) < DN_LABEL_NOISE
     labels = torch.where(swap, torch.randint_like(labels, model.num_classes), labels)
@@ -612,6 +607,23 @@ def add_denoising_queries(model, targets, tgt, boxes, self_attn_mask):
     tgt = torch.cat([tgt, model.label_embed(labels) * real[..., None]], dim=1)  # padding: no content (DINO)
     boxes = torch.cat([boxes, noised], dim=1)
     return tgt, boxes, allowed[:, None]
+
+
+DN_MIN_SLOTS = 8  # an image's denoising slots per group: the most objects rounded up to a power of two, at least this
+
+
+def padded_targets(targets, dtype):
+    """(B, n) labels, (B, n, 4) boxes and (B, n) real (False on padding) on the targets' device. n takes
+    a few sizes (8, 16, 32, ...), not every object count, so that compiled layers meet few shapes."""
+    n = max(DN_MIN_SLOTS, 2 ** math.ceil(math.log2(max([len(t["labels"]) for t in targets] + [1]))))
+    device = targets[0]["boxes"].device
+    labels = torch.zeros(len(targets), n, dtype=torch.int64, device=device)
+    boxes = torch.full((len(targets), n, 4), 0.5, dtype=dtype, device=device)
+    real = torch.zeros(len(targets), n, dtype=torch.bool, device=device)
+    for b, t in enumerate(targets):
+        k = len(t["labels"])
+        labels[b, :k], boxes[b, :k], real[b, :k] = t["labels"], t["boxes"].to(dtype), True
+    return labels, boxes, real
 
 
 def denoising_pairs(targets, groups, n):

@@ -2,7 +2,7 @@
 Train DETR on a prepared dataset (data/<name>/<split>.json, see data/*/prepare.py).
 
     python data/shapes/prepare.py && python train.py config/shapes.py      # CPU, minutes
-    python train.py config/voc.py --batch_size=8 --compile=False           # one GPU
+    python train.py config/voc.py                                          # one 80 GB GPU (README, "Speed")
     torchrun --standalone --nproc_per_node=4 train.py config/voc.py        # DDP
 
 Defaults sit below as globals; a config file (plain Python) overrides them, then --key=value.
@@ -97,7 +97,7 @@ warmup_iters = 0  # linear warm-up from 0
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; float32 turns AMP off
-compile = False  # torch.compile the model
+compile = False  # torch.compile the backbone and the transformer layers (compile_model)
 seed = 1337
 CONFIG_KEYS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, list, tuple))]
 
@@ -762,6 +762,15 @@ def new_criterion(config, num_classes, query_groups):
     return SetCriterion(num_classes, matcher, config["eos_coef"], 1.0, config["cost_bbox"], config["cost_giou"], query_groups)
 
 
+def compile_model(model, backend="inductor"):
+    """torch.compile the backbone and each encoder and decoder layer, in place (the checkpoint's keys
+    stay as they are). What runs between them (encoder proposals, the denoising queries made from each
+    image's targets) stays eager, so that no object count reaches a graph, and image sizes are dynamic:
+    a run compiles a few graphs in its first step and its first evaluation, and none after."""
+    for part in [model.backbone, *model.encoder, *model.decoder]:
+        part.compile(dynamic=True, backend=backend)
+
+
 def dataset_dir(dataset):
     """A prepared dataset's folder: data/<dataset> beside this file, or the path itself if it is one."""
     return dataset if os.sep in dataset else os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
@@ -972,7 +981,7 @@ def train(config):
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"][rank % len(checkpoint["rng"]["cuda"])])
     raw_model = model
     if cfg.compile:
-        model = torch.compile(model)
+        compile_model(model)
     eval_model = model  # not the DDP wrapper: its forward is a collective, and shards may differ by a batch
     if ddp:
         model = DDP(model, device_ids=[device] if "cuda" in device else None)
@@ -1045,6 +1054,8 @@ def train(config):
     metrics, sums, iters_since_log, images_since_log = {}, {}, 0, 0
     progress = tqdm(range(iter_num, cfg.max_iters), initial=iter_num, total=cfg.max_iters, disable=not master,
                     dynamic_ncols=True)
+    if cfg.compile and master:
+        tqdm.write("compiling the backbone and the transformer layers (compile_model): the first step takes longer")
     t_start = t_log = time.time()
     for it in progress:
         for group in optimizer.param_groups:
@@ -1059,7 +1070,8 @@ def train(config):
             images = images.to(device, non_blocking=True)
             if "cuda" in device:
                 images = images.contiguous(memory_format=torch.channels_last)
-            mask = None if mask is None else mask.to(device, non_blocking=True)
+            # a mask even when nothing is padded: under compile, one graph rather than two
+            mask = mask.to(device, non_blocking=True) if mask is not None else images.new_zeros(images[:, 0].shape, dtype=torch.bool)
             targets = [{k: t[k].to(device, non_blocking=True) for k in ("labels", "boxes")} for t in targets]
             last_micro_step = micro_step == cfg.gradient_accumulation_steps - 1
             with model.no_sync() if ddp and not last_micro_step else nullcontext():  # all-reduce grads once
@@ -1081,6 +1093,8 @@ def train(config):
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if cfg.compile and master and it == progress.initial:
+            tqdm.write(f"compiled: the first step took {time.time() - t_start:.0f} s")
         iter_num, iters_since_log = it + 1, iters_since_log + 1
         images_since_log += len(all_targets) * world_size
 

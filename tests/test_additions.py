@@ -144,7 +144,8 @@ def test_real_queries_cannot_see_denoising_queries(monkeypatch):
     plain = model(images)
     for seed in (1, 2):  # whatever the denoising queries hold, the real queries' outputs stay the same
         out = model(images, targets=targets_of(3, 1, seed=seed))
-        assert out["dn_outputs"]["pred_logits"].shape == (3, 2, 2 * 3, 4)  # (layers, B, groups * most objects, K+1)
+        n = detr.DN_MIN_SLOTS  # an image's slots per group: the most objects (3) rounded up to 8, 16, ...
+        assert out["dn_outputs"]["pred_logits"].shape == (3, 2, 2 * n, 4)  # (layers, B, groups * slots, K+1)
         assert torch.allclose(out["pred_logits"], plain["pred_logits"], atol=1e-6)
         assert torch.allclose(out["pred_boxes"], plain["pred_boxes"], atol=1e-6)
     # denoising groups cannot see each other either: without noise each group alone gives the same outputs
@@ -153,8 +154,8 @@ def test_real_queries_cannot_see_denoising_queries(monkeypatch):
     model.denoising_groups = 1
     one = model(images, targets=targets_of(3, 1))["dn_outputs"]
     for g in range(2):
-        assert torch.allclose(out["pred_boxes"][:, :, g * 3 : g * 3 + 3], one["pred_boxes"], atol=1e-6)
-    # and the padded query (the second image has 1 object of 3 slots) is seen by nobody
+        assert torch.allclose(out["pred_boxes"][:, :, g * n : g * n + n], one["pred_boxes"], atol=1e-6)
+    # and the padded queries (the second image has 1 object in its slots) are seen by nobody
     out2 = model(images, targets=[targets_of(3, 1)[0], targets_of(3, 1, seed=5)[1]])["dn_outputs"]
     assert torch.allclose(out2["pred_boxes"][:, 0], one["pred_boxes"][:, 0], atol=1e-6)
 
@@ -164,18 +165,19 @@ def test_denoising_noise_stays_within_the_paper_bounds():
     model = tiny(anchor_queries=True, denoising_groups=50)
     targets = targets_of(4, 2)
     tgt, boxes, allowed = detr.add_denoising_queries(model, targets, torch.zeros(2, 5, 32), torch.rand(2, 5, 4), None)
-    noised = boxes[0, 5:].view(50, 4, 4)  # (groups, objects, 4)
+    n = detr.DN_MIN_SLOTS  # slots per group: 4 objects at most, rounded up to 8
+    noised = boxes[0, 5:].view(50, n, 4)[:, :4]  # (groups, objects, 4)
     gt = targets[0]["boxes"]
     shift = (noised[..., :2] - gt[:, :2]).abs() / gt[:, 2:]
     scale = (noised[..., 2:] / gt[:, 2:] - 1).abs()
     assert shift.max() <= 0.2 + 1e-6 and scale.max() <= 0.4 + 1e-6 and shift.max() > 0.15 and scale.max() > 0.3
-    swapped = (tgt[0, 5:].view(50, 4, -1) != model.label_embed(targets[0]["labels"])).any(-1).float().mean()
+    swapped = (tgt[0, 5:].view(50, n, -1)[:, :4] != model.label_embed(targets[0]["labels"])).any(-1).float().mean()
     assert 0.05 < swapped < 0.25  # labels are swapped with probability 0.2 (sometimes for the same label)
-    assert allowed.shape == (2, 1, 5 + 200, 5 + 200)
+    assert allowed.shape == (2, 1, 5 + 50 * n, 5 + 50 * n)
     assert not allowed[:, 0, :5, 5:].any() and allowed[:, 0, 5:, :5].all()
-    # the second image has 2 objects in 4 slots: its padded slots hold no content, so no padded slot looks
+    # the second image has 2 objects in 8 slots: its padded slots hold no content, so no padded slot looks
     # like a real object of some class to the decoder (DINO); the real ones all hold a label's embedding
-    content = tgt[1, 5:].view(50, 4, -1)
+    content = tgt[1, 5:].view(50, n, -1)
     assert (content[:, 2:] == 0).all() and (content[:, :2] != 0).any(-1).all()
 
 

@@ -7,6 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import train
+import detr
 from detr import DETR
 
 aten = torch.ops.aten
@@ -86,3 +87,56 @@ def test_the_loss_moves_its_costs_to_the_host_once_per_step(monkeypatch):
     hw = outputs["enc_outputs"]["pred_logits"].shape[1]
     assert reads == [3 * 2 * 10 * 3 + 2 * hw * 3]  # (layers, images, 2 groups of 5, targets) + (images, tokens, targets)
     assert torch.isfinite(losses["loss"]) and "loss_ce_enc" in losses
+
+
+def batch(generator, height, width, counts, padded=True):
+    """Images (B, 3, H, W) with the second one's bottom quarter padded (or none), and random targets."""
+    images, mask = torch.randn(len(counts), 3, height, width, generator=generator), torch.zeros(len(counts), height, width, dtype=torch.bool)
+    if padded:
+        mask[1, height * 3 // 4 :] = True
+    targets = [{"labels": torch.randint(0, 3, (n,), generator=generator),
+                "boxes": torch.rand(n, 4, generator=generator) * 0.4 + 0.1} for n in counts]
+    return images, mask, targets
+
+
+def test_compiled_training_and_evaluation_compile_in_their_first_steps_only(monkeypatch):
+    """train.compile_model with dynamo's eager backend (graph capture only): batches of other image
+    sizes and object counts (0 to 12, so 8 and 16 denoising slots) reuse the graphs of the first
+    steps, and dynamo's recompile limit is never reached."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    torch.manual_seed(0)
+    model = DETR(3, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=2, num_decoder_layers=2,
+                 dim_feedforward=64, num_queries=5, dropout=0.1, feature_stride=8, **ALL_ADDITIONS).train()
+    train.compile_model(model, backend="eager")
+    criterion = train.SetCriterion(3, train.HungarianMatcher(), query_groups=2)
+    g = torch.Generator().manual_seed(0)
+    first = [(64, 64, (2, 1)), (96, 64, (0, 5)), (64, 128, (12, 3))]  # square, not, more objects than 8
+    later = [(int(h), int(w), tuple(c.tolist())) for h, w, c in zip(torch.randint(2, 6, (8,), generator=g) * 32,
+             torch.randint(2, 6, (8,), generator=g) * 32, torch.randint(0, 13, (8, 2), generator=g))]
+    graphs = []
+    for height, width, counts in first + later:
+        images, mask, targets = batch(g, height, width, counts)
+        criterion(model(images, mask, targets), targets)["loss"].backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    model.eval()
+    with torch.no_grad():
+        for height, width, padded in [(64, 96, True), (64, 64, False), (128, 96, True), (96, 160, False), (64, 64, True)]:
+            images, mask, _ = batch(g, height, width, (1, 1), padded)
+            model(images, mask if padded else None)
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert 0 < graphs[2] == graphs[-6]  # training: nothing new after the first three steps
+    assert graphs[-6] < graphs[-4] == graphs[-1]  # evaluation: new graphs for the first masked and unmasked batch only
+
+
+def test_denoising_slots_take_a_few_sizes_and_padding_is_marked():
+    def slots(*counts):
+        targets = [{"labels": torch.zeros(n, dtype=torch.int64), "boxes": torch.full((n, 4), 0.3)} for n in counts]
+        labels, boxes, real = detr.padded_targets(targets, torch.float32)
+        assert real.sum(1).tolist() == list(counts) and (boxes[~real] == 0.5).all()
+        return labels.shape[1]
+
+    assert [slots(0, 0), slots(1, 3), slots(8, 2), slots(9, 0), slots(16), slots(17, 1)] == [8, 8, 8, 16, 16, 32]
