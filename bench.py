@@ -14,8 +14,10 @@ the device's peak dense bf16 TFLOPS (--peak_tflops; no default on CPU, so MFU is
 """
 
 import json
+import statistics
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -37,14 +39,19 @@ num_encoder_layers = 6
 num_decoder_layers = 6
 dim_feedforward = 2048
 num_queries = 100
-settings = "fp32-eager,bf16-eager,bf16-compile" if on_gpu else "fp32-eager"  # <dtype>-<eager|compile>
+settings = "fp32-eager,fp32-compile,bf16-eager,bf16-compile" if on_gpu else "fp32-eager"  # <dtype>-<eager|compile>
 channels_last = True  # the backbone's convolutions in NHWC, faster on tensor cores and in oneDNN
 warmup = 5 if on_gpu else 2
 iters = 20 if on_gpu else 5
+repeats = 3  # timed turns per implementation, interleaved (A B A B ...): one pass of each is noise
+additions = False  # config/voc.py's additions on (anchor queries, proposals, denoising, query groups, conditional attention)
 compare = ""  # 'hf': also measure transformers' DetrForObjectDetection
 peak_tflops = 0.0  # the device's dense bf16 peak; 0: looked up from the GPU's name
 profile = False  # write trace.json for one training step of the first setting
-what = "speed"  # 'speed', or 'map' for the compute_map timing
+what = "speed"  # 'speed', 'memory' (a training step's peak memory at batch 1, 2, 4: the README's table),
+# 'gpu_check' (everything the README's GPU rows need, in one command) or 'map'
+duration = 180.0  # gpu_check: seconds of training config/voc.py's model with every addition
+ADDITIONS = dict(anchor_queries=True, encoder_proposals=True, denoising_groups=3, query_groups=3, conditional_cross_attn=True)
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "A10": 125.0, "4090": 165.2}
 
@@ -60,19 +67,23 @@ def device_peak():
     return None
 
 
-def random_batch(generator):
-    """Images padded to one size (the second is 3/4 as tall, so the mask matters), 1-20 boxes each."""
-    images = torch.randn(batch_size, 3, height, width, generator=generator)
-    mask = torch.zeros(batch_size, height, width, dtype=torch.bool)
+def random_batch(generator, size=None):
+    """Images padded to one size (height x width unless given; the second is 3/4 as tall, so the mask
+    matters) and 1-20 boxes each, on the device, the images channels-last if asked."""
+    h, w = size or (height, width)
+    images = torch.randn(batch_size, 3, h, w, generator=generator)
+    mask = torch.zeros(batch_size, h, w, dtype=torch.bool)
     if batch_size > 1:
-        mask[1, height * 3 // 4 :] = True
-        images[1, :, height * 3 // 4 :] = 0
+        mask[1, h * 3 // 4 :] = True
+        images[1, :, h * 3 // 4 :] = 0
     targets = []
     for _ in range(batch_size):
         n = int(torch.randint(1, 21, (), generator=generator))
         centres, sizes = torch.rand(n, 2, generator=generator) * 0.6 + 0.2, torch.rand(n, 2, generator=generator) * 0.3 + 0.05
-        targets.append({"labels": torch.randint(0, num_classes, (n,), generator=generator), "boxes": torch.cat([centres, sizes], 1)})
-    return images, mask, targets
+        targets.append({"labels": torch.randint(0, num_classes, (n,), generator=generator).to(device),
+                        "boxes": torch.cat([centres, sizes], 1).to(device)})
+    images = images.to(device).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return images, mask.to(device), targets
 
 
 def make_optimizer(model):
@@ -93,24 +104,26 @@ class MiniDETR:
 
     name = "minidetr"
 
-    def __init__(self, compiled):
+    def __init__(self):
         self.model = DETR(num_classes, backbone=backbone, hidden_dim=hidden_dim, num_encoder_layers=num_encoder_layers,
                           num_decoder_layers=num_decoder_layers, dim_feedforward=dim_feedforward,
-                          num_queries=num_queries).to(device)
+                          num_queries=num_queries, **(ADDITIONS if additions else {})).to(device)
         if channels_last:
             self.model.backbone.to(memory_format=torch.channels_last)
-        self.criterion = train.SetCriterion(num_classes, train.HungarianMatcher()).to(device)
+        self.criterion = train.SetCriterion(num_classes, train.HungarianMatcher(), query_groups=self.model.query_groups).to(device)
         self.optimizer = make_optimizer(self.model)
-        self.forward = torch.compile(self.model) if compiled else self.model
+
+    def compile(self):
+        train.compile_model(self.model)  # as train.py does: the backbone and each layer, dynamic sizes
 
     def train_step(self, images, mask, targets, autocast):
         with autocast:
-            outputs = self.forward(images, mask)
+            outputs = self.model(images, mask, targets if self.model.denoising_groups else None)
         backward_and_step(self.criterion(outputs, targets)["loss"], self.model, self.optimizer)
 
     def infer(self, images, mask, autocast):
         with torch.no_grad(), autocast:
-            return postprocess(self.forward(images, mask), [(height, width)] * len(images))
+            return postprocess(self.model(images, mask), [(height, width)] * len(images))
 
 
 class HFDETR:
@@ -118,7 +131,7 @@ class HFDETR:
 
     name = "hf"
 
-    def __init__(self, compiled):
+    def __init__(self):
         try:
             from transformers import DetrConfig, DetrForObjectDetection
         except ImportError:
@@ -132,7 +145,10 @@ class HFDETR:
             if "backbone" in name and not any(f"layer{i}." in name for i in (2, 3, 4)):
                 p.requires_grad_(False)
         self.optimizer = make_optimizer(self.model)
-        self.forward = torch.compile(self.model) if compiled else self.model
+        self.forward = self.model
+
+    def compile(self):
+        self.forward = torch.compile(self.model)
 
     def train_step(self, images, mask, targets, autocast):
         labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
@@ -160,51 +176,143 @@ def timed(fn, n):
     return (time.perf_counter() - t) / n
 
 
-def measure(impl_class, setting):
+def measure(impl_classes, setting):
+    """Train and inference images/s of each implementation at one setting, timed in turns (A B A B
+    ..., `repeats` times), so that a slow spell of the machine falls on both. Returns one record per
+    implementation: the median of its turns, their range, its peak memory and MFU."""
     dtype, mode = setting.split("-")
-    torch.manual_seed(0)
-    impl = impl_class(compiled=mode == "compile")
     images, mask, targets = random_batch(torch.Generator().manual_seed(0))
-    images, mask = images.to(device), mask.to(device)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
     autocast = nullcontext() if dtype == "fp32" else torch.autocast(device, dtype=torch.bfloat16)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    # FLOPs of one training step, counted once, eager (SDPA's math path, which the counter sees through)
-    compiled, impl.forward = impl.forward, impl.model
-    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        impl.train_step(images, mask, targets, autocast)
-    step_flops = counter.get_total_flops()
-    impl.forward = compiled
-
-    def train_step():
-        impl.train_step(images, mask, targets, autocast)
-
-    def infer():
-        impl.infer(images, mask, autocast)
-
-    timed(train_step, warmup)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    step_time = timed(train_step, iters)
-    peak_memory = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-    if profile and impl_class is MiniDETR:
-        write_profile(train_step)
-    impl.model.eval()
-    timed(infer, warmup)
-    infer_time = timed(infer, iters)
+    impls, records = [], []
+    for impl_class in impl_classes:
+        torch.manual_seed(0)
+        before = torch.cuda.memory_allocated() if device == "cuda" else 0
+        impl = impl_class()
+        # FLOPs of one training step, counted once, eager (SDPA's math path, which the counter sees through)
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+            impl.train_step(images, mask, targets, autocast)
+        if mode == "compile":
+            impl.compile()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        timed(lambda: impl.train_step(images, mask, targets, autocast), warmup)  # compiles, if it does
+        peak_memory = (torch.cuda.max_memory_allocated() - before) / 2**30 if device == "cuda" else None
+        impls.append(impl)
+        records.append({
+            "impl": impl.name, "setting": setting, "device": device_name(),
+            "torch": torch.__version__, "batch_size": batch_size, "image_size": [height, width],
+            "peak_memory_gib": None if peak_memory is None else round(peak_memory, 2),
+            "train_gflops_per_img": round(counter.get_total_flops() / batch_size / 1e9, 1),
+        })
+    train_times, infer_times = [[] for _ in impls], [[] for _ in impls]
+    for _ in range(repeats):
+        for impl, times in zip(impls, train_times):
+            times.append(timed(lambda: impl.train_step(images, mask, targets, autocast), iters))
+    if profile and impls[0].name == "minidetr":
+        write_profile(lambda: impls[0].train_step(images, mask, targets, autocast))
+    for impl in impls:
+        impl.model.eval()
+        timed(lambda: impl.infer(images, mask, autocast), warmup)
+    for _ in range(repeats):
+        for impl, times in zip(impls, infer_times):
+            times.append(timed(lambda: impl.infer(images, mask, autocast), iters))
     peak = device_peak()
-    return {
-        "impl": impl.name, "setting": setting, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "torch": torch.__version__, "batch_size": batch_size, "image_size": [height, width],
-        "train_img_per_s": round(batch_size / step_time, 3), "infer_img_per_s": round(batch_size / infer_time, 3),
-        "peak_memory_gib": None if peak_memory is None else round(peak_memory, 2),
-        "train_gflops_per_img": round(step_flops / batch_size / 1e9, 1),
-        "mfu": None if peak is None else round(step_flops / step_time / peak, 4),
-    }
+    for record, train, infer in zip(records, train_times, infer_times):
+        flops = record["train_gflops_per_img"] * 1e9 * batch_size
+        record.update({
+            "train_img_per_s": round(batch_size / statistics.median(train), 3),
+            "train_img_per_s_range": [round(batch_size / max(train), 3), round(batch_size / min(train), 3)],
+            "infer_img_per_s": round(batch_size / statistics.median(infer), 3),
+            "infer_img_per_s_range": [round(batch_size / max(infer), 3), round(batch_size / min(infer), 3)],
+            "mfu": None if peak is None else round(flops / statistics.median(train) / peak, 4),
+            "train_times": train, "infer_times": infer,
+        })
+    return records
+
+
+def ratio(ours, theirs):
+    """minidetr / HF per turn (each turn timed back to back): the median and the range."""
+    record = {"ratio": "minidetr/hf", "setting": ours["setting"]}
+    for what in ("train", "infer"):
+        per_turn = sorted(b / a for a, b in zip(ours.pop(f"{what}_times"), theirs.pop(f"{what}_times")))
+        record[f"{what}_img_per_s"] = round(statistics.median(per_turn), 2)
+        record[f"{what}_range"] = [round(per_turn[0], 2), round(per_turn[-1], 2)]
+    if ours["peak_memory_gib"]:
+        record["peak_memory"] = round(ours["peak_memory_gib"] / theirs["peak_memory_gib"], 2)
+    return record
+
+
+def additions_run():
+    """config/voc.py's model with every addition, bf16 and compiled as train.py compiles it, trained for
+    `duration` seconds on batches of varying size (shorter side 480-800) and object count: images/s,
+    the graphs compiled after its first 5 steps (0 is the goal) and the host syncs of a step."""
+    from torch._dynamo.utils import counters
+
+    global additions
+    additions = True
+    torch.manual_seed(0)
+    impl = MiniDETR()
+    impl.compile()
+    autocast = torch.autocast(device, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    step, images_done, syncs, t_start = 0, 0, [], None
+    while t_start is None or time.perf_counter() - t_start < duration:
+        size = (32 * int(torch.randint(15, 26, (), generator=g)), 32 * int(torch.randint(20, 34, (), generator=g)))
+        images, mask, targets = random_batch(g, size)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("warn")  # every host sync becomes a warning
+            impl.train_step(images, mask, targets, autocast)
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+        syncs.append(sum("synchroniz" in str(w.message) for w in caught))
+        step += 1
+        if step == 5:  # warmed up: the graphs compiled so far, and the clock starts
+            synchronize()
+            graphs_warm, t_start = counters["stats"]["unique_graphs"], time.perf_counter()
+        elif step > 5:
+            images_done += batch_size
+    synchronize()
+    return {"what": "voc.py model, all additions, bf16, compiled", "device": device_name(), "batch_size": batch_size,
+            "steps": step - 5, "train_img_per_s": round(images_done / (time.perf_counter() - t_start), 3),
+            "graphs_first_5_steps": graphs_warm, "graphs_after": counters["stats"]["unique_graphs"] - graphs_warm,
+            "host_syncs_per_step": statistics.median(syncs[5:]) if device == "cuda" else None}
+
+
+def device_name():
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
+def gpu_check(path="gpu_check.json"):
+    """Everything the README's GPU rows need, in one command: each setting's speed, memory and MFU for
+    minidetr and Hugging Face's DETR (timed in turns), then additions_run. Writes path, prints rows."""
+    impls = [MiniDETR]
+    try:
+        import transformers  # noqa: F401
+        impls.append(HFDETR)
+    except ImportError:
+        print("skip Hugging Face's DETR: pip install transformers timm to compare", file=sys.stderr)
+    lines = [line for setting in settings.split(",") for line in speed_lines(impls, setting)]
+    lines.append(additions_run())
+    with open(path, "w") as f:
+        json.dump(lines, f, indent=1)
+    date = time.strftime("%Y-%m-%d")
+    for r in lines:
+        if r.get("impl") == "minidetr":
+            theirs = next((o for o in lines if o.get("ratio") and o["setting"] == r["setting"]), None)
+            print(f"| {r['device']} | {r['torch']} | {date} | {r['setting']}, batch {r['batch_size']}, "
+                  f"{r['image_size'][0]}x{r['image_size'][1]} | {r['train_img_per_s']} / {r['infer_img_per_s']} | "
+                  f"{r['peak_memory_gib']} GiB, MFU {r['mfu']} | "
+                  + (f"{theirs['train_img_per_s']} / {theirs['infer_img_per_s']} (ranges {theirs['train_range']}, "
+                     f"{theirs['infer_range']})" if theirs else "-") + " |")
+    run = lines[-1]
+    print(f"| {run['device']} | {torch.__version__} | {date} | {run['what']}, batch {run['batch_size']}, 480-800 px | "
+          f"{run['train_img_per_s']} img/s | graphs: {run['graphs_first_5_steps']} in 5 steps, {run['graphs_after']} "
+          f"after; host syncs a step: {run['host_syncs_per_step']} | |")
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def write_profile(train_step, path="trace.json"):
@@ -218,6 +326,52 @@ def write_profile(train_step, path="trace.json"):
     sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort_by, row_limit=12), file=sys.stderr)
     print(f"trace of one training step -> {path}", file=sys.stderr)
+
+
+def resident_gib(field):
+    """This process's resident memory (VmRSS) or its peak so far (VmHWM), from /proc (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 2**20
+
+
+def step_memory(overrides, dtype):
+    """Run in a fresh process, as the peak cannot be reset: two training steps with these globals
+    (the second has AdamW's state too), and the peak resident memory above what the process held
+    before the model was built (GiB): weights, gradients, optimizer state and activations."""
+    globals().update(overrides)
+    before = resident_gib("VmRSS")
+    impl = MiniDETR()
+    images, mask, targets = random_batch(torch.Generator().manual_seed(0))
+    autocast = nullcontext() if dtype == "fp32" else torch.autocast(device, dtype=torch.bfloat16)
+    for _ in range(2):
+        impl.train_step(images, mask, targets, autocast)
+    return resident_gib("VmHWM") - before
+
+
+def bench_memory():
+    """The peak memory of a training step at batch 1, 2 and 4, with and without the additions, in
+    fp32 and bf16 (CPU autocast), and from its slope per image the batch that fits a GPU. Estimated
+    from CPU: a GPU adds its context (~1 GiB here) and allocator slack (10% here)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    sizes = {}
+    for dtype in ("fp32", "bf16"):
+        for with_additions in (False, True):
+            for batch in (1, 2, 4):
+                settings = {"additions": with_additions, "batch_size": batch, "height": height, "width": width,
+                            "backbone": backbone, "channels_last": channels_last}
+                with context.Pool(1) as pool:
+                    gib = pool.apply(step_memory, (settings, dtype))
+                sizes.setdefault((dtype, with_additions), []).append((batch, gib))
+                print(json.dumps({"what": "memory", "device": "cpu", "dtype": dtype, **settings, "peak_gib": round(gib, 2)}),
+                      flush=True)
+    for (dtype, with_additions), points in sizes.items():
+        per_image = (points[-1][1] - points[0][1]) / (points[-1][0] - points[0][0])
+        fixed = points[0][1] - per_image
+        fits = [max(0, int((0.9 * gpu - 1 - fixed) // per_image)) for gpu in (24, 40, 80)]
+        print(f"| {dtype} | {'all' if with_additions else 'none'} | {fixed:.1f} | {per_image:.2f} | "
+              + " | ".join(str(f) for f in fits) + " |")
 
 
 def bench_map():
@@ -245,18 +399,23 @@ def bench_map():
 def main():
     if what == "map":
         return bench_map()
+    if what == "memory":
+        return bench_memory()
+    if what == "gpu_check":
+        return gpu_check()
     impls = [MiniDETR] + ([HFDETR] if compare == "hf" else [])
     for setting in settings.split(","):
-        results = [measure(impl, setting) for impl in impls]
-        for r in results:
-            print(json.dumps(r))
-        if len(results) == 2:
-            ours, theirs = results
-            ratios = {k: round(ours[k] / theirs[k], 2) for k in ("train_img_per_s", "infer_img_per_s")}
-            if ours["peak_memory_gib"]:
-                ratios["peak_memory"] = round(ours["peak_memory_gib"] / theirs["peak_memory_gib"], 2)
-            print(json.dumps({"ratio": "minidetr/hf", "setting": setting, **ratios}))
-        sys.stdout.flush()
+        for line in speed_lines(impls, setting):
+            print(json.dumps(line), flush=True)
+
+
+def speed_lines(impls, setting):
+    """measure's records, and with two implementations their ratio, without the per-turn times."""
+    records = measure(impls, setting)
+    lines = records + ([ratio(*records)] if len(records) == 2 else [])
+    for record in records:
+        record.pop("train_times", None), record.pop("infer_times", None)
+    return lines
 
 
 if __name__ == "__main__":
@@ -264,7 +423,8 @@ if __name__ == "__main__":
         key, _, value = arg.removeprefix("--").partition("=")
         if key not in ("device", "batch_size", "height", "width", "backbone", "num_classes", "hidden_dim",
                        "num_encoder_layers", "num_decoder_layers", "dim_feedforward", "num_queries", "settings",
-                       "channels_last", "warmup", "iters", "compare", "peak_tflops", "profile", "what"):
+                       "channels_last", "warmup", "iters", "repeats", "additions", "compare", "peak_tflops", "profile", "what",
+                       "duration"):
             sys.exit(f"error: unknown flag --{key}")
         default = globals()[key]
         globals()[key] = (value != "False") if isinstance(default, bool) else type(default)(value)

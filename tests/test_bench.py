@@ -1,6 +1,7 @@
 """bench.py on a tiny config: well-formed JSON, and a FLOP count that matches a hand count."""
 
 import json
+import sys
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -23,7 +24,8 @@ def test_bench_prints_one_well_formed_line(capsys):
     (line,) = capsys.readouterr().out.strip().splitlines()
     result = json.loads(line)
     assert set(result) == {"impl", "setting", "device", "torch", "batch_size", "image_size", "train_img_per_s",
-                           "infer_img_per_s", "peak_memory_gib", "train_gflops_per_img", "mfu"}
+                           "infer_img_per_s", "peak_memory_gib", "train_gflops_per_img", "mfu", "train_img_per_s_range",
+                           "infer_img_per_s_range"}
     assert result["impl"] == "minidetr" and result["setting"] == "fp32-eager" and result["image_size"] == [64, 96]
     assert result["train_img_per_s"] > 0 and result["infer_img_per_s"] > 0 and result["train_gflops_per_img"] > 0
     assert result["mfu"] is None and result["peak_memory_gib"] is None  # CPU: no peak given, no GPU memory
@@ -31,7 +33,7 @@ def test_bench_prints_one_well_formed_line(capsys):
 
 def test_transformer_flops_match_a_hand_count():
     bench = tiny(load_script("bench.py"))
-    model = bench.MiniDETR(compiled=False).model.eval()
+    model = bench.MiniDETR().model.eval()
     B, C, F, Q = 2, 32, 64, 5
     S = (64 // 32) * (96 // 32)  # tokens of the feature map
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
@@ -48,3 +50,37 @@ def test_transformer_flops_match_a_hand_count():
                         + matmul(Q, C, F) + matmul(Q, F, C))
     assert abs(encoder - hand_encoder) <= 0.01 * hand_encoder
     assert abs(decoder - 2 * hand_decoder) <= 0.01 * 2 * hand_decoder
+
+
+def test_step_memory_holds_at_least_weights_gradients_and_adam_state(monkeypatch):
+    """In a fresh process, as bench.py --what=memory measures it: the peak is at least the fp32
+    weights, gradients and AdamW's two moments of the trainable parameters."""
+    import multiprocessing
+
+    import bench
+
+    settings = {"batch_size": 1, "height": 320, "width": 352, "additions": True, "backbone": "resnet18", "channels_last": False}
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        gib = pool.apply(bench.step_memory, (settings, "fp32"))
+    for key, value in settings.items():
+        monkeypatch.setattr(bench, key, value)
+    model = bench.MiniDETR().model
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert model.encoder_proposals and 16 * trainable / 2**30 <= gib < 4
+
+
+def test_gpu_check_writes_its_json_and_the_readme_rows(tmp_path, capsys, monkeypatch):
+    """The one GPU command, on a tiny model for a few seconds (compiling is tested in test_gpu_ready.py:
+    inductor would take minutes here)."""
+    bench = tiny(load_script("bench.py"))
+    bench.duration, bench.repeats = 2.0, 2
+    monkeypatch.setattr(bench.train, "compile_model", lambda model: None)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as in CI: Hugging Face's DETR is skipped
+    path = tmp_path / "gpu_check.json"
+    bench.gpu_check(str(path))
+    speed, run = json.loads(path.read_text())
+    low, high = speed["train_img_per_s_range"]
+    assert speed["impl"] == "minidetr" and low <= speed["train_img_per_s"] <= high and "train_times" not in speed
+    assert run["steps"] >= 1 and run["train_img_per_s"] > 0 and run["graphs_after"] == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert len(rows) == 2 and all(row.startswith("| cpu | ") and row.endswith(" |") for row in rows)
