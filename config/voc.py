@@ -22,10 +22,12 @@ conditional_cross_attn = True
 dataset = "voc"
 backbone = "resnet50"
 pretrained_backbone = True  # ImageNet weights, as the paper
-# the paper's batch is 64 (4 images on each of 16 GPUs); here 8 images a step, 8 steps accumulated,
-# so the optimizer sees the same 64-image batches with the same learning rates
-batch_size = 8
-gradient_accumulation_steps = 8
+# the paper's batch is 64 (4 images on each of 16 GPUs); here 32 images a step, 2 steps accumulated,
+# so the optimizer sees the same 64-image batches with the same learning rates. bench.py --what=memory
+# estimates 0.6 GiB + 1.1 GiB an image for this model in bf16 at 800x1066 (measured on CPU): 64 would
+# fit 80 GB, 32 leaves room for what a CPU cannot show. 24 GB: 8 x 8; 40 GB: 16 x 4 (README, "Speed")
+batch_size = 32
+gradient_accumulation_steps = 2
 num_workers = 8
 # 150 epochs of the 16,551 images (259 steps each), the learning rates dropped by 10 after 100: half
 # the paper's COCO schedule (300 epochs, drop after 200), to fit a few days of one GPU. Not yet
@@ -37,4 +39,4 @@ log_interval = 50
 best_metric = "mAP50"  # VOC's metric (mAP50_07, the 11-point VOC2007 one, is logged too)
 pad_to = 64  # fewer distinct shapes: kinder to cuDNN autotuning and to torch.compile
 dtype = "bfloat16"
-compile = False  # not yet measured on a GPU here (see bench.py); turn on once it is
+compile = False  # compiles once now (train.compile_model), but its gain on a GPU is not yet measured: bench.py --what=gpu_check
