@@ -6,6 +6,8 @@ utilisation (MFU), on random input so that no data is needed. One JSON line per 
     python bench.py --compare=hf             # the same for Hugging Face's DetrForObjectDetection, and the ratios
     python bench.py --settings=bf16-compile --profile    # a Chrome trace of one training step, and its top ops
     python bench.py --what=map               # compute_map on 5,000 images x 100 detections
+    python bench.py --what=memory --height=800 --width=1066 --num_classes=20   # README's memory table
+    python bench.py --what=gpu_check         # on a GPU: every README GPU row, and gpu_check.json
 
 A training step is forward + Hungarian matching + loss + backward + AdamW step; inference is
 forward + postprocess. FLOPs are counted once per setting with torch.utils.flop_counter (attention
@@ -51,6 +53,9 @@ profile = False  # write trace.json for one training step of the first setting
 what = "speed"  # 'speed', 'memory' (a training step's peak memory at batch 1, 2, 4: the README's table),
 # 'gpu_check' (everything the README's GPU rows need, in one command) or 'map'
 duration = 180.0  # gpu_check: seconds of training config/voc.py's model with every addition
+FLAGS = ("device", "batch_size", "height", "width", "backbone", "num_classes", "hidden_dim", "num_encoder_layers",
+         "num_decoder_layers", "dim_feedforward", "num_queries", "settings", "channels_last", "warmup", "iters",
+         "repeats", "additions", "compare", "peak_tflops", "profile", "what", "duration")
 ADDITIONS = dict(anchor_queries=True, encoder_proposals=True, denoising_groups=3, query_groups=3, conditional_cross_attn=True)
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "A10": 125.0, "4090": 165.2}
@@ -251,9 +256,13 @@ def additions_run():
     from torch._dynamo.utils import counters
 
     global additions
-    additions = True
+    torch._dynamo.reset()  # the graphs counted are this run's own
+    counters.clear()
+    torch._dynamo.config.fail_on_recompile_limit_hit = True  # never a silent fall back to eager
+    additions, before = True, additions
     torch.manual_seed(0)
     impl = MiniDETR()
+    additions = before
     impl.compile()
     autocast = torch.autocast(device, dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(0)
@@ -289,16 +298,18 @@ def device_name():
 def gpu_check(path="gpu_check.json"):
     """Everything the README's GPU rows need, in one command: each setting's speed, memory and MFU for
     minidetr and Hugging Face's DETR (timed in turns), then additions_run. Writes path, prints rows."""
+    from importlib.util import find_spec
+
     impls = [MiniDETR]
-    try:
-        import transformers  # noqa: F401
+    if find_spec("transformers") and find_spec("timm"):
         impls.append(HFDETR)
-    except ImportError:
+    else:
         print("skip Hugging Face's DETR: pip install transformers timm to compare", file=sys.stderr)
-    lines = [line for setting in settings.split(",") for line in speed_lines(impls, setting)]
-    lines.append(additions_run())
-    with open(path, "w") as f:
-        json.dump(lines, f, indent=1)
+    lines = []
+    for setting in settings.split(",") + ["additions"]:
+        lines += [additions_run()] if setting == "additions" else speed_lines(impls, setting)
+        with open(path, "w") as f:  # after each part: what was measured survives a later failure
+            json.dump(lines, f, indent=1)
     date = time.strftime("%Y-%m-%d")
     for r in lines:
         if r.get("impl") == "minidetr":
@@ -359,12 +370,12 @@ def bench_memory():
     for dtype in ("fp32", "bf16"):
         for with_additions in (False, True):
             for batch in (1, 2, 4):
-                settings = {"additions": with_additions, "batch_size": batch, "height": height, "width": width,
-                            "backbone": backbone, "channels_last": channels_last}
+                settings = {**{k: globals()[k] for k in FLAGS}, "device": "cpu", "additions": with_additions,
+                            "batch_size": batch}
                 with context.Pool(1) as pool:
                     gib = pool.apply(step_memory, (settings, dtype))
                 sizes.setdefault((dtype, with_additions), []).append((batch, gib))
-                print(json.dumps({"what": "memory", "device": "cpu", "dtype": dtype, **settings, "peak_gib": round(gib, 2)}),
+                print(json.dumps({"what": "memory", "dtype": dtype, **settings, "peak_gib": round(gib, 2)}),
                       flush=True)
     for (dtype, with_additions), points in sizes.items():
         per_image = (points[-1][1] - points[0][1]) / (points[-1][0] - points[0][0])
@@ -421,10 +432,7 @@ def speed_lines(impls, setting):
 if __name__ == "__main__":
     for arg in sys.argv[1:]:
         key, _, value = arg.removeprefix("--").partition("=")
-        if key not in ("device", "batch_size", "height", "width", "backbone", "num_classes", "hidden_dim",
-                       "num_encoder_layers", "num_decoder_layers", "dim_feedforward", "num_queries", "settings",
-                       "channels_last", "warmup", "iters", "repeats", "additions", "compare", "peak_tflops", "profile", "what",
-                       "duration"):
+        if key not in FLAGS:
             sys.exit(f"error: unknown flag --{key}")
         default = globals()[key]
         globals()[key] = (value != "False") if isinstance(default, bool) else type(default)(value)

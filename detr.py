@@ -345,7 +345,7 @@ class DETR(nn.Module):
         B = images.shape[0]
         features = self.backbone(images)  # (B, 2048, h, w)
         h, w = features.shape[-2:]
-        if mask is None:  # nothing padded: no attention mask either, so SDPA may take its fastest kernel
+        if mask is None:  # nothing padded (inference at one size): no attention mask, so SDPA may take its fastest kernel
             feature_mask = torch.zeros(B, h, w, dtype=torch.bool, device=images.device)
         else:
             feature_mask = F.interpolate(mask[:, None].float(), size=(h, w)).bool()[:, 0]  # (B, h, w), nearest

@@ -325,7 +325,8 @@ class HungarianMatcher(nn.Module):
     @torch.no_grad()
     def match_sets(self, sets, targets):
         """forward for several (outputs, groups) at once, e.g. the decoder's and the encoder proposals':
-        their costs reach the host in one copy, the step's one host sync. Returns their results."""
+        their costs reach the host in one copy (the loss's other host copies are small index tensors
+        going the other way). Returns their results."""
         costs = [self.cost(outputs, targets) for outputs, _ in sets]  # (L, B, Q, T) each
         host = torch.cat([c.flatten() for c in costs]).cpu().numpy()
         if not np.isfinite(host).all():

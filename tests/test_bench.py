@@ -81,6 +81,6 @@ def test_gpu_check_writes_its_json_and_the_readme_rows(tmp_path, capsys, monkeyp
     speed, run = json.loads(path.read_text())
     low, high = speed["train_img_per_s_range"]
     assert speed["impl"] == "minidetr" and low <= speed["train_img_per_s"] <= high and "train_times" not in speed
-    assert run["steps"] >= 1 and run["train_img_per_s"] > 0 and run["graphs_after"] == 0
+    assert run["steps"] >= 1 and run["train_img_per_s"] > 0 and run["host_syncs_per_step"] is None  # counted on CUDA only
     rows = capsys.readouterr().out.strip().splitlines()
     assert len(rows) == 2 and all(row.startswith("| cpu | ") and row.endswith(" |") for row in rows)

@@ -140,3 +140,19 @@ def test_denoising_slots_take_a_few_sizes_and_padding_is_marked():
         return labels.shape[1]
 
     assert [slots(0, 0), slots(1, 3), slots(8, 2), slots(9, 0), slots(16), slots(17, 1)] == [8, 8, 8, 16, 16, 32]
+
+
+def test_matching_several_sets_at_once_equals_matching_each():
+    torch.manual_seed(0)
+    matcher = train.HungarianMatcher()
+    targets = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2]])},
+               {"labels": torch.tensor([], dtype=torch.int64), "boxes": torch.zeros(0, 4)},
+               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    decoder = {"pred_logits": torch.randn(3, 3, 8, 4), "pred_boxes": torch.rand(3, 3, 8, 4)}  # 3 layers, 2 groups of 4
+    encoder = {"pred_logits": torch.randn(3, 12, 4), "pred_boxes": torch.rand(3, 12, 4), "valid": torch.rand(3, 12) > 0.3}
+    together = matcher.match_sets([(decoder, 2), (encoder, 1)], targets)
+    alone = [matcher(decoder, targets, 2), matcher(encoder, targets)]
+    flat = lambda x: [t.tolist() for pair in x for t in pair]  # noqa: E731
+    assert [flat(layer) for layer in together[0]] == [flat(layer) for layer in alone[0]]
+    assert flat(together[1]) == flat(alone[1]) and len(together[0][0][0][0]) == 2 * 2  # both groups matched
+    assert all(encoder["valid"][b, i] for b, (i, _) in enumerate(together[1]) for i in i.tolist())
