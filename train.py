@@ -325,8 +325,8 @@ class HungarianMatcher(nn.Module):
     @torch.no_grad()
     def match_sets(self, sets, targets):
         """forward for several (outputs, groups) at once, e.g. the decoder's and the encoder proposals':
-        their costs reach the host in one copy (the loss's other host copies are small index tensors
-        going the other way). Returns their results."""
+        their costs reach the host in one copy. Returns their results (the loss copies each set's
+        matched indices back to the device in one pinned, non-blocking copy)."""
         costs = [self.cost(outputs, targets) for outputs, _ in sets]  # (L, B, Q, T) each
         host = torch.cat([c.flatten() for c in costs]).cpu().numpy()
         if not np.isfinite(host).all():
@@ -454,17 +454,18 @@ class SetCriterion(nn.Module):
         no_object_weight (B, Q): the additions' own weight of each unmatched query's cross-entropy
         (0 for padding) in place of eos_coef."""
         L, B, Q = logits.shape[:3]
-        # which (layer, image, query) is matched to which target
-        layer_idx = torch.cat([torch.full_like(p, layer) for layer, per_image in enumerate(indices) for p, _ in per_image])
-        image_idx = torch.cat([torch.full_like(p, b) for per_image in indices for b, (p, _) in enumerate(per_image)])
-        query_idx = torch.cat([p for per_image in indices for p, _ in per_image])
+        # which (layer, image, query) is matched to which of the batch's targets: built on the host, one copy
         device = logits.device
-        layer_idx, image_idx, query_idx = layer_idx.to(device), image_idx.to(device), query_idx.to(device)
-        tgt_labels = torch.cat([t["labels"][j] for per_image in indices for t, (_, j) in zip(targets, per_image)])
-        tgt_boxes = torch.cat([t["boxes"][j] for per_image in indices for t, (_, j) in zip(targets, per_image)])
+        first = np.cumsum([0] + [len(t["labels"]) for t in targets]).tolist()  # each image's first target
+        index = torch.cat([torch.stack([torch.full_like(p, layer), torch.full_like(p, b), p, j + first[b]])
+                           for layer, per_image in enumerate(indices) for b, (p, j) in enumerate(per_image)], dim=1)
+        index = (index.pin_memory() if device.type == "cuda" else index).to(device, non_blocking=True)
+        layer_idx, image_idx, query_idx, target_idx = index  # (M,) each
+        tgt_labels = torch.cat([t["labels"] for t in targets]).to(device)[target_idx]
+        tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(device)[target_idx]
 
         target_classes = torch.full((L, B, Q), self.num_classes, dtype=torch.int64, device=device)  # "no object"
-        target_classes[layer_idx, image_idx, query_idx] = tgt_labels.to(device)
+        target_classes[layer_idx, image_idx, query_idx] = tgt_labels
         if no_object_weight is None:
             ce = F.cross_entropy(logits.flatten(0, 2), target_classes.flatten(), self.class_weight, reduction="none")
         else:
@@ -472,7 +473,7 @@ class SetCriterion(nn.Module):
             ce = ce * torch.where(target_classes == self.num_classes, no_object_weight.to(ce.dtype), 1.0)
 
         src_boxes = boxes[layer_idx, image_idx, query_idx]  # (M, 4)
-        tgt_boxes = tgt_boxes.to(device).float()
+        tgt_boxes = tgt_boxes.float()
         l1 = F.l1_loss(src_boxes, tgt_boxes, reduction="none").sum(1)  # (M,)
         giou = generalized_box_iou_loss(box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"))
         zeros = torch.zeros(L, device=device)
