@@ -15,6 +15,8 @@ import inspect
 import json
 import math
 import os
+import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -46,6 +48,7 @@ train_split = "train"
 val_split = "val"
 init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), or an official checkpoint: 'detr-r50' or a path
 eval_interval = 1000  # evaluate (and checkpoint) every this many iterations, and at the end
+checkpoint_minutes = 0.0  # also write ckpt.pt this often, without evaluating (0: only at evaluations)
 log_interval = 10  # print and log the losses every this many iterations
 eval_only = False  # evaluate the initial model and exit
 save_detections = ""  # with eval_only: also write the val detections to this path as a COCO results json
@@ -779,10 +782,22 @@ def dataset_dir(dataset):
 
 
 def save_checkpoint(checkpoint, path):
-    """Write to a temporary file, then rename: a run killed mid-write leaves the old file whole."""
+    """Write to a temporary file, then rename: a run killed mid-write leaves the old file whole. A
+    failed write (a full disk, no permission, a vanished folder) removes the temporary file and
+    stops with one error line; the previous checkpoint is left as it was."""
     tmp = path + ".tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        folder = os.path.dirname(os.path.abspath(path))
+        needed = sum(t.nbytes for t in torch.utils._pytree.tree_leaves(checkpoint) if isinstance(t, torch.Tensor))
+        free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
+        raise SystemExit(f"error: could not write {path} ({str(e).splitlines()[0]}); it needs about "
+                         f"{needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free there. The last checkpoint is "
+                         f"left as it was") from None
 
 
 def lr_factor(it, cfg):
@@ -994,23 +1009,27 @@ def train(config):
         metrics = {f"val_{k}": v for k, v in metrics.items()}
         improved = metrics[f"val_{cfg.best_metric}"] > best_val
         best_val = max(best_val, metrics[f"val_{cfg.best_metric}"])
-        # every process's RNG states, so that a resumed DDP run draws the same dropout masks
-        rng = {"cpu": all_gather_rng(torch.get_rng_state()),
-               "cuda": all_gather_rng(torch.cuda.get_rng_state()) if "cuda" in device else []}
         if master:
             aps = ", ".join(f"{c} {ap:.3f}" for c, ap in zip(classes, metrics["val_AP_per_class"]) if ap == ap)
             tqdm.write(f"iter {iter_num}: val mAP50 {metrics['val_mAP50']:.4f}, mAP50 (VOC07) "
                        f"{metrics['val_mAP50_07']:.4f}, mAP {metrics['val_mAP']:.4f} | {aps}")
             log({"iter": iter_num, "time": round(time.time() - t_start, 1), **metrics})
+        write_checkpoint(improved)
+        return metrics
+
+    def write_checkpoint(best):
+        # every process's RNG states, so that a resumed DDP run draws the same dropout masks
+        rng = {"cpu": all_gather_rng(torch.get_rng_state()),
+               "cuda": all_gather_rng(torch.cuda.get_rng_state()) if "cuda" in device else []}
+        if master:
             ckpt = {
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": raw_model.config,
                 "iter_num": iter_num, "best_val": best_val, "config": config, "classes": classes, "rng": rng,
                 "category_ids": val_set.category_ids,
             }
             save_checkpoint(ckpt, ckpt_path)
-            if improved:
+            if best:
                 save_checkpoint(ckpt, os.path.join(cfg.out_dir, "best.pt"))
-        return metrics
 
     def all_gather_rng(state):
         if world_size == 1:
@@ -1024,7 +1043,13 @@ def train(config):
             f.write(json.dumps(record) + "\n")
 
     if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
+        try:  # before any training: a run must be able to save what it learns
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            with open(os.path.join(cfg.out_dir, ".writable"), "w"):
+                pass
+            os.remove(os.path.join(cfg.out_dir, ".writable"))
+        except OSError as e:
+            raise SystemExit(f"error: out_dir={cfg.out_dir!r} is not writable ({e.strerror or e})") from None
         n_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         print(f"{cfg.dataset}: {len(train_set) if train_set else 0} train / {len(val_set)} val images, {len(classes)} classes; "
               f"model {n_params / 1e6:.2f}M trainable parameters; {device}, {cfg.dtype}, world size {world_size}")
@@ -1058,7 +1083,12 @@ def train(config):
                     dynamic_ncols=True)
     if cfg.compile and master:
         tqdm.write("compiling the backbone and the transformer layers (compile_model): the first step takes longer")
-    t_start = t_log = time.time()
+    # pre-emption: SIGTERM or SIGUSR1 (a scheduler's warning) finishes the step, writes ckpt.pt and stops
+    signals = []
+    previous = {n: signal.signal(n, lambda n, frame: signals.append(signal.Signals(n).name))
+                for n in (signal.SIGTERM, signal.SIGUSR1)}
+    t_start = t_log = t_checkpoint = time.time()  # the clock of checkpoint_minutes starts at the (re)start
+    checkpoint_iter = iter_num
     for it in progress:
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(it, cfg)
@@ -1117,7 +1147,25 @@ def train(config):
             sums, iters_since_log, images_since_log = {}, 0, 0
             if iter_num % cfg.eval_interval == 0 or last:
                 metrics = checkpoint_and_log(evaluate(eval_model, val_set, cfg, device, rank, world_size))
+                t_checkpoint, checkpoint_iter = time.time(), iter_num
             t_log = time.time()
+        stop, due = bool(signals), cfg.checkpoint_minutes > 0 and time.time() - t_checkpoint > 60 * cfg.checkpoint_minutes
+        if ddp:  # every rank stops, or checkpoints, at the same step: any rank's signal, the master's clock
+            flags = torch.tensor([stop, due and master], dtype=torch.int32, device=device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            stop, due = flags.tolist()
+        if (stop or due) and not last:
+            if checkpoint_iter != iter_num:  # not just written by an evaluation
+                stop_if_not_finite()
+                write_checkpoint(best=False)
+                t_checkpoint, checkpoint_iter = time.time(), iter_num
+            if stop:
+                if master:
+                    tqdm.write(f"{signals[0] if signals else 'a signal on another rank'}: stopped at iteration "
+                               f"{iter_num}; {ckpt_path} written, resume with --init_from=resume")
+                break
+    for number, handler in previous.items():
+        signal.signal(number, handler)
     if ddp:
         dist.destroy_process_group()
     return raw_model, metrics

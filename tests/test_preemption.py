@@ -1,0 +1,78 @@
+"""Long runs in the real world: SIGTERM saves and stops, checkpoints on a clock, a write that fails is
+one error line and keeps the last checkpoint, an out_dir that cannot be written stops before training."""
+
+import errno
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from conftest import ROOT
+from test_train import TINY, make_shapes, run
+
+
+def test_sigterm_finishes_the_step_saves_and_the_resume_is_exact(tmp_path):
+    make_shapes(tmp_path / "data", 10, 2)
+    flags = [f"--{k}={v}" for k, v in {**TINY, "dataset": tmp_path / "data", "out_dir": tmp_path / "split",
+                                        "max_iters": 1000, "device": "cpu", "dtype": "float32"}.items()]
+    child = subprocess.Popen([sys.executable, "train.py", *flags], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+    for line in child.stdout:  # a few steps in, as a scheduler's warning would come
+        if line.startswith("iter 3:"):
+            child.send_signal(signal.SIGTERM)
+            break
+    out = child.stdout.read()
+    assert child.wait(timeout=120) == 0
+    stopped = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)["iter_num"]
+    assert f"SIGTERM: stopped at iteration {stopped};" in out and 3 <= stopped < 1000
+    assert not (tmp_path / "split" / "best.pt").exists()  # no evaluation, no best
+    run(tmp_path / "split", tmp_path / "data", max_iters=stopped + 2, init_from="resume")
+    run(tmp_path / "straight", tmp_path / "data", max_iters=stopped + 2)
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)
+    assert a["iter_num"] == b["iter_num"] == stopped + 2
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_checkpoint_minutes_writes_ckpt_without_evaluating(tmp_path, monkeypatch):
+    make_shapes(tmp_path / "data", 4, 2)
+    writes = []
+    real_save = train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda ckpt, path: writes.append((path.rsplit("/", 1)[1], ckpt["iter_num"]))
+                        or real_save(ckpt, path))
+    run(tmp_path / "out", tmp_path / "data", max_iters=3, checkpoint_minutes=1e-9)
+    assert writes == [("ckpt.pt", 1), ("ckpt.pt", 2), ("ckpt.pt", 3), ("best.pt", 3)]  # best.pt only at the evaluation
+
+
+def test_a_failed_write_is_one_error_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    make_shapes(tmp_path / "data", 4, 2)
+    run(tmp_path / "out", tmp_path / "data", max_iters=2)
+
+    def disk_full(obj, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half a checkpo")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SystemExit) as stop:
+        run(tmp_path / "out", tmp_path / "data", max_iters=4, init_from="resume")
+    monkeypatch.undo()
+    message = stop.value.code
+    assert message.startswith("error: could not write ") and "No space left on device" in message
+    assert "GiB are free there" in message and "\n" not in message
+    assert not (tmp_path / "out" / "ckpt.pt.tmp").exists()
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["iter_num"] == 2
+
+
+def test_an_out_dir_that_cannot_be_written_stops_before_training(tmp_path, monkeypatch):
+    make_shapes(tmp_path / "data", 4, 2)
+    (tmp_path / "a_file").write_text("")
+    steps = []
+    monkeypatch.setattr(train, "lr_factor", lambda it, cfg: steps.append(it) or 1.0)
+    with pytest.raises(SystemExit) as stop:
+        run(tmp_path / "a_file" / "out", tmp_path / "data", max_iters=2)
+    assert stop.value.code.startswith("error: out_dir=") and "is not writable" in stop.value.code and steps == []
