@@ -2,6 +2,7 @@
 one error line and keeps the last checkpoint, an out_dir that cannot be written stops before training."""
 
 import errno
+import os
 import signal
 import subprocess
 import sys
@@ -76,3 +77,36 @@ def test_an_out_dir_that_cannot_be_written_stops_before_training(tmp_path, monke
     with pytest.raises(SystemExit) as stop:
         run(tmp_path / "a_file" / "out", tmp_path / "data", max_iters=2)
     assert stop.value.code.startswith("error: out_dir=") and "is not writable" in stop.value.code and steps == []
+
+
+DDP_SIGNAL_SCRIPT = """
+import os, signal, sys, torch
+sys.path.insert(0, {root!r})
+import train
+if os.environ["RANK"] == "1":  # only the second rank is signalled, during iteration 3
+    real_lr_factor = train.lr_factor
+    def lr_factor(it, cfg):
+        if it == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_lr_factor(it, cfg)
+    train.lr_factor = lr_factor
+config = train.get_config([])
+config.update({config!r})
+model, _ = train.train(config)
+torch.save(model.state_dict(), {out!r} + "/weights_" + os.environ["RANK"] + ".pt")
+"""
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    make_shapes(tmp_path / "data", 8, 4)
+    config = dict(TINY, dataset=str(tmp_path / "data"), out_dir=str(tmp_path / "out"), max_iters=1000)
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SIGNAL_SCRIPT.format(root=str(ROOT), config=config, out=str(tmp_path)))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "a signal on another rank: stopped at iteration 4;" in result.stdout
+    a, b = (torch.load(tmp_path / f"weights_{r}.pt") for r in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["iter_num"] == 4
