@@ -771,7 +771,8 @@ def compile_model(model, backend="inductor"):
     """torch.compile the backbone and each encoder and decoder layer, in place (the checkpoint's keys
     stay as they are). What runs between them (encoder proposals, the denoising queries made from each
     image's targets) stays eager, so that no object count reaches a graph, and image sizes are dynamic:
-    a run compiles a few graphs in its first step and its first evaluation, and none after."""
+    a run compiles a few graphs in its first steps (again at the first non-square batch) and at its
+    first evaluation, and none after."""
     for part in [model.backbone, *model.encoder, *model.decoder]:
         part.compile(dynamic=True, backend=backend)
 

@@ -34,7 +34,7 @@ val_scale = 640
 # pretrained_backbone = True, anchor_queries = True, encoder_proposals = True, denoising_groups = 3,
 # query_groups = 3, conditional_cross_attn = True. One key follows the image size: feature_stride.
 # Take the coarsest stride at which your smallest objects still span a token or two: on 80 VOC photos
-# at 320 pixels, stride 32 (a 10x16 token grid) reached val mAP50 0.56 in 1,000 steps, stride 16
-# (20x32) 0.18. So 8 for small objects in small images, 16 below ~300, 32 (the paper's) above. The
+# at 320 pixels, stride 32 (about a 10x14 token grid) reached val mAP50 0.56 in 1,000 steps, stride 16
+# (about 20x28) 0.18. So 8 for small objects in small images, 16 below ~300, 32 (the paper's) above. The
 # rest of the recipe, its loss weights included, is unchanged at every size measured (README, "The
 # same recipe at other image sizes": 64 to 320 pixels; at 800 only the first 36 steps).
