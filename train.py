@@ -1090,83 +1090,87 @@ def train(config):
                 for n in (signal.SIGTERM, signal.SIGUSR1)}
     t_start = t_log = t_checkpoint = time.time()  # the clock of checkpoint_minutes starts at the (re)start
     checkpoint_iter = iter_num
-    for it in progress:
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * lr_factor(it, cfg)
-        micro_batches = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
-        # normalisers for the whole accumulated batch (local counts; the criterion averages boxes over processes)
-        all_targets = [t for _, _, targets in micro_batches for t in targets]
-        num_boxes = sum(len(t["labels"]) for t in all_targets)
-        matched = sum(min(len(t["labels"]), raw_model.num_queries) for t in all_targets)
-        class_weight_sum = matched + cfg.eos_coef * (len(all_targets) * raw_model.num_queries - matched)
-        for micro_step, (images, mask, targets) in enumerate(micro_batches):
-            images = images.to(device, non_blocking=True)
-            if "cuda" in device:
-                images = images.contiguous(memory_format=torch.channels_last)
-            # a mask even when nothing is padded: under compile, one graph rather than two
-            mask = mask.to(device, non_blocking=True) if mask is not None else images.new_zeros(images[:, 0].shape, dtype=torch.bool)
-            targets = [{k: t[k].to(device, non_blocking=True) for k in ("labels", "boxes")} for t in targets]
-            last_micro_step = micro_step == cfg.gradient_accumulation_steps - 1
-            with model.no_sync() if ddp and not last_micro_step else nullcontext():  # all-reduce grads once
-                with autocast(device, cfg.dtype):  # the targets only feed denoising queries
-                    outputs = model(images, mask, targets if raw_model.denoising_groups else None)
-                try:
-                    losses = criterion(outputs, targets, num_boxes, class_weight_sum)
-                except FloatingPointError:  # the matcher found non-finite outputs
-                    stop_if_not_finite(it)
-                losses["loss"].backward()
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v.detach()
-            bad_now = (first_bad_iter < 0) & ~torch.isfinite(losses["loss"].detach())
-            first_bad_iter = first_bad_iter.masked_fill(bad_now, it)
-        log_now = (it + 1) % cfg.log_interval == 0
-        if log_now and master:  # before clipping: what the loss asks of each part
-            diagnostics = training_diagnostics(raw_model, outputs, targets, criterion.matcher)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cfg.compile and master and it == progress.initial:
-            tqdm.write(f"compiled: the first step took {time.time() - t_start:.0f} s")
-        iter_num, iters_since_log = it + 1, iters_since_log + 1
-        images_since_log += len(all_targets) * world_size
+    try:
+        for it in progress:
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * lr_factor(it, cfg)
+            micro_batches = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
+            # normalisers for the whole accumulated batch (local counts; the criterion averages boxes over processes)
+            all_targets = [t for _, _, targets in micro_batches for t in targets]
+            num_boxes = sum(len(t["labels"]) for t in all_targets)
+            matched = sum(min(len(t["labels"]), raw_model.num_queries) for t in all_targets)
+            class_weight_sum = matched + cfg.eos_coef * (len(all_targets) * raw_model.num_queries - matched)
+            for micro_step, (images, mask, targets) in enumerate(micro_batches):
+                images = images.to(device, non_blocking=True)
+                if "cuda" in device:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                # a mask even when nothing is padded: under compile, one graph rather than two
+                mask = (mask.to(device, non_blocking=True) if mask is not None
+                        else images.new_zeros(images[:, 0].shape, dtype=torch.bool))
+                targets = [{k: t[k].to(device, non_blocking=True) for k in ("labels", "boxes")} for t in targets]
+                last_micro_step = micro_step == cfg.gradient_accumulation_steps - 1
+                with model.no_sync() if ddp and not last_micro_step else nullcontext():  # all-reduce grads once
+                    with autocast(device, cfg.dtype):  # the targets only feed denoising queries
+                        outputs = model(images, mask, targets if raw_model.denoising_groups else None)
+                    try:
+                        losses = criterion(outputs, targets, num_boxes, class_weight_sum)
+                    except FloatingPointError:  # the matcher found non-finite outputs
+                        stop_if_not_finite(it)
+                    losses["loss"].backward()
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach()
+                bad_now = (first_bad_iter < 0) & ~torch.isfinite(losses["loss"].detach())
+                first_bad_iter = first_bad_iter.masked_fill(bad_now, it)
+            log_now = (it + 1) % cfg.log_interval == 0
+            if log_now and master:  # before clipping: what the loss asks of each part
+                diagnostics = training_diagnostics(raw_model, outputs, targets, criterion.matcher)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if cfg.compile and master and it == progress.initial:
+                tqdm.write(f"compiled: the first step took {time.time() - t_start:.0f} s")
+            iter_num, iters_since_log = it + 1, iters_since_log + 1
+            images_since_log += len(all_targets) * world_size
 
-        last = iter_num == cfg.max_iters
-        if iter_num % cfg.log_interval == 0 or iter_num % cfg.eval_interval == 0 or last:
-            stop_if_not_finite()  # before anything is logged or saved
-            if master:
-                record = {"iter": iter_num, "time": round(time.time() - t_start, 1),
-                          **{k: v.item() / iters_since_log for k, v in sums.items()},
-                          "lr": optimizer.param_groups[0]["lr"], "img_per_s": images_since_log / (time.time() - t_log),
-                          **(diagnostics if log_now else {})}
-                progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}",
-                                     img_s=f"{record['img_per_s']:.1f}")
-                tqdm.write(f"iter {iter_num}: " + ", ".join(f"{k} {record[k]:.4f}" for k in
-                           ("loss", "loss_ce", "loss_bbox", "loss_giou")) + f", lr {record['lr']:.1e}, "
-                           f"{record['img_per_s']:.1f} img/s")
-                log(record)
-            sums, iters_since_log, images_since_log = {}, 0, 0
-            if iter_num % cfg.eval_interval == 0 or last:
-                metrics = checkpoint_and_log(evaluate(eval_model, val_set, cfg, device, rank, world_size))
-                t_checkpoint, checkpoint_iter = time.time(), iter_num
-            t_log = time.time()
-        stop, due = bool(signals), cfg.checkpoint_minutes > 0 and time.time() - t_checkpoint > 60 * cfg.checkpoint_minutes
-        if ddp:  # every rank stops, or checkpoints, at the same step: any rank's signal, the master's clock
-            flags = torch.tensor([stop, due and master], dtype=torch.int32, device=device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            stop, due = flags.tolist()
-        if (stop or due) and not last:
-            if checkpoint_iter != iter_num:  # not just written by an evaluation
-                stop_if_not_finite()
-                write_checkpoint(best=False)
-                t_checkpoint, checkpoint_iter = time.time(), iter_num
-            if stop:
+            last = iter_num == cfg.max_iters
+            if iter_num % cfg.log_interval == 0 or iter_num % cfg.eval_interval == 0 or last:
+                stop_if_not_finite()  # before anything is logged or saved
                 if master:
-                    tqdm.write(f"{signals[0] if signals else 'a signal on another rank'}: stopped at iteration "
-                               f"{iter_num}; {ckpt_path} written, resume with --init_from=resume")
-                break
-    for number, handler in previous.items():
-        signal.signal(number, handler)
+                    record = {"iter": iter_num, "time": round(time.time() - t_start, 1),
+                              **{k: v.item() / iters_since_log for k, v in sums.items()},
+                              "lr": optimizer.param_groups[0]["lr"], "img_per_s": images_since_log / (time.time() - t_log),
+                              **(diagnostics if log_now else {})}
+                    progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}",
+                                         img_s=f"{record['img_per_s']:.1f}")
+                    tqdm.write(f"iter {iter_num}: " + ", ".join(f"{k} {record[k]:.4f}" for k in
+                               ("loss", "loss_ce", "loss_bbox", "loss_giou")) + f", lr {record['lr']:.1e}, "
+                               f"{record['img_per_s']:.1f} img/s")
+                    log(record)
+                sums, iters_since_log, images_since_log = {}, 0, 0
+                if iter_num % cfg.eval_interval == 0 or last:
+                    metrics = checkpoint_and_log(evaluate(eval_model, val_set, cfg, device, rank, world_size))
+                    t_checkpoint, checkpoint_iter = time.time(), iter_num
+                t_log = time.time()
+            stop = bool(signals)
+            due = cfg.checkpoint_minutes > 0 and time.time() - t_checkpoint > 60 * cfg.checkpoint_minutes
+            if ddp:  # every rank stops, or checkpoints, at the same step: any rank's signal, the master's clock
+                flags = torch.tensor([stop, due and master], dtype=torch.int32, device=device)
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                stop, due = flags.tolist()
+            if (stop or due) and not last:
+                if checkpoint_iter != iter_num:  # not just written by an evaluation
+                    stop_if_not_finite()
+                    write_checkpoint(best=False)
+                    t_checkpoint, checkpoint_iter = time.time(), iter_num
+                if stop:
+                    if master:
+                        tqdm.write(f"{signals[0] if signals else 'a signal on another rank'}: stopped at iteration "
+                                   f"{iter_num}; {ckpt_path} written, resume with --init_from=resume")
+                    break
+    finally:  # also after an error: a handler left behind would swallow the signals of whatever runs next
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     if ddp:
         dist.destroy_process_group()
     return raw_model, metrics

@@ -3,6 +3,7 @@
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -205,9 +206,12 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch, c
         return losses
 
     monkeypatch.setattr(train.SetCriterion, "forward", nan_on_the_second_call)
+    handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)]
     with pytest.raises(SystemExit):
         run(tmp_path / "out", tmp_path / "data", max_iters=6, init_from="resume", log_interval=3)
     assert "the loss is not finite at iteration 3" in capsys.readouterr().out
+    # the pre-emption handlers are gone with the run (left behind, they made later forked workers unkillable)
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)] == handlers
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["iter_num"] == 2
 
 
