@@ -266,6 +266,13 @@ class DetectionDataset(torch.utils.data.Dataset):
         return image, target
 
 
+def worker_ignores_sigusr1(worker_id):
+    """A data worker leaves SIGUSR1 to the main process, which finishes its step, saves and then
+    closes the workers. A scheduler (SLURM's --signal) may signal every process of the job, and the
+    default action would kill the worker. SIGTERM stays as torch sets it: the loader's own shutdown uses it."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def collate(batch, pad_to=1):
     """Pad images bottom/right to the batch's largest size, rounded up to a multiple of pad_to (fixed
     multiples let torch.compile reuse kernels). Returns images (B, 3, H, W), mask (B, H, W) True on
@@ -838,9 +845,9 @@ def evaluate(model, dataset, cfg, device, rank=0, world_size=1, results_path="")
     results_path: also write the detections there (coco_results, the image ids the json's "id")."""
     model.eval()
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
-    loader = torch.utils.data.DataLoader(shard, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                         collate_fn=partial(collate, pad_to=cfg.pad_to),
-                                         generator=torch.Generator())  # leaves the global RNG (dropout) alone
+    loader = torch.utils.data.DataLoader(
+        shard, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=partial(collate, pad_to=cfg.pad_to),
+        worker_init_fn=worker_ignores_sigusr1, generator=torch.Generator())  # leaves the global RNG (dropout) alone
     detections, image_ids = [], []
     for images, mask, targets in loader:
         with autocast(device, cfg.dtype):
@@ -1065,7 +1072,8 @@ def train(config):
     sampler = ResumableSampler(len(train_set), cfg.seed, iter_num * samples_per_iter, rank, world_size)
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-        collate_fn=partial(collate, pad_to=cfg.pad_to), pin_memory="cuda" in device,
+        collate_fn=partial(collate, pad_to=cfg.pad_to), worker_init_fn=worker_ignores_sigusr1,
+        pin_memory="cuda" in device,
         persistent_workers=cfg.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed),
     )
     batches = iter(loader)

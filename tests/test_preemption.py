@@ -39,6 +39,23 @@ def test_sigterm_finishes_the_step_saves_and_the_resume_is_exact(tmp_path):
         assert torch.equal(a["model"][key], b["model"][key]), key
 
 
+def test_sigusr1_to_the_whole_job_spares_the_data_workers(tmp_path):
+    """A scheduler may signal every process of the job (SLURM's --signal), data workers included."""
+    make_shapes(tmp_path / "data", 10, 2)
+    flags = [f"--{k}={v}" for k, v in {**TINY, "dataset": tmp_path / "data", "out_dir": tmp_path / "out",
+                                        "num_workers": 2, "max_iters": 1000, "device": "cpu"}.items()]
+    child = subprocess.Popen([sys.executable, "train.py", *flags], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in child.stdout:
+        if line.startswith("iter 3:"):
+            os.killpg(child.pid, signal.SIGUSR1)  # the main process and both workers
+            break
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err[-2000:]
+    stopped = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["iter_num"]
+    assert f"SIGUSR1: stopped at iteration {stopped};" in out and "Traceback" not in err
+
+
 def test_checkpoint_minutes_writes_ckpt_without_evaluating(tmp_path, monkeypatch):
     make_shapes(tmp_path / "data", 4, 2)
     writes = []
