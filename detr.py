@@ -14,8 +14,11 @@ COCO model and reproduces its outputs.
     python detr.py --backbone=resnet18 --num_classes=20
 """
 
+import importlib.util
+import json
 import math
 import os
+import re
 import sys
 
 import torch
@@ -285,6 +288,7 @@ class DETR(nn.Module):
         self.anchor_queries, self.encoder_proposals = anchor_queries, encoder_proposals
         self.denoising_groups, self.query_groups = denoising_groups, query_groups
         self.conditional_cross_attn = conditional_cross_attn
+        self.classes = self.category_ids = None  # the outputs' names and dataset ids, where the weights' file gives them
         # what rebuilds this model (checkpoints store it); the weights, pretrained or not, come from the file
         self.config = dict(
             num_classes=num_classes, backbone=backbone, dilation=dilation, trainable_layers=trainable_layers, frozen_bn=frozen_bn,
@@ -419,10 +423,13 @@ class DETR(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, **kwargs):
-        """Build a DETR from an official facebookresearch/detr checkpoint: a known name
-        ('detr-r50', 'detr-r50-dc5', 'detr-r101', 'detr-r101-dc5', downloaded by torch.hub) or a
-        local file. The architecture is read off the weights; kwargs override the rest
-        (num_heads, dilation for a local DC5 file)."""
+        """Build a DETR from pretrained weights, with the names of its classes (`model.classes`):
+        - an official facebookresearch/detr checkpoint: a known name ('detr-r50', 'detr-r50-dc5',
+          'detr-r101', 'detr-r101-dc5', downloaded by torch.hub) or a local .pth file;
+        - a Hugging Face transformers DETR: a folder (config.json and model.safetensors or
+          pytorch_model.bin) or a hub id such as 'facebook/detr-resnet-50' (see its section below).
+        The architecture is read off the weights or config.json; kwargs override the rest (dropout,
+        trainable_layers; num_heads and dilation for an official .pth, which does not say them)."""
         if name_or_path in OFFICIAL_CHECKPOINTS:
             url = OFFICIAL_CHECKPOINTS[name_or_path]
             kwargs.setdefault("dilation", "-dc5" in name_or_path)
@@ -432,30 +439,35 @@ class DETR(nn.Module):
                 path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
                 raise LoadError(f"could not download {url} ({type(e).__name__}); put the file at {path}") from None
         else:
+            folder = transformers_folder(name_or_path)
+            if folder is not None:
+                return from_transformers_folder(cls, folder, name_or_path, **kwargs)
             ckpt = load_checkpoint_file(name_or_path)
         state_dict = ckpt.get("model", ckpt)
         model = cls(**{**official_model_args(state_dict, name_or_path), **kwargs})
         model.load_official_state_dict(state_dict, name_or_path)
+        model.classes = COCO_CLASSES if model.num_classes == len(COCO_CLASSES) else None
         return model
 
     def load_official_state_dict(self, state_dict, source="checkpoint"):
-        """Load a state dict with the official key names, after checking every key and shape, so
-        that a wrong file fails with one line naming the first bad key."""
-        expected = {minidetr_to_official_key(k): v.shape for k, v in self.state_dict().items()}
-        ours = {}
-        for key, value in state_dict.items():
-            if key.endswith("num_batches_tracked"):  # written by plain BatchNorm, unused when frozen
-                continue
-            if key not in expected:
-                raise LoadError(f"{source}: unexpected key '{key}' (not part of an official DETR checkpoint)")
-            if not torch.is_tensor(value) or value.shape != expected[key]:
+        """Load a state dict with the official key names (see load_named_state_dict)."""
+        named = {official_to_minidetr_key(k): (k, v) for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+        self.load_named_state_dict(named, source, "an official DETR checkpoint", minidetr_to_official_key)
+
+    def load_named_state_dict(self, named, source, kind, their_key):
+        """Load {our key: (the file's key, tensor)} after checking every key and shape, so that a
+        wrong file fails with one line naming the first bad key as the file names it."""
+        expected = self.state_dict()
+        for ours, (theirs, value) in named.items():
+            if ours not in expected:
+                raise LoadError(f"{source}: unexpected key '{theirs}' (not part of {kind})")
+            if not torch.is_tensor(value) or value.shape != expected[ours].shape:
                 shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-                raise LoadError(f"{source}: key '{key}' has shape {shape}, expected {tuple(expected[key])}")
-            ours[official_to_minidetr_key(key)] = value
-        missing = [k for k in expected if k not in state_dict]
+                raise LoadError(f"{source}: key '{theirs}' has shape {shape}, expected {tuple(expected[ours].shape)}")
+        missing = [their_key(k) for k in expected if k not in named and not k.endswith("num_batches_tracked")]
         if missing:
             raise LoadError(f"{source}: missing key '{missing[0]}' ({len(missing)} missing in all)")
-        self.load_state_dict(ours)
+        self.load_state_dict({ours: value for ours, (_, value) in named.items()}, strict=False)
 
 
 def postprocess(outputs, sizes):
@@ -760,6 +772,7 @@ def model_from_checkpoint(checkpoint, source):
     except (TypeError, ValueError, RuntimeError) as e:
         detail = [line.strip() for line in str(e).strip().splitlines()][-1][:300]
         raise LoadError(f"{source}: its weights do not make a model ({detail})") from None
+    model.classes, model.category_ids = checkpoint.get("classes"), checkpoint.get("category_ids")
     return model
 
 
@@ -771,11 +784,279 @@ def load_checkpoint_file(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise LoadError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {first_line[:200]})") from None
+        raise LoadError(f"{path}: not a PyTorch checkpoint ({first_line(e)})") from None
     if not isinstance(ckpt, dict):
         raise LoadError(f"{path}: not a checkpoint (holds a {type(ckpt).__name__}, expected a dict)")
     return ckpt
+
+
+
+def first_line(error):
+    """An exception as one short line: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+
+# -----------------------------------------------------------------------------
+# Hugging Face transformers checkpoints: folders and hub ids, in and out
+# transformers' DetrForObjectDetection is a port of the official model under other names. Its files
+# (save_pretrained, the hub) call the backbone model.backbone.conv_encoder.model.* (timm's ResNet,
+# whose names are torchvision's, or transformers' own ResNet: embedder / encoder.stages), the
+# feed-forward layers fc1 / fc2, and split each attention's input projection into q_proj, k_proj
+# and v_proj. transformers 5's in-memory state dict says backbone.model, mlp.fc1 and o_proj instead.
+# Both load; folders are written with the file names, which every transformers version reads.
+
+HF_NEWER_NAMES = [(".backbone.model.", ".backbone.conv_encoder.model."), (".mlp.fc", ".fc"), (".o_proj.", ".out_proj.")]
+HF_PREFIXES = [  # transformers' prefix -> ours
+    ("model.backbone.conv_encoder.model.", "backbone."),
+    ("model.input_projection.", "input_proj."),
+    ("model.query_position_embeddings.", "query_embed."),
+    ("model.encoder.layers.", "encoder."),
+    ("model.decoder.layers.", "decoder."),
+    ("model.decoder.layernorm.", "decoder_norm."),
+    ("class_labels_classifier.", "class_head."),
+    ("bbox_predictor.layers.", "box_head."),
+]
+HF_LAYER_PARTS = {  # inside our encoder.i / decoder.i: transformers' module name -> ours
+    "encoder": {"self_attn_layer_norm": "norm1", "final_layer_norm": "norm2", "fc1": "linear1", "fc2": "linear2"},
+    "decoder": {"self_attn_layer_norm": "norm1", "encoder_attn": "cross_attn", "encoder_attn_layer_norm": "norm2",
+                "final_layer_norm": "norm3", "fc1": "linear1", "fc2": "linear2"},
+}
+HF_RESNET_NAMES = [  # transformers' own ResNet -> torchvision's names
+    (r"^embedder\.embedder\.convolution\.", "conv1."),
+    (r"^embedder\.embedder\.normalization\.", "bn1."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.convolution\.", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.downsample.0."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.normalization\.", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.downsample.1."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.convolution\.", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.conv{int(m[3]) + 1}."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.normalization\.", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.bn{int(m[3]) + 1}."),
+]
+
+
+def hf_to_minidetr_key(key):
+    """A transformers key (either generation) -> ours; q/k/v projections keep their own names here.
+    None for a key that is not part of DetrForObjectDetection."""
+    for newer, older in HF_NEWER_NAMES:
+        key = key.replace(newer, older)
+    prefix = next((p for p in HF_PREFIXES if key.startswith(p[0])), None)
+    if prefix is None:
+        return None
+    key = prefix[1] + key[len(prefix[0]):]
+    parts = key.split(".")
+    if parts[0] in HF_LAYER_PARTS and len(parts) > 2:
+        parts[2] = HF_LAYER_PARTS[parts[0]].get(parts[2], parts[2])
+    if parts[0] == "backbone":
+        rest = ".".join(parts[1:])
+        for pattern, ours in HF_RESNET_NAMES:
+            rest = re.sub(pattern, ours, rest)
+        parts = ["backbone", rest]
+    return ".".join(parts)
+
+
+def minidetr_to_hf_key(key):
+    """Our key -> the name transformers writes to disk (timm's backbone names, as the hub's models)."""
+    parts = key.split(".")
+    if parts[0] in HF_LAYER_PARTS and len(parts) > 2:
+        parts[2] = {ours: theirs for theirs, ours in HF_LAYER_PARTS[parts[0]].items()}.get(parts[2], parts[2])
+    key = ".".join(parts)
+    theirs, ours = next(p for p in HF_PREFIXES if key.startswith(p[1]))
+    return theirs + key[len(ours):]
+
+
+def hf_to_minidetr(state_dict, source):
+    """A transformers state dict -> {our key: (its key, tensor)}, q/k/v joined into one in_proj."""
+    named = {}
+    for key, value in state_dict.items():
+        if key.endswith("num_batches_tracked"):  # written by plain BatchNorm, unused when frozen
+            continue
+        ours = hf_to_minidetr_key(key)
+        if ours is None:
+            raise LoadError(f"{source}: unexpected key '{key}' (not part of transformers' DetrForObjectDetection)")
+        named[ours] = (key, value)
+    for q in [k for k in named if ".q_proj." in k]:
+        attn, kind = q.split(".q_proj.")
+        keys = [f"{attn}.{p}_proj.{kind}" for p in "qkv"]
+        if not all(k in named for k in keys):
+            missing = next(named[q][0].replace(".q_proj.", f".{k.split('.')[-2]}.") for k in keys if k not in named)
+            raise LoadError(f"{source}: missing key '{missing}'")
+        named[f"{attn}.in_proj_{kind}"] = (named[q][0], torch.cat([named.pop(k)[1] for k in keys]))
+    return named
+
+
+def minidetr_to_hf(state_dict):
+    """Our state dict -> transformers' on-disk names, each in_proj split into q_proj, k_proj, v_proj."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        if ".in_proj_" in key:
+            attn, kind = key.split(".in_proj_")
+            for p, part in zip("qkv", value.chunk(3)):
+                out[minidetr_to_hf_key(f"{attn}.{p}_proj.{kind}")] = part.clone()
+        else:
+            out[minidetr_to_hf_key(key)] = value.clone()
+    return out
+
+
+def hf_model_args(config, source):
+    """DETR's arguments from a transformers config.json (DetrConfig's defaults where a key is absent),
+    or one line saying what it describes that minidetr cannot build."""
+    def refuse(what):
+        raise LoadError(f"{source}: {what}; minidetr builds transformers' DetrForObjectDetection with a "
+                        f"sine position encoding and a ResNet-18/34/50/101 backbone")
+
+    if config.get("model_type") != "detr":
+        refuse(f"model_type is {config.get('model_type')!r}, not 'detr'")
+    architecture = (config.get("architectures") or ["DetrForObjectDetection"])[0]
+    if architecture != "DetrForObjectDetection":
+        refuse(f"the model is a {architecture}")
+    for key, paper in (("position_embedding_type", "sine"), ("activation_function", "relu"), ("num_channels", 3)):
+        if config.get(key, paper) != paper:
+            refuse(f"{key} is {config[key]!r}, not {paper!r}")
+    for a, b in (("encoder_attention_heads", "decoder_attention_heads"), ("encoder_ffn_dim", "decoder_ffn_dim")):
+        if config.get(a) != config.get(b):
+            refuse(f"{a} ({config.get(a)}) and {b} ({config.get(b)}) differ")
+    backbone_config = config.get("backbone_config") or {}
+    kind = backbone_config.get("model_type", "timm_backbone" if config.get("use_timm_backbone", True) else "resnet")
+    dilation = bool(config.get("dilation")) or backbone_config.get("output_stride") == 16
+    if kind == "timm_backbone":  # a timm model name, e.g. 'resnet50' or 'timm/resnet50.a1_in1k'
+        name = (backbone_config.get("backbone") or config.get("backbone") or "resnet50").split("/")[-1].split(".")[0]
+        last_stage = (backbone_config.get("out_indices") or [4])[-1]
+    elif kind == "resnet":  # transformers' ResNet: read its depth off the blocks
+        layer_type, depths = backbone_config.get("layer_type", "bottleneck"), backbone_config.get("depths", [3, 4, 6, 3])
+        name = {("basic", (2, 2, 2, 2)): "resnet18", ("basic", (3, 4, 6, 3)): "resnet34", ("bottleneck", (3, 4, 6, 3)): "resnet50",
+                ("bottleneck", (3, 4, 23, 3)): "resnet101"}.get((layer_type, tuple(depths)), f"a {layer_type} ResNet of depths {depths}")
+        last_stage = int((backbone_config.get("out_features") or ["stage4"])[-1].removeprefix("stage"))
+        for key, torchvision_value in (("embedding_size", 64), ("downsample_in_bottleneck", False), ("hidden_act", "relu")):
+            if backbone_config.get(key, torchvision_value) != torchvision_value:
+                refuse(f"its ResNet has {key}={backbone_config[key]!r}, torchvision's {torchvision_value!r}")
+        if dilation:
+            refuse("dilation with transformers' own ResNet")
+    else:
+        refuse(f"the backbone is a {kind!r}")
+    if name not in BACKBONES:
+        refuse(f"the backbone is {name!r}")
+    if last_stage != 4:
+        refuse(f"its features come from ResNet stage {last_stage}, not the last (4)")
+    id2label = config.get("id2label") or {str(i): f"LABEL_{i}" for i in range(config.get("num_labels", 91))}
+    if sorted(int(i) for i in id2label) != list(range(len(id2label))):
+        refuse("id2label does not number its classes 0, 1, 2, ...")
+    classes = [id2label[str(i)] for i in range(len(id2label))]
+    category_ids = config.get("category_ids")  # written by minidetr: a dataset's own ids of the classes
+    if category_ids is not None and not (isinstance(category_ids, list) and len(category_ids) == len(classes)
+                                         and all(isinstance(i, int) for i in category_ids)):
+        refuse(f"category_ids should be {len(classes)} integers")
+    args = dict(num_classes=len(classes), backbone=name, dilation=dilation, hidden_dim=config.get("d_model", 256),
+                num_heads=config.get("encoder_attention_heads", 8), num_encoder_layers=config.get("encoder_layers", 6),
+                num_decoder_layers=config.get("decoder_layers", 6), dim_feedforward=config.get("encoder_ffn_dim", 2048),
+                dropout=config.get("dropout", 0.1), num_queries=config.get("num_queries", 100))
+    return args, classes, category_ids
+
+
+def transformers_folder(name_or_path):
+    """The local folder of a transformers model: the folder itself, or a hub id's snapshot from the
+    local Hugging Face cache, else downloaded with huggingface_hub when it is installed. None when
+    the name is a file (or looks like one): an official checkpoint."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if os.path.exists(name_or_path) or not re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path) \
+            or name_or_path.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        return None
+    home = os.environ.get("HF_HOME", os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "huggingface"))
+    cache = os.environ.get("HF_HUB_CACHE", os.path.join(home, "hub"))
+    repo = os.path.join(cache, "models--" + name_or_path.replace("/", "--"))
+    try:
+        with open(os.path.join(repo, "refs", "main")) as f:
+            snapshot = os.path.join(repo, "snapshots", f.read().strip())
+        if os.path.isfile(os.path.join(snapshot, "config.json")):
+            return snapshot
+    except OSError:
+        pass
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise LoadError(f"'{name_or_path}' is no local file or folder, nor in the Hugging Face cache ({cache}): "
+                        f"pip install huggingface_hub to download it, or give the folder that holds its config.json "
+                        f"and model.safetensors") from None
+    try:
+        return huggingface_hub.snapshot_download(name_or_path, allow_patterns=[
+            "config.json", "model.safetensors" if importlib.util.find_spec("safetensors") else "pytorch_model.bin"])
+    except Exception as e:
+        raise LoadError(f"could not download '{name_or_path}' from the Hugging Face hub ({first_line(e)})") from None
+
+
+def from_transformers_folder(cls, folder, source, **kwargs):
+    """DETR.from_pretrained for a transformers folder: config.json gives the architecture and classes."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise LoadError(f"{source}: no config.json in {folder} (a transformers model folder holds config.json and model.safetensors)") from None
+    except (OSError, ValueError) as e:
+        raise LoadError(f"{source}: config.json is not readable json ({e})") from None
+    if not isinstance(config, dict):
+        raise LoadError(f"{source}: config.json holds no settings")
+    args, classes, category_ids = hf_model_args(config, source)
+    model = cls(**{**args, **kwargs})
+    model.load_named_state_dict(hf_to_minidetr(read_transformers_weights(folder, source), source), source,
+                                "transformers' DetrForObjectDetection", minidetr_to_hf_key)
+    model.classes, model.category_ids = classes, category_ids
+    return model
+
+
+def read_transformers_weights(folder, source):
+    """The state dict of model.safetensors (read with the safetensors package), else of pytorch_model.bin."""
+    safetensors_file, bin_file = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
+    if os.path.isfile(safetensors_file) and (importlib.util.find_spec("safetensors") or not os.path.isfile(bin_file)):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise LoadError(f"{source}: pip install safetensors to read {safetensors_file}") from None
+        try:
+            return load_file(safetensors_file)
+        except Exception as e:
+            raise LoadError(f"{safetensors_file}: not a readable safetensors file ({first_line(e)})") from None
+    if os.path.isfile(bin_file):
+        return load_checkpoint_file(bin_file)
+    raise LoadError(f"{source}: no model.safetensors or pytorch_model.bin in {folder}")
+
+
+def write_transformers_folder(model, folder, val_scale=800, max_size=1333):
+    """Write a model with no addition switched on as a transformers folder: config.json (the classes
+    as id2label, a dataset's own ids as category_ids), model.safetensors (needs the safetensors
+    package) and preprocessor_config.json (the image sizes). DetrForObjectDetection.from_pretrained
+    then gives the same outputs."""
+    c = model.config
+    on = [k for k in ("anchor_queries", "encoder_proposals", "denoising_groups", "conditional_cross_attn") if c[k]]
+    on += ["query_groups"] * (c["query_groups"] > 1) + ["feature_stride"] * (c["feature_stride"] != 32)
+    if on:
+        raise LoadError(f"the model uses {', '.join(on)}, which transformers' DETR does not have: "
+                        f"only a model with no addition switched on can be written for it")
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise LoadError("pip install safetensors to write model.safetensors") from None
+    classes = model.classes or [f"LABEL_{i}" for i in range(model.num_classes)]
+    config = dict(
+        model_type="detr", architectures=["DetrForObjectDetection"], id2label=dict(enumerate(classes)),
+        label2id={name: i for i, name in enumerate(classes)}, backbone=c["backbone"], use_timm_backbone=True,
+        use_pretrained_backbone=False, backbone_config=None, dilation=c["dilation"], num_channels=3,
+        d_model=c["hidden_dim"], encoder_layers=c["num_encoder_layers"], decoder_layers=c["num_decoder_layers"],
+        encoder_attention_heads=c["num_heads"], decoder_attention_heads=c["num_heads"],
+        encoder_ffn_dim=c["dim_feedforward"], decoder_ffn_dim=c["dim_feedforward"], num_queries=c["num_queries"],
+        dropout=c["dropout"], attention_dropout=c["dropout"], activation_dropout=c["dropout"],  # all DETR's dropouts
+        activation_function="relu", position_embedding_type="sine", auxiliary_loss=False,
+    )
+    if model.category_ids is not None:
+        config["category_ids"] = list(model.category_ids)
+    preprocessor = dict(  # DETR's own: resize the shorter side, ImageNet mean and std, pad
+        image_processor_type="DetrImageProcessor", format="coco_detection", do_resize=True,
+        size={"shortest_edge": val_scale, "longest_edge": max_size}, do_rescale=True, rescale_factor=1 / 255,
+        do_normalize=True, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], do_pad=True,
+    )
+    os.makedirs(folder, exist_ok=True)
+    save_file(minidetr_to_hf(model.state_dict()), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    for name, content in (("config.json", config), ("preprocessor_config.json", preprocessor)):
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(content, f, indent=2)
 
 
 # -----------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """
-Export a trained minidetr model, or an official DETR, to ONNX, and check the file with onnxruntime.
+Export a trained minidetr model, or an official DETR, to ONNX, and check the file with onnxruntime;
+or write it as a Hugging Face transformers folder.
 
     python export.py --ckpt=out-shapes/ckpt.pt --out=shapes.onnx
     python export.py --ckpt=detr-r50 --out=detr-r50.onnx
+    python export.py --ckpt=out-voc/best.pt --hf=detr-voc      # a folder for DetrForObjectDetection.from_pretrained
 
 The graph takes `images` (B, 3, H, W) float32, ImageNet-normalised and padded bottom/right, and
 `mask` (B, H, W) bool, True on padding (all False when nothing is padded), with B, H and W dynamic;
@@ -15,6 +17,11 @@ a padded image, and the largest differences from PyTorch are printed (the aim: <
 The exporter is torch.onnx's dynamo exporter (torch.export), the one PyTorch develops; the older
 TorchScript exporter is not used. Needs the optional export packages:
     pip install -r requirements-export.txt
+
+--hf=DIR writes config.json (the classes as id2label, a dataset's own ids as category_ids),
+model.safetensors and preprocessor_config.json, for a model with no addition switched on (the
+paper's DETR, which transformers has). With transformers and timm installed, the folder is loaded
+back with DetrForObjectDetection and its outputs compared with minidetr's on the same batches.
 """
 
 import logging
@@ -26,13 +33,14 @@ import warnings
 import torch
 from torch import nn
 
-from detr import LoadError
+from detr import LoadError, write_transformers_folder
 
 # defaults, each overridable as --key=value
 ckpt = ""  # a minidetr checkpoint (out_dir/ckpt.pt or best.pt), an official file, or an official name
 out = "model.onnx"
 sizes = "480x640,400x320"  # HxW of the two check batches (the first gets a second, padded image)
 opset = 18
+hf = ""  # a folder: write a transformers DetrForObjectDetection there instead of an ONNX file
 
 
 class Exported(nn.Module):
@@ -92,6 +100,21 @@ def compare(model, path, batches):
     return worst
 
 
+def compare_transformers(model, folder, batches):
+    """Largest |transformers - minidetr| over the batches, for logits and for boxes."""
+    import transformers
+
+    reference = transformers.DetrForObjectDetection.from_pretrained(folder).eval()
+    worst = [0.0, 0.0]
+    for images, mask in batches:
+        with torch.no_grad():
+            expected = Exported(model.eval())(images, mask)
+            got = reference(pixel_values=images, pixel_mask=(~mask).long())
+        for i, theirs in enumerate((got.logits, got.pred_boxes)):
+            worst[i] = max(worst[i], (theirs - expected[i]).abs().max().item())
+    return worst
+
+
 def latency(model, path, size, runs=5):
     """Median seconds of one forward pass of a (1, 3, H, W) image: PyTorch eager, then onnxruntime."""
     import onnxruntime
@@ -111,6 +134,8 @@ def latency(model, path, size, runs=5):
 
 
 def main():
+    if hf:
+        return main_transformers()
     try:
         import onnx  # noqa: F401  (the exporter needs it)
         import onnxruntime  # noqa: F401
@@ -145,11 +170,33 @@ def main():
           f"PyTorch eager {eager * 1000:.0f} ms, onnxruntime {ort * 1000:.0f} ms")
 
 
+def main_transformers():
+    from sample import load_model
+
+    if not ckpt:
+        raise SystemExit("error: give --ckpt=PATH (a minidetr or official checkpoint) with --hf=DIR")
+    try:
+        model, _, val_scale, max_size, _ = load_model(ckpt)
+        write_transformers_folder(model, hf, val_scale, max_size)
+    except (LoadError, OSError) as e:
+        raise SystemExit(f"error: {e}")
+    print(f"wrote {hf}/ (config.json with {model.num_classes} classes, model.safetensors, preprocessor_config.json)")
+    try:
+        import timm  # noqa: F401  (transformers builds DETR's ResNet with it)
+        import transformers  # noqa: F401
+    except ImportError:
+        print("pip install transformers timm to check it against transformers' DetrForObjectDetection")
+        return
+    logits, boxes = compare_transformers(model, hf, check_inputs([(480, 640), (400, 320)], 32))
+    print(f"transformers' DetrForObjectDetection vs minidetr (one image padded): max |diff| logits {logits:.2e}, "
+          f"boxes {boxes:.2e}")
+
+
 if __name__ == "__main__":
     for arg in sys.argv[1:]:
         key, _, value = arg.removeprefix("--").partition("=")
-        if key not in ("ckpt", "out", "sizes", "opset"):
-            sys.exit(f"error: unknown flag --{key} (flags: --ckpt, --out, --sizes, --opset)")
+        if key not in ("ckpt", "out", "sizes", "opset", "hf"):
+            sys.exit(f"error: unknown flag --{key} (flags: --ckpt, --out, --sizes, --opset, --hf)")
         try:
             globals()[key] = type(globals()[key])(value)
         except ValueError:

@@ -5,6 +5,7 @@ to (paper Fig. 6), what the encoder attends to from a few pixels (paper Fig. 3),
     python sample.py --ckpt=out-shapes/ckpt.pt                        # a few val images of that run
     python sample.py --ckpt=out-voc/best.pt --images=photos/ --attention
     python sample.py --ckpt=detr-r50 --images=street.jpg              # the official COCO model
+    python sample.py --ckpt=facebook/detr-resnet-50 --images=street.jpg   # a transformers DETR (hub id or folder)
     python sample.py --log=out-shapes/log.jsonl                       # training curves (needs matplotlib)
     python sample.py --ckpt=out-shapes/ckpt.pt --weights              # weight histograms (needs matplotlib)
     python sample.py --ckpt=detr-r50 --images=photos/ --json=detections.json   # detections as data
@@ -30,10 +31,11 @@ from PIL import Image, ImageDraw
 from torchvision.utils import draw_bounding_boxes
 
 import train
-from detr import COCO_CLASSES, DETR, OFFICIAL_CHECKPOINTS, LoadError, load_checkpoint_file, model_from_checkpoint, parts, postprocess
+from detr import (COCO_CLASSES, DETR, OFFICIAL_CHECKPOINTS, LoadError, load_checkpoint_file, model_from_checkpoint, parts,
+                  postprocess, transformers_folder)
 
 # defaults, each overridable as --key=value
-ckpt = "out-shapes/ckpt.pt"  # a minidetr checkpoint, an official one (file), or 'detr-r50' ...
+ckpt = "out-shapes/ckpt.pt"  # a minidetr checkpoint, an official one (file, or 'detr-r50' ...), or a transformers folder / hub id
 images = ""  # an image file or a folder of them; empty: the checkpoint's val split
 out_dir = "samples"
 device = "cpu"
@@ -51,23 +53,23 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def load_model(path):
-    """(model, class names, val_scale, max_size, val json or None) from a minidetr or official checkpoint."""
-    if path in OFFICIAL_CHECKPOINTS:
-        return DETR.from_pretrained(path), COCO_CLASSES, 800, 1333, None
-    checkpoint = load_checkpoint_file(path)
-    if "model_args" not in checkpoint:  # an official-format file
+    """(model, class names, val_scale, max_size, val json or None) from a minidetr checkpoint, an
+    official one (a name or a file) or a transformers DETR (a folder or a hub id)."""
+    checkpoint = None
+    if path not in OFFICIAL_CHECKPOINTS and transformers_folder(path) is None:
+        checkpoint = load_checkpoint_file(path)
+    if checkpoint is None or "model_args" not in checkpoint:  # the official or transformers formats
         model = DETR.from_pretrained(path)
-        if model.num_classes != len(COCO_CLASSES):
+        if model.classes is None:
             raise LoadError(f"{path}: an official-format checkpoint with {model.num_classes} classes; only COCO's {len(COCO_CLASSES)} have names here")
-        return model, COCO_CLASSES, 800, 1333, None
+        return model, model.classes, 800, 1333, None
     missing = [k for k in ("model", "classes", "config") if k not in checkpoint]
     if missing:
         raise LoadError(f"{path}: not a minidetr checkpoint (no '{missing[0]}')")
     classes, config = checkpoint["classes"], checkpoint["config"]
     if checkpoint["model_args"].get("num_classes") != len(classes):
         raise LoadError(f"{path}: the model has {checkpoint['model_args'].get('num_classes')} classes but the checkpoint names {len(classes)}")
-    model = model_from_checkpoint(checkpoint, path)
-    model.category_ids = checkpoint.get("category_ids")  # the dataset's own ids, for --json
+    model = model_from_checkpoint(checkpoint, path)  # with its classes and the dataset's category_ids, for --json
     val_json = os.path.join(train.dataset_dir(config["dataset"]), f"{config['val_split']}.json")
     return model, classes, config["val_scale"], config["max_size"], val_json
 
@@ -347,7 +349,6 @@ def main():
         return
     try:
         model, classes, val_scale, max_size, val_json = load_model(ckpt)
-        category_ids = getattr(model, "category_ids", None)
     except LoadError as e:
         raise SystemExit(f"error: {e}")
     if weights:
@@ -358,7 +359,7 @@ def main():
             raise SystemExit("error: --json needs --images=DIR (or one image file)")
         paths = image_paths(images, None, classes)
         root = images if os.path.isdir(images) else os.path.dirname(images)
-        detect(model, category_ids, val_scale, max_size, paths, root, json_path)
+        detect(model, model.category_ids, val_scale, max_size, paths, root, json_path)
         return
     sample(model, classes, val_scale, max_size, image_paths(images, val_json, classes))
 

@@ -36,7 +36,7 @@ from torchvision import tv_tensors
 from torchvision.ops import box_convert, box_iou, generalized_box_iou, generalized_box_iou_loss
 from tqdm import tqdm
 
-from detr import (BACKBONES, COCO_CLASSES, DETR, LoadError, denoising_pairs, load_checkpoint_file, model_from_checkpoint,
+from detr import (BACKBONES, DETR, LoadError, denoising_pairs, load_checkpoint_file, model_from_checkpoint,
                   parts, postprocess, proposal_background_weight)
 
 # -----------------------------------------------------------------------------
@@ -46,7 +46,7 @@ out_dir = "out"  # ckpt.pt, best.pt and log.jsonl go here
 dataset = "shapes"  # reads data/<dataset>/<train_split>.json and <val_split>.json (or <dataset>/... if it is a path)
 train_split = "train"
 val_split = "val"
-init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), or an official checkpoint: 'detr-r50' or a path
+init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), an official checkpoint ('detr-r50' or a .pth) or a transformers folder / hub id
 eval_interval = 1000  # evaluate (and checkpoint) every this many iterations, and at the end
 checkpoint_minutes = 0.0  # also write ckpt.pt this often, without evaluating (0: only at evaluations)
 log_interval = 10  # print and log the losses every this many iterations
@@ -973,19 +973,19 @@ def train(config):
             raise SystemExit(f"error: {ckpt_path} is already at iteration {iter_num}; raise max_iters={cfg.max_iters} to go on")
     elif cfg.init_from == "scratch":
         model = new_model(config, len(classes), trainable_layers)
-    else:  # fine-tune an official checkpoint: everything but the class head, which gets the dataset's classes
+    else:  # fine-tune pretrained weights (official or transformers): all but the class head, which gets the dataset's classes
         model = DETR.from_pretrained(cfg.init_from, dropout=cfg.dropout, trainable_layers=trainable_layers)
         if cfg.anchor_queries or cfg.query_groups > 1 or cfg.feature_stride != 32:
-            print("note: the official model is the paper's DETR: anchor_queries, encoder_proposals, denoising_groups, "
+            print("note: the pretrained model is the paper's DETR: anchor_queries, encoder_proposals, denoising_groups, "
                   "query_groups, conditional_cross_attn and feature_stride are not used when fine-tuning it")
         class_head = nn.Linear(model.class_head.in_features, len(classes) + 1)
-        coco_names = [name.lower() for name in COCO_CLASSES]
-        if model.num_classes == 91 and all(c.lower() in coco_names for c in classes):
-            # COCO's classes (or some of them): each keeps the official head's row of its name, "no object"
+        pretrained_names = [name.lower() for name in model.classes or []]
+        if all(c.lower() in pretrained_names for c in classes):
+            # the pretrained model's classes (or some of them): each keeps its row of the same name, "no object"
             # its own, so that the official model evaluates on COCO exactly as published
-            rows = torch.tensor([coco_names.index(c.lower()) for c in classes] + [model.num_classes])
+            rows = torch.tensor([pretrained_names.index(c.lower()) for c in classes] + [model.num_classes])
             class_head.load_state_dict({"weight": model.class_head.weight[rows], "bias": model.class_head.bias[rows]})
-            print(f"class head: the official model's rows for {len(classes)} COCO classes")
+            print(f"class head: the pretrained model's rows for its {len(classes)} classes of the same names")
         model.class_head = class_head
         model.num_classes = model.config["num_classes"] = len(classes)
     model.to(device)
