@@ -27,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
+from metrics import compute_map
 from detr import DETR, postprocess
 
 # defaults, each overridable as --key=value
@@ -401,10 +402,10 @@ def bench_map():
         detections.append({"boxes": jittered, "scores": torch.rand(100, generator=g),
                            "labels": torch.where(torch.rand(100, generator=g) < 0.5, labels[source], other)})
     t = time.perf_counter()
-    metrics = train.compute_map(detections, ground_truths, 20)
+    result = compute_map(detections, ground_truths, 20)
     seconds = time.perf_counter() - t
     print(json.dumps({"what": "compute_map", "images": 5000, "detections_per_image": 100, "seconds": round(seconds, 2),
-                      **{k: round(v, 4) for k, v in metrics.items() if k != "AP_per_class"}}))
+                      **{k: round(v, 4) for k, v in result.items() if k != "AP_per_class"}}))
 
 
 def main():

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torchvision.utils import draw_bounding_boxes
 
+import metrics
 import train
 from detr import (COCO_CLASSES, DETR, OFFICIAL_CHECKPOINTS, LoadError, load_checkpoint_file, model_from_checkpoint, parts,
                   postprocess, transformers_folder)
@@ -148,7 +149,7 @@ def detect(model, category_ids, val_scale, max_size, paths, root, out_path):
             result = {k: v.cpu() for k, v in result.items()}
             keep = result["scores"].argsort(descending=True)[:top_k] if top_k else result["scores"] > threshold
             i = target["index"]
-            for record in train.coco_results([{k: v[keep] for k, v in result.items()}], [i], category_ids):
+            for record in metrics.coco_results([{k: v[keep] for k, v in result.items()}], [i], category_ids):
                 records.append({"image_id": i, "file_name": os.path.relpath(paths[i], root), **record})
             read += 1
     if not read:

@@ -7,7 +7,8 @@ Train DETR on a prepared dataset (data/<name>/<split>.json, see data/*/prepare.p
 
 Defaults sit below as globals; a config file (plain Python) overrides them, then --key=value.
 The file goes in the order the data flows: dataset and augmentation, batching, Hungarian matcher
-and set loss, mAP, and the training loop. Everything above `train()` is importable on its own.
+and set loss, then the training loop (mAP comes from metrics.py). Everything above `train()` is
+importable on its own.
 """
 
 import ast
@@ -38,6 +39,7 @@ from tqdm import tqdm
 
 from detr import (BACKBONES, DETR, LoadError, denoising_pairs, load_checkpoint_file, model_from_checkpoint,
                   parts, postprocess, proposal_background_weight)
+from metrics import coco_results, compute_map, ground_truth
 
 # -----------------------------------------------------------------------------
 # default config: the paper's DETR-R50 recipe (§4, App. A.4); config/*.py and --key=value override it
@@ -491,181 +493,6 @@ class SetCriterion(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# metrics (DESIGN §4): Pascal VOC AP at IoU 0.5 (11-point and all-point) and COCO AP
-
-
-# COCOeval's area ranges (pixels²), both ends included
-AREA_RANGES = {"": (0.0, 1e10), "_small": (0.0, 32.0**2), "_medium": (32.0**2, 96.0**2), "_large": (96.0**2, 1e10)}
-
-
-def compute_map(detections, ground_truths, num_classes, max_dets=100):
-    """detections: per image {boxes (M, 4) xyxy, scores (M,), labels (M,)};
-    ground_truths: per image {boxes (N, 4) xyxy, labels (N,), and optionally difficult (N,),
-    iscrowd (N,) and area (N,) (COCO's object area; the box area if absent)}.
-    Returns mAP50_07 (VOC2007 11-point), mAP50 (VOC2010+ all-point), mAP (COCO, IoU 0.50:0.05:0.95,
-    101-point, <= max_dets detections per image and class), mAP75, mAP_small / _medium / _large
-    (COCO's area ranges), AR100 (COCO's mean recall at max_dets), and AP_per_class (all-point at
-    0.5). Classes with no ground truth are NaN and left out of every mean.
-
-    Detections are matched greedily in order of score, as both reference evaluators do. The order
-    only matters within an image, so all images are matched at once, one detection rank at a time.
-    A detection matched to a difficult object or to a crowd is neither a true nor a false positive;
-    a crowd absorbs any number of them, and its IoU with a detection is their intersection over the
-    detection's own area (COCOeval's rule)."""
-    N = len(ground_truths)
-    D = max([len(d["scores"]) for d in detections] + [1])
-    G = max([len(g["labels"]) for g in ground_truths] + [1])
-    ious = torch.full((N, D, G), -1.0, dtype=torch.float64)  # -1 where there is no such pair or the classes differ
-    det_scores = torch.full((N, D), -math.inf)
-    det_labels = torch.full((N, D), -1, dtype=torch.int64)
-    det_area = torch.zeros(N, D, dtype=torch.float64)
-    det_counted = torch.zeros(N, D, dtype=torch.bool)  # within the top max_dets of its image and class
-    gt_labels = torch.full((N, G), -1, dtype=torch.int64)
-    gt_difficult = torch.zeros(N, G, dtype=torch.bool)
-    gt_crowd = torch.zeros(N, G, dtype=torch.bool)
-    gt_area = torch.zeros(N, G, dtype=torch.float64)
-    for n, (det, gt) in enumerate(zip(detections, ground_truths)):
-        order = torch.argsort(torch.as_tensor(det["scores"]), descending=True, stable=True)
-        scores, labels = torch.as_tensor(det["scores"])[order], torch.as_tensor(det["labels"])[order].long()
-        boxes = torch.as_tensor(det["boxes"]).reshape(-1, 4)[order].double()
-        gt_boxes = torch.as_tensor(gt["boxes"]).reshape(-1, 4).double()
-        d, g = len(scores), len(gt["labels"])
-        det_scores[n, :d], det_labels[n, :d] = scores.float(), labels
-        det_area[n, :d] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        det_counted[n, :d] = (labels[:, None] == labels[None, :]).tril(-1).sum(1) < max_dets
-        gt_labels[n, :g] = torch.as_tensor(gt["labels"])
-        for flags, key in ((gt_difficult, "difficult"), (gt_crowd, "iscrowd")):
-            if key in gt:
-                flags[n, :g] = torch.as_tensor(gt[key]).bool()
-        box_area = (gt_boxes[:, 2] - gt_boxes[:, 0]) * (gt_boxes[:, 3] - gt_boxes[:, 1])
-        gt_area[n, :g] = torch.as_tensor(gt["area"]).double() if "area" in gt else box_area
-        if d and g:
-            top_left = torch.maximum(boxes[:, None, :2], gt_boxes[None, :, :2])
-            bottom_right = torch.minimum(boxes[:, None, 2:], gt_boxes[None, :, 2:])
-            inter = (bottom_right - top_left).clamp(min=0).prod(-1)  # (d, g)
-            union = torch.where(gt_crowd[n, None, :g], det_area[n, :d, None], det_area[n, :d, None] + box_area - inter)
-            iou = torch.where(union > 0, inter / union.clamp(min=1e-300), 0.0)
-            ious[n, :d, :g] = torch.where(labels[:, None] == gt_labels[n, None, :g], iou, -1.0)
-
-    voc_tp, voc_ignored = match_voc(ious, gt_difficult | gt_crowd, 0.5)  # (N, D)
-    iou_thresholds = torch.from_numpy(np.linspace(0.5, 0.95, 10))  # the exact values COCOeval uses
-    order = torch.argsort(det_scores.flatten(), descending=True, stable=True)  # all detections by score
-    coco = {}  # area range -> ignored objects (N, G), and tp, ignored (T, N * D) in score order
-    for name, (low, high) in AREA_RANGES.items():
-        gt_ignored = gt_difficult | gt_crowd | (gt_area < low) | (gt_area > high)
-        tp, ignored = match_coco(ious, gt_ignored, gt_crowd, iou_thresholds, det_counted)
-        ignored |= ~tp & ((det_area < low) | (det_area > high))  # an unmatched detection outside the range
-        coco[name] = gt_ignored, tp.flatten(1)[:, order], ignored.flatten(1)[:, order]
-    labels_sorted = det_labels.flatten()[order]
-    voc_tp, voc_ignored = voc_tp.flatten()[order], voc_ignored.flatten()[order]
-    ap50_07, ap50, ap75, ar100 = (np.full(num_classes, np.nan) for _ in range(4))
-    ap_coco = {name: np.full(num_classes, np.nan) for name in AREA_RANGES}
-    for c in range(num_classes):
-        mine = labels_sorted == c
-        num_gt = int(((gt_labels == c) & ~gt_difficult & ~gt_crowd).sum())
-        if num_gt:
-            keep = ~voc_ignored[mine]
-            precision, recall = precision_recall(voc_tp[mine][keep].numpy(), num_gt)
-            ap50_07[c], ap50[c] = voc_ap_11_point(precision, recall), voc_ap_all_point(precision, recall)
-        for name, (gt_ignored, tp, ignored) in coco.items():
-            num_gt = int(((gt_labels == c) & ~gt_ignored).sum())
-            if num_gt == 0:
-                continue
-            tp, ignored = tp[:, mine], ignored[:, mine]
-            aps, recalls = [], []
-            for t in range(len(iou_thresholds)):
-                precision, recall = precision_recall(tp[t][~ignored[t]].numpy(), num_gt)
-                aps.append(coco_ap(precision, recall))
-                recalls.append(recall[-1] if len(recall) else 0.0)
-            ap_coco[name][c] = np.mean(aps)
-            if name == "":
-                ap75[c], ar100[c] = aps[5], np.mean(recalls)
-
-    def mean(ap):
-        return float(np.nanmean(ap)) if not np.isnan(ap).all() else math.nan
-
-    return {"mAP50_07": mean(ap50_07), "mAP50": mean(ap50), "mAP": mean(ap_coco[""]), "mAP75": mean(ap75),
-            **{f"mAP{name}": mean(ap_coco[name]) for name in AREA_RANGES if name}, "AR100": mean(ar100),
-            "AP_per_class": ap50.tolist()}
-
-
-def match_voc(ious, gt_ignored, threshold):
-    """The VOC devkit's rule: a detection takes the ground truth it overlaps most; above the
-    threshold it is a true positive if that object is not yet taken, ignored if the object is
-    (difficult or a crowd), and a false positive otherwise. ious (N, D, G), detections sorted by score."""
-    N, D, G = ious.shape
-    taken = torch.zeros(N, G, dtype=torch.bool)
-    tp, ignored = torch.zeros(N, D, dtype=torch.bool), torch.zeros(N, D, dtype=torch.bool)
-    for r in range(D):
-        best, j = ious[:, r].max(-1)  # (N,)
-        hit = best > threshold
-        hard = gt_ignored.gather(1, j[:, None])[:, 0]
-        tp[:, r] = hit & ~hard & ~taken.gather(1, j[:, None])[:, 0]
-        ignored[:, r] = hit & hard
-        taken.scatter_(1, j[:, None], (taken.gather(1, j[:, None])[:, 0] | tp[:, r])[:, None])
-    return tp, ignored
-
-
-def match_coco(ious, gt_ignored, gt_crowd, thresholds, counted):
-    """COCOeval's rule, at every IoU threshold at once: a detection takes the object it overlaps
-    most (IoU >= threshold, ties to the later object) among those not yet taken, preferring real
-    objects to ignored ones (difficult, crowd or outside the area range); if it takes an ignored one
-    it is ignored too. A crowd is never used up. counted (N, D): the detections that count (the top
-    max_dets of their image and class); the others are ignored. Returns tp and ignored (T, N, D)."""
-    N, D, G = ious.shape
-    T = len(thresholds)
-    taken = torch.zeros(T, N, G, dtype=torch.bool)
-    tp, ignored = torch.zeros(T, N, D, dtype=torch.bool), (~counted)[None].repeat(T, 1, 1)
-    crowd = gt_crowd[None].expand(T, N, G)
-
-    def last_argmax(x):  # COCOeval keeps the last of equal IoUs
-        return G - 1 - x.flip(-1).argmax(-1)
-
-    for r in range(D):
-        iou = ious[None, :, r].expand(T, N, G)
-        free = ~taken & (iou >= thresholds[:, None, None]) & counted[None, :, r, None]  # (T, N, G)
-        real, hard = free & ~gt_ignored, free & gt_ignored
-        j_real = last_argmax(torch.where(real, iou, -2.0))
-        j_hard = last_argmax(torch.where(hard, iou, -2.0))
-        has_real, has_hard = real.any(-1), hard.any(-1)  # (T, N)
-        j = torch.where(has_real, j_real, j_hard)[..., None]
-        tp[:, :, r] = has_real
-        ignored[:, :, r] |= ~has_real & has_hard
-        used_up = (has_real | has_hard)[..., None] & ~crowd.gather(2, j)
-        taken.scatter_(2, j, taken.gather(2, j) | used_up)
-    return tp, ignored
-
-
-def precision_recall(tp, num_gt):
-    """Cumulative precision and recall down a score-sorted list of true (1) / false (0) positives."""
-    tp_cum = np.cumsum(tp, dtype=np.float64)
-    fp_cum = np.cumsum(~tp, dtype=np.float64)
-    return tp_cum / np.maximum(tp_cum + fp_cum, np.finfo(np.float64).eps), tp_cum / num_gt
-
-
-def voc_ap_11_point(precision, recall):
-    """VOC2007: mean of the best precision at recall >= 0, 0.1, ..., 1."""
-    return float(np.mean([precision[recall >= t].max() if (recall >= t).any() else 0.0
-                          for t in np.arange(0.0, 1.1, 0.1)]))
-
-
-def voc_ap_all_point(precision, recall):
-    """VOC2010+: area under the precision-recall curve made monotone (precision envelope)."""
-    mrec = np.concatenate([[0.0], recall, [1.0]])
-    mpre = np.concatenate([[0.0], precision, [0.0]])
-    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
-    i = np.nonzero(mrec[1:] != mrec[:-1])[0]
-    return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
-
-
-def coco_ap(precision, recall):
-    """COCO: mean of the enveloped precision at recall 0, 0.01, ..., 1 (0 where never reached)."""
-    envelope = np.append(np.maximum.accumulate(precision[::-1])[::-1], 0.0)  # last: never reached
-    i = np.searchsorted(recall, np.linspace(0.0, 1.0, 101), side="left")  # len(recall) when never reached
-    return float(envelope[i].mean())
-
-
-# -----------------------------------------------------------------------------
 # config, checkpoints, evaluation
 
 
@@ -813,30 +640,6 @@ def lr_factor(it, cfg):
     if it < cfg.warmup_iters:
         return (it + 1) / cfg.warmup_iters
     return 0.1 if it >= cfg.lr_drop else 1.0
-
-
-def ground_truth(record):
-    """A json record's objects as compute_map reads them: original pixels, difficult objects and
-    crowds flagged, COCO areas where the json has them."""
-    gt = {"boxes": torch.tensor(record["boxes"], dtype=torch.float64).reshape(-1, 4),
-          "labels": torch.tensor(record["labels"], dtype=torch.int64)}
-    for key in ("difficult", "iscrowd", "area"):
-        if key in record:
-            gt[key] = torch.tensor(record[key])
-    return gt
-
-
-def coco_results(detections, image_ids, category_ids=None):
-    """Detections as COCO results records (what pycocotools' loadRes reads): one per detection, with
-    the dataset's own category id where it has them (else the label) and bbox [x, y, w, h] in the
-    original image's pixels."""
-    records = []
-    for det, image_id in zip(detections, image_ids):
-        xywh = box_convert(det["boxes"].double(), "xyxy", "xywh")
-        for box, score, label in zip(xywh.tolist(), det["scores"].tolist(), det["labels"].tolist()):
-            records.append({"image_id": image_id, "category_id": category_ids[label] if category_ids else label,
-                            "bbox": [round(v, 3) for v in box], "score": round(score, 5)})
-    return records
 
 
 @torch.no_grad()

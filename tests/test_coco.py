@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import metrics
 import train
 from conftest import load_script
 from detr import COCO_CLASSES, DETR
@@ -71,14 +72,14 @@ def test_detections_written_back_are_scored_by_pycocotools_as_by_compute_map(tmp
         detections.append({"boxes": torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], 1),
                            "scores": torch.tensor([d["score"] for d in mine], dtype=torch.float64),
                            "labels": torch.tensor([label[d["category_id"]] for d in mine], dtype=torch.int64)})
-    written = train.coco_results(detections, [r["id"] for r in data["images"]], data["category_ids"])
+    written = metrics.coco_results(detections, [r["id"] for r in data["images"]], data["category_ids"])
     assert len(written) == len(results)
     coco = COCO(str(tmp_path / "ann.json"))
     evaluator = COCOeval(coco, coco.loadRes(written), "bbox")
     evaluator.evaluate()
     evaluator.accumulate()
     evaluator.summarize()
-    m = train.compute_map(detections, [train.ground_truth(r) for r in data["images"]], len(data["classes"]))
+    m = metrics.compute_map(detections, [metrics.ground_truth(r) for r in data["images"]], len(data["classes"]))
     ours = [m["mAP"], m["mAP75"], m["mAP_small"], m["mAP_medium"], m["mAP_large"], m["AR100"]]
     assert ours == pytest.approx([evaluator.stats[i] for i in (0, 2, 3, 4, 5, 8)], abs=1e-4)  # json rounds to 1e-3 px
     assert m["mAP"] > 0.05

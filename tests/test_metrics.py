@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from train import compute_map
+from metrics import compute_map
 
 
 def det(boxes, scores, labels):

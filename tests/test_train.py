@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_convert, generalized_box_iou
 
+import metrics
 import train
 from conftest import ROOT, load_script
 from detr import DETR, postprocess
@@ -236,7 +237,7 @@ def test_overfits_two_images_to_perfect_map(tmp_path):
     model.eval()
     detections = postprocess(model(images, mask), [[64, 64], [64, 64]])
     ground_truths = [{"boxes": torch.tensor(r["boxes"]), "labels": torch.tensor(r["labels"])} for r in dataset.records]
-    assert train.compute_map([{k: v.detach() for k, v in d.items()} for d in detections], ground_truths, 4)["mAP50"] == 1.0
+    assert metrics.compute_map([{k: v.detach() for k, v in d.items()} for d in detections], ground_truths, 4)["mAP50"] == 1.0
 
 
 DDP_SCRIPT = """
