@@ -27,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
+from configurator import configure
 from metrics import compute_map
 from detr import DETR, postprocess
 
@@ -431,10 +432,5 @@ def speed_lines(impls, setting):
 
 
 if __name__ == "__main__":
-    for arg in sys.argv[1:]:
-        key, _, value = arg.removeprefix("--").partition("=")
-        if key not in FLAGS:
-            sys.exit(f"error: unknown flag --{key}")
-        default = globals()[key]
-        globals()[key] = (value != "False") if isinstance(default, bool) else type(default)(value)
+    globals().update(configure({k: globals()[k] for k in FLAGS}, sys.argv[1:]))
     main()

@@ -1092,12 +1092,11 @@ def summary(model):
 
 
 if __name__ == "__main__":
-    args = dict(num_classes=91, backbone="resnet50")
-    for arg in sys.argv[1:]:
-        key, _, value = arg.removeprefix("--").partition("=")
-        if key not in args:
-            sys.exit(f"error: unknown flag --{key} (use --num_classes=N, --backbone=NAME)")
-        args[key] = int(value) if key == "num_classes" else value
+    from configurator import configure
+
+    args = configure(dict(num_classes=91, backbone="resnet50"), sys.argv[1:])
+    if args["backbone"] not in BACKBONES or args["num_classes"] < 1:
+        sys.exit(f"error: --backbone must be one of {', '.join(BACKBONES)} and --num_classes >= 1")
     model = DETR(**args)
     print(f"DETR with {args['backbone']} backbone, {args['num_classes']} classes")
     print(summary(model))

@@ -33,6 +33,7 @@ import warnings
 import torch
 from torch import nn
 
+from configurator import configure
 from detr import LoadError, write_transformers_folder
 
 # defaults, each overridable as --key=value
@@ -193,12 +194,5 @@ def main_transformers():
 
 
 if __name__ == "__main__":
-    for arg in sys.argv[1:]:
-        key, _, value = arg.removeprefix("--").partition("=")
-        if key not in ("ckpt", "out", "sizes", "opset", "hf"):
-            sys.exit(f"error: unknown flag --{key} (flags: --ckpt, --out, --sizes, --opset, --hf)")
-        try:
-            globals()[key] = type(globals()[key])(value)
-        except ValueError:
-            sys.exit(f"error: --{key}={value} should be an integer")
+    globals().update(configure({k: globals()[k] for k in ("ckpt", "out", "sizes", "opset", "hf")}, sys.argv[1:]))
     main()

@@ -32,6 +32,7 @@ from torchvision.utils import draw_bounding_boxes
 
 import metrics
 import train
+from configurator import configure
 from detr import (COCO_CLASSES, DETR, OFFICIAL_CHECKPOINTS, LoadError, load_checkpoint_file, model_from_checkpoint, parts,
                   postprocess, transformers_folder)
 
@@ -366,17 +367,10 @@ def main():
 
 
 if __name__ == "__main__":
-    for arg in sys.argv[1:]:
-        key, _, value = arg.removeprefix("--").partition("=")
-        key = "json_path" if key == "json" else key  # the json module keeps its name
-        if key not in ("ckpt", "images", "out_dir", "device", "threshold", "max_images", "attention", "num_pixels", "log",
-                       "weights", "json_path", "top_k", "batch_size"):
-            sys.exit(f"error: unknown flag --{key}")
-        default = globals()[key]
-        try:
-            globals()[key] = (value != "False") if isinstance(default, bool) else type(default)(value)
-        except ValueError:
-            sys.exit(f"error: --{key}={value} should be a {type(default).__name__}")
+    flags = ("ckpt", "images", "out_dir", "device", "threshold", "max_images", "attention", "num_pixels", "log",
+             "weights", "json_path", "top_k", "batch_size")
+    argv = ["--json_path" + a[len("--json"):] if a.startswith("--json=") else a for a in sys.argv[1:]]  # the json module keeps its name
+    globals().update(configure({k: globals()[k] for k in flags}, argv))
     if not 0 <= threshold <= 1 or max_images < 1 or num_pixels < 1 or top_k < 0 or batch_size < 1:
         sys.exit("error: --threshold must be in [0, 1], --max_images, --num_pixels and --batch_size >= 1, --top_k >= 0")
     if json_path and not os.path.isdir(os.path.dirname(os.path.abspath(json_path))):

@@ -11,7 +11,6 @@ and set loss, then the training loop (mAP comes from metrics.py). Everything abo
 importable on its own.
 """
 
-import ast
 import inspect
 import json
 import math
@@ -37,6 +36,7 @@ from torchvision import tv_tensors
 from torchvision.ops import box_convert, box_iou, generalized_box_iou, generalized_box_iou_loss
 from tqdm import tqdm
 
+from configurator import VALUE_TYPES, configure
 from detr import (BACKBONES, DETR, LoadError, denoising_pairs, load_checkpoint_file, model_from_checkpoint,
                   parts, postprocess, proposal_background_weight)
 from metrics import coco_results, compute_map, ground_truth
@@ -104,7 +104,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; float32 turns AMP off
 compile = False  # torch.compile the backbone and the transformer layers (compile_model)
 seed = 1337
-CONFIG_KEYS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, list, tuple))]
+CONFIG_KEYS = [k for k, v in globals().items() if k.islower() and not k.startswith("_") and isinstance(v, VALUE_TYPES)]
 
 # -----------------------------------------------------------------------------
 # data: a prepared json (DESIGN §3) -> (image, target) pairs
@@ -497,43 +497,9 @@ class SetCriterion(nn.Module):
 
 
 def get_config(argv):
-    """The defaults above, overridden by config files (plain Python) and --key=value, in order; every
-    value is then checked (check_config), so that a bad one is one error line before any work."""
-    config = {k: globals()[k] for k in CONFIG_KEYS}
-    for arg in argv:
-        if not arg.startswith("--"):
-            if not os.path.isfile(arg):
-                raise SystemExit(f"error: no config file {arg}")
-            namespace = {}
-            try:
-                exec(open(arg).read(), namespace)
-            except Exception as e:  # a config file is user code: its mistake is one line, not a traceback
-                raise SystemExit(f"error: config file {arg} fails: {type(e).__name__}: {e}")
-            for key, value in namespace.items():
-                if key in config:
-                    config[key] = value
-                elif not key.startswith("_") and isinstance(value, (bool, int, float, str, list, tuple)):
-                    raise SystemExit(f"error: {arg} sets '{key}', which is not a config key")
-            continue
-        key, equals, value = arg[2:].partition("=")
-        if key not in config:
-            raise SystemExit(f"error: unknown config key --{key}")
-        if not equals and isinstance(config[key], bool):  # a bare --eval_only means True
-            value = "True"
-        try:
-            value = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            pass  # a plain string, such as --out_dir=out-voc
-        config[key] = value
-    for key, value in config.items():
-        default = globals()[key]
-        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            config[key] = value = float(value)
-        if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
-            config[key] = value = type(default)(value)
-        if type(value) is not type(default):
-            kind = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}.get(type(default), "a list")
-            raise SystemExit(f"error: {key}={value!r} should be {kind}")
+    """The defaults above, overridden by config files and --key=value (configurator.py), then checked
+    (check_config), so that a bad value is one error line before any work."""
+    config = configure({k: globals()[k] for k in CONFIG_KEYS}, argv, config_files=True)
     check_config(config)
     return config
 

@@ -143,11 +143,10 @@ def prepare(ann, images, out_dir, split, log=print):
 
 
 if __name__ == "__main__":
-    for arg in sys.argv[1:]:
-        key, _, value = arg.removeprefix("--").partition("=")
-        if key not in ("ann", "images", "out_dir", "split"):
-            sys.exit(f"error: unknown flag --{key} (flags: --ann, --images, --out_dir, --split)")
-        globals()[key] = value
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository root
+    from configurator import configure  # the repository's one flag parser
+
+    globals().update(configure({k: globals()[k] for k in ("ann", "images", "out_dir", "split")}, sys.argv[1:]))
     if not ann or not images:
         sys.exit("error: give --ann=instances.json and --images=DIR (the folder its file_name entries are in)")
     prepare(ann, images, out_dir, split)

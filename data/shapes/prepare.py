@@ -123,14 +123,11 @@ def main():
 
 
 if __name__ == "__main__":
-    for arg in sys.argv[1:]:
-        key, _, value = arg.removeprefix("--").partition("=")
-        if key not in ("out_dir", "num_train", "num_val", "image_size", "seed", "workers"):
-            sys.exit(f"error: unknown flag --{key}")
-        try:
-            globals()[key] = value if key == "out_dir" else int(value)
-        except ValueError:
-            sys.exit(f"error: --{key}={value} should be an integer")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository root
+    from configurator import configure  # the repository's one flag parser
+
+    globals().update(configure({k: globals()[k] for k in ("out_dir", "num_train", "num_val", "image_size", "seed", "workers")},
+                               sys.argv[1:]))
     if num_train < 0 or num_val < 0 or image_size < 32 or workers < 1:
         sys.exit("error: --num_train and --num_val must be >= 0, --image_size >= 32, --workers >= 1")
     main()

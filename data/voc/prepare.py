@@ -153,11 +153,10 @@ def fetch(voc_root, years):
 
 
 if __name__ == "__main__":
-    for arg in sys.argv[1:]:
-        key, _, value = arg.removeprefix("--").partition("=")
-        if key not in ("voc_root", "years", "splits", "out_dir", "download"):
-            sys.exit(f"error: unknown flag --{key}")
-        globals()[key] = value != "False" if key == "download" else value
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository root
+    from configurator import configure  # the repository's one flag parser
+
+    globals().update(configure({k: globals()[k] for k in ("voc_root", "years", "splits", "out_dir", "download")}, sys.argv[1:]))
     if not voc_root:
         sys.exit("error: give --voc_root=/path/to/VOCdevkit (add --download to fetch VOC first)")
     years = [y.strip() for y in years.split(",")]

@@ -1,0 +1,72 @@
+"""
+The one flag parser of every script here (nanoGPT's configurator, as a function). A script's
+defaults are plain globals at its top; its command line overrides them, in order:
+
+    python train.py config/voc.py --batch_size=8 --compile=False
+    python sample.py --ckpt=out-shapes/ckpt.pt --attention
+
+- a config file (train.py only) is plain Python; each of its assignments to a default's name
+  overrides that default;
+- --key=value sets one default; the value is read as a Python literal (--crop_size=(384, 600),
+  --compile=False), and as the plain text where the default is a string (--out_dir=2024); a bare
+  --key means True for a True/False default.
+
+Every value must then have its default's type (an integer where a number is expected is fine). A
+bad file, an unknown key or a wrong type stops the script with one `error:` line.
+"""
+
+import ast
+import os
+
+VALUE_TYPES = (bool, int, float, str, list, tuple)
+
+
+def configure(defaults, argv, config_files=False):
+    """defaults ({name: value}) overridden by argv; returns a new dict."""
+    config = dict(defaults)
+    for arg in argv:
+        if not arg.startswith("--"):
+            if not config_files:
+                raise SystemExit(f"error: unexpected argument {arg!r} (flags are --key=value)")
+            config.update(read_config_file(arg, config))
+            continue
+        key, equals, value = arg[2:].partition("=")
+        if key not in config:
+            known = ", ".join(f"--{k}" for k in config) if len(config) <= 25 else "the defaults at the top of the script"
+            raise SystemExit(f"error: unknown flag --{key} (known: {known})")
+        if not equals and isinstance(config[key], bool):  # a bare --attention means True
+            value = "True"
+        if not isinstance(defaults[key], str):
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                pass  # left as text: the type check below names what it should be
+        config[key] = value
+    for key, value in config.items():
+        default = defaults[key]
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            config[key] = value = float(value)
+        if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+            config[key] = value = type(default)(value)
+        if type(value) is not type(default):
+            kind = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}.get(type(default), "a list")
+            raise SystemExit(f"error: {key}={value!r} should be {kind}")
+    return config
+
+
+def read_config_file(path, config):
+    """The defaults that a config file sets, as {name: value}."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no config file {path}")
+    namespace = {}
+    try:
+        exec(open(path).read(), namespace)
+    except Exception as e:  # a config file is user code: its mistake is one line, not a traceback
+        raise SystemExit(f"error: config file {path} fails: {type(e).__name__}: {e}")
+    overrides = {}
+    for key, value in namespace.items():
+        if key in config:
+            overrides[key] = value
+        elif not key.startswith("_") and isinstance(value, VALUE_TYPES):
+            raise SystemExit(f"error: {path} sets '{key}', which is not a config key")
+    return overrides

@@ -1,0 +1,39 @@
+"""configurator.py, the one flag parser: files then flags in order, text kept for strings, types checked."""
+
+import pytest
+
+from configurator import configure
+
+DEFAULTS = dict(out_dir="out", lr=1e-4, steps=10, compile=True, sizes=(1, 2), names=["a"])
+
+
+def test_flags_and_files_override_in_order_with_their_types(tmp_path):
+    (tmp_path / "c.py").write_text("steps = 3\nlr = 2  # an integer where a number is expected\n_helper = 5\n")
+    config = configure(DEFAULTS, [str(tmp_path / "c.py"), "--steps=7", "--out_dir=2024", "--compile=False",
+                                  "--sizes=[3, 4]", "--names=('x', 'y')"], config_files=True)
+    assert config == dict(out_dir="2024", lr=2.0, steps=7, compile=False, sizes=(3, 4), names=["x", "y"])
+    assert configure(dict(attention=False), ["--attention"]) == dict(attention=True)  # a bare flag means True
+    assert configure(DEFAULTS, []) == DEFAULTS
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stpes=3"], "error: unknown flag --stpes (known: --out_dir, --lr, --steps, --compile, --sizes, --names)"),
+    (["--steps=many"], "error: steps='many' should be an integer"),
+    (["--compile=1"], "error: compile=1 should be True or False"),
+    (["--lr=fast"], "error: lr='fast' should be a number"),
+    (["config.py"], "error: unexpected argument 'config.py' (flags are --key=value)"),
+])
+def test_a_bad_flag_is_one_error_line(argv, message):
+    with pytest.raises(SystemExit) as e:
+        configure(DEFAULTS, argv)
+    assert str(e.value) == message
+
+
+def test_a_config_file_that_sets_an_unknown_key_or_fails_is_one_line(tmp_path):
+    (tmp_path / "typo.py").write_text("step = 3\n")
+    (tmp_path / "broken.py").write_text("steps = 1 / 0\n")
+    for name, message in (("typo.py", "sets 'step', which is not a config key"), ("broken.py", "fails: ZeroDivisionError"),
+                          ("missing.py", "no config file")):
+        with pytest.raises(SystemExit) as e:
+            configure(DEFAULTS, [str(tmp_path / name)], config_files=True)
+        assert message in str(e.value) and "\n" not in str(e.value)
