@@ -45,8 +45,9 @@ class Backbone(nn.Module):
 
     BatchNorm is frozen (its statistics and affine parameters are buffers), because detection
     batches are too small to estimate them (paper App. A.4 / official code). trainable_layers counts
-    the stages that learn, from the top (torchvision's convention): 3 (layer2-4, the stem and
-    layer1 frozen) as in the official code, 0 for a frozen backbone, 5 for all. `dilation=True`
+    the stages that learn, from the top (torchvision's convention, the stem counting as one): 3
+    (layer2-4, the stem and layer1 frozen) as in the official code, 0 for a frozen backbone, 5 for
+    all. With feature_stride < 32 it counts over the stages that remain. `dilation=True`
     turns the last stage's stride into dilation (the paper's DC5 models, stride 16). Frozen
     statistics and a frozen stem only make sense for pretrained weights: a backbone trained from
     scratch (the CPU configs) wants frozen_bn=False, a trained BatchNorm, and trainable_layers=5.
@@ -80,9 +81,10 @@ class Backbone(nn.Module):
         for stage in self.stages:
             setattr(self, stage, getattr(resnet, stage))
         self.num_channels = (64 if name in ("resnet18", "resnet34") else 256) * 2 ** (num_stages - 1)
-        trainable = (("layer4",), ("layer3",), ("layer2",), ("layer1",), ("conv1", "bn1"))[:trainable_layers]
+        stages_from_top = [(stage,) for stage in reversed(self.stages)] + [("conv1", "bn1")]  # the stem counts as one
+        trainable = sum(stages_from_top[:trainable_layers], ())
         for pname, p in self.named_parameters():
-            if not pname.startswith(sum(trainable, ())):
+            if not pname.startswith(trainable):
                 p.requires_grad_(False)
 
     def forward(self, x):
@@ -236,18 +238,18 @@ class DecoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, tgt, query_pos, memory, pos, mask, need_weights=False, self_attn_mask=None, spatial=None):
-        """tgt, query_pos (B, Q, C); memory, pos (B, HW, C); mask (B, HW) True on padding, or None;
+    def forward(self, content, query_pos, memory, pos, mask, need_weights=False, self_attn_mask=None, spatial=None):
+        """content, query_pos (B, Q, C); memory, pos (B, HW, C); mask (B, HW) True on padding, or None;
         self_attn_mask: which queries see which (only for the additions: query groups, denoising);
         spatial: the cross-attention's spatial query and key (only for conditional_cross_attn)."""
-        q = k = tgt + query_pos  # the queries talk to each other: this is what removes duplicates
-        attn, _ = self.self_attn(q, k, tgt, attn_mask=self_attn_mask)
-        tgt = self.norm1(tgt + F.dropout(attn, self.dropout, self.training))
-        attn, weights = self.cross_attn(tgt + query_pos, memory + pos, memory, mask, need_weights, spatial=spatial)
-        tgt = self.norm2(tgt + F.dropout(attn, self.dropout, self.training))
-        ffn = self.linear2(F.dropout(F.relu(self.linear1(tgt)), self.dropout, self.training))
-        tgt = self.norm3(tgt + F.dropout(ffn, self.dropout, self.training))
-        return tgt, weights
+        q = k = content + query_pos  # the queries talk to each other: this is what removes duplicates
+        attn, _ = self.self_attn(q, k, content, attn_mask=self_attn_mask)
+        content = self.norm1(content + F.dropout(attn, self.dropout, self.training))
+        attn, weights = self.cross_attn(content + query_pos, memory + pos, memory, mask, need_weights, spatial=spatial)
+        content = self.norm2(content + F.dropout(attn, self.dropout, self.training))
+        ffn = self.linear2(F.dropout(F.relu(self.linear1(content)), self.dropout, self.training))
+        content = self.norm3(content + F.dropout(ffn, self.dropout, self.training))
+        return content, weights
 
 
 # -----------------------------------------------------------------------------
@@ -309,9 +311,7 @@ class DETR(nn.Module):
         self.decoder_norm = nn.LayerNorm(hidden_dim)  # shared by every decoder layer's output
         self.query_embed = nn.Embedding(num_queries * query_groups, hidden_dim)  # the object queries
         self.class_head = nn.Linear(hidden_dim, num_classes + 1)  # the last class is "no object"
-        self.box_head = nn.ModuleList(  # 3-layer MLP -> (cx, cy, w, h)
-            [nn.Linear(hidden_dim, hidden_dim), nn.Linear(hidden_dim, hidden_dim), nn.Linear(hidden_dim, 4)]
-        )
+        self.box_head = mlp_layers(hidden_dim, hidden_dim, 4, 3)  # -> (cx, cy, w, h)
         # as the official code: Xavier for every transformer matrix, zero attention biases
         for layer in [*self.encoder, *self.decoder]:
             for p in layer.parameters():
@@ -321,7 +321,7 @@ class DETR(nn.Module):
                 nn.init.zeros_(attn.in_proj_bias)
                 nn.init.zeros_(attn.out_proj.bias)
         if anchor_queries:  # a query's position is an MLP of its box's sine encoding (DAB-DETR Eq. 2)
-            self.box_pos_head = nn.ModuleList([nn.Linear(2 * hidden_dim, hidden_dim), nn.Linear(hidden_dim, hidden_dim)])
+            self.box_pos_head = mlp_layers(2 * hidden_dim, hidden_dim, hidden_dim, 2)
             if not encoder_proposals:  # learned boxes (before the sigmoid), one per query
                 self.anchor_embed = nn.Embedding(num_queries * query_groups, 4)
                 init_anchors(self.anchor_embed.weight)
@@ -329,25 +329,23 @@ class DETR(nn.Module):
             self.proposal_proj = nn.Linear(hidden_dim, hidden_dim)
             self.proposal_norm = nn.LayerNorm(hidden_dim)
             self.proposal_class_head = nn.Linear(hidden_dim, num_classes + 1)
-            self.proposal_box_head = nn.ModuleList(
-                [nn.Linear(hidden_dim, hidden_dim), nn.Linear(hidden_dim, hidden_dim), nn.Linear(hidden_dim, 4)]
-            )
+            self.proposal_box_head = mlp_layers(hidden_dim, hidden_dim, 4, 3)
             self.proposal_size = 0.05 * feature_stride / 8  # the tokens' anchor side (Deformable DETR: 0.05 at stride 8)
         if denoising_groups:  # a noised ground-truth label enters the decoder as its embedding
             self.label_embed = nn.Embedding(num_classes, hidden_dim)
         if conditional_cross_attn:  # a spatial query made from each box, a spatial key from each position
-            self.spatial_scale_head = nn.ModuleList([nn.Linear(hidden_dim, hidden_dim), nn.Linear(hidden_dim, hidden_dim)])
-            self.spatial_size_head = nn.ModuleList([nn.Linear(hidden_dim, hidden_dim), nn.Linear(hidden_dim, 2)])
+            self.spatial_scale_head = mlp_layers(hidden_dim, hidden_dim, hidden_dim, 2)
+            self.spatial_size_head = mlp_layers(hidden_dim, hidden_dim, 2, 2)
             self.spatial_query_proj = nn.ModuleList(nn.Linear(hidden_dim, hidden_dim) for _ in range(num_decoder_layers))
             self.spatial_key_proj = nn.ModuleList(nn.Linear(hidden_dim, hidden_dim) for _ in range(num_decoder_layers))
 
     def forward(self, images, mask=None, targets=None, need_weights=False):
         """images (B, 3, H, W) ImageNet-normalised, padded bottom/right; mask (B, H, W) True on
         padding, or None when nothing is padded. targets: only for denoising_groups in training
-        (DESIGN §2's targets, on the model's device). need_weights=True also returns the attention
-        weights of every layer (for plots; it uses a slower, written-out attention)."""
+        (the targets of train.py's SetCriterion, on the model's device). need_weights=True also
+        returns the attention weights of every layer (for plots; it uses a slower, written-out attention)."""
         B = images.shape[0]
-        features = self.backbone(images)  # (B, 2048, h, w)
+        features = self.backbone(images)  # (B, backbone.num_channels, h, w): 2048 x H/32 x W/32 for ResNet-50
         h, w = features.shape[-2:]
         if mask is None:  # nothing padded (inference at one size): no attention mask, so SDPA may take its fastest kernel
             feature_mask = torch.zeros(B, h, w, dtype=torch.bool, device=images.device)
@@ -365,50 +363,28 @@ class DETR(nn.Module):
             enc_weights.append(weights)
 
         out = {}
-        Q = self.num_queries * (self.query_groups if self.training else 1)  # Group DETR: one group at inference
-        query_embed = self.query_embed.weight[:Q][None].expand(B, -1, -1)  # (B, Q, C)
-        if not self.anchor_queries:
-            query_pos = query_embed
-            tgt = torch.zeros_like(query_pos)  # the decoder starts from zeros; queries enter as positions
-            boxes = None
-        else:  # the embeddings are the queries' content, their positions come from boxes (DAB-DETR)
-            tgt, query_pos = query_embed, None
-            if self.encoder_proposals:
-                boxes = propose_boxes(self, memory, feature_mask, out).repeat(1, Q // self.num_queries, 1)
-            else:
-                boxes = self.anchor_embed.weight[:Q].sigmoid()[None].expand(B, -1, -1)  # (B, Q, 4)
-        self_attn_mask = group_attention_mask(Q, self.num_queries, tgt.device) if Q > self.num_queries else None
-        if self.denoising_groups and self.training and targets is not None:
-            tgt, boxes, self_attn_mask = add_denoising_queries(self, targets, tgt, boxes, self_attn_mask)
+        if self.anchor_queries or self.query_groups > 1:  # not in the paper: see "Additions beyond the paper" below
+            content, query_pos, boxes, self_attn_mask = initial_queries(self, memory, feature_mask, targets, out)
+        else:  # the paper (§3.2): the decoder starts from zeros, and the N object queries enter as positions
+            query_pos = self.query_embed.weight[None].expand(B, -1, -1)  # (B, N, C)
+            content, boxes, self_attn_mask = torch.zeros_like(query_pos), None, None
 
-        start_boxes = boxes  # the boxes the decoder starts from (anchors, proposals, noised truth), for diagnostics
-        hs, layer_boxes = [], []
-        spatial = None
+        hs, start_boxes, layer_boxes, spatial = [], boxes, [], None
         for i, layer in enumerate(self.decoder):
-            if boxes is not None:  # DAB-DETR: each layer's positions come from the current boxes
-                box_sine = sine_encode(boxes * 2 * math.pi, tgt.shape[-1] // 2)  # (B, Q, 4, C/2): cx, cy, w, h
-                query_pos = mlp(self.box_pos_head, box_sine.flatten(-2))
-            if self.conditional_cross_attn:
-                spatial = spatial_query_and_key(self, i, tgt, boxes, box_sine, pos)
-            tgt, weights = layer(tgt, query_pos, memory, pos, mask, need_weights, self_attn_mask, spatial)
-            hs.append(self.decoder_norm(tgt))
+            if boxes is not None:  # addition 1 (and 5): each layer's positions come from the current boxes
+                query_pos, spatial = box_positions(self, i, content, boxes, pos)
+            content, weights = layer(content, query_pos, memory, pos, mask, need_weights, self_attn_mask, spatial)
+            hs.append(self.decoder_norm(content))
             dec_weights.append(weights)
-            if boxes is not None:  # ... and each layer moves the boxes (the refined box is not back-propagated)
-                layer_boxes.append((mlp(self.box_head, hs[-1]) + inverse_sigmoid(boxes)).sigmoid())
-                boxes = layer_boxes[-1].detach()
+            if boxes is not None:  # addition 1: ... and each layer moves the boxes
+                boxes = refine_boxes(self, hs[-1], boxes, layer_boxes)
         hs = torch.stack(hs)  # (num_decoder_layers, B, Q, C)
 
         logits = self.class_head(hs)  # (L, B, Q, K+1)
-        if layer_boxes:
-            boxes = torch.stack(layer_boxes)
-        else:
+        if boxes is None:
             boxes = mlp(self.box_head, hs).sigmoid()  # (L, B, Q, 4) cx, cy, w, h relative to the image's own size
-        if Q < logits.shape[2]:  # the denoising queries come after the matching ones
-            out["dn_outputs"] = {"pred_logits": logits[:, :, Q:], "pred_boxes": boxes[:, :, Q:],  # (L, B, D, ...)
-                                 "start_boxes": start_boxes[:, Q:], "groups": self.denoising_groups}
-            logits, boxes = logits[:, :, :Q], boxes[:, :, :Q]
-        if start_boxes is not None:
-            out["start_boxes"] = start_boxes[:, :Q]  # (B, Q, 4)
+        else:  # addition 1 (and 3): the refined boxes; the denoising queries' outputs set apart
+            logits, boxes = box_query_outputs(self, logits, layer_boxes, start_boxes, out)
         out.update({
             "pred_logits": logits[-1],
             "pred_boxes": boxes[-1],
@@ -481,6 +457,12 @@ def postprocess(outputs, sizes):
     return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
 
 
+def mlp_layers(input_dim, hidden_dim, output_dim, num_layers):
+    """The official MLP's layers: input_dim -> hidden_dim -> ... -> output_dim (applied by mlp)."""
+    dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+    return nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+
 def mlp(linears, x):
     """The official MLP: the linear layers in turn, with a ReLU between each two."""
     for i, linear in enumerate(linears):
@@ -498,7 +480,64 @@ def mlp(linears, x):
 
 
 # -----------------------------------------------------------------------------
+# Where the additions enter DETR.forward: four marked calls
+
+
+def initial_queries(model, memory, feature_mask, targets, out):
+    """The queries the decoder starts from when an addition changes them: content (B, Q, C), query_pos
+    (B, Q, C) or None (then made from the boxes), boxes (B, Q, 4) or None, and the self-attention
+    mask (Q, Q) or (B, 1, Q, Q) or None. In training, Q counts every query group (addition 4) and
+    the denoising queries come last (addition 3)."""
+    B = memory.shape[0]
+    Q = model.num_queries * (model.query_groups if model.training else 1)  # Group DETR: one group at inference
+    query_embed = model.query_embed.weight[:Q][None].expand(B, -1, -1)  # (B, Q, C)
+    if not model.anchor_queries:  # query groups alone: the paper's queries, K times
+        content, query_pos, boxes = torch.zeros_like(query_embed), query_embed, None
+    else:  # the embeddings are the queries' content, their positions come from boxes (DAB-DETR)
+        content, query_pos = query_embed, None
+        if model.encoder_proposals:
+            boxes = propose_boxes(model, memory, feature_mask, out).repeat(1, Q // model.num_queries, 1)
+        else:
+            boxes = model.anchor_embed.weight[:Q].sigmoid()[None].expand(B, -1, -1)  # (B, Q, 4)
+    self_attn_mask = group_attention_mask(Q, model.num_queries, content.device) if Q > model.num_queries else None
+    if model.denoising_groups and model.training and targets is not None:
+        content, boxes, self_attn_mask = add_denoising_queries(model, targets, content, boxes, self_attn_mask)
+    return content, query_pos, boxes, self_attn_mask
+
+
+def box_positions(model, i, content, boxes, pos):
+    """Decoder layer i's query positions (B, Q, C), an MLP of the boxes' sine encoding (DAB-DETR
+    Eq. 2), and its spatial query and key with conditional_cross_attn (else None)."""
+    box_sine = sine_encode(boxes * 2 * math.pi, content.shape[-1] // 2)  # (B, Q, 4, C/2): cx, cy, w, h
+    query_pos = mlp(model.box_pos_head, box_sine.flatten(-2))
+    spatial = spatial_query_and_key(model, i, content, boxes, box_sine, pos) if model.conditional_cross_attn else None
+    return query_pos, spatial
+
+
+def refine_boxes(model, hs, boxes, layer_boxes):
+    """A decoder layer's boxes: its box head's offset (before the sigmoid) moves the boxes it was
+    given; appended to layer_boxes. Returned detached: the next layer starts from them, but the
+    refinement is not back-propagated through the layers (Deformable DETR, DAB-DETR)."""
+    layer_boxes.append((mlp(model.box_head, hs) + inverse_sigmoid(boxes)).sigmoid())
+    return layer_boxes[-1].detach()
+
+
+def box_query_outputs(model, logits, layer_boxes, start_boxes, out):
+    """The heads' outputs (L, B, Q, ...) of the matching queries. The boxes the decoder started from
+    go to out["start_boxes"] (for diagnostics), the denoising queries' outputs to out["dn_outputs"]."""
+    boxes = torch.stack(layer_boxes)
+    Q = model.num_queries * (model.query_groups if model.training else 1)
+    if Q < logits.shape[2]:  # the denoising queries come after the matching ones
+        out["dn_outputs"] = {"pred_logits": logits[:, :, Q:], "pred_boxes": boxes[:, :, Q:],  # (L, B, D, ...)
+                             "start_boxes": start_boxes[:, Q:], "groups": model.denoising_groups}
+        logits, boxes = logits[:, :, :Q], boxes[:, :, :Q]
+    out["start_boxes"] = start_boxes[:, :Q]  # (B, Q, 4)
+    return logits, boxes
+
+
+# -----------------------------------------------------------------------------
 # Addition 1: anchor-box queries, refined layer by layer (anchor_queries=True)
+
 # DAB-DETR (Liu et al., "DAB-DETR: Dynamic Anchor Boxes are Better Queries for DETR", ICLR 2022;
 # R50, 50 epochs: 42.2 AP, against 42.0 for DETR after 500, Table 2). Each query carries a box; its
 # position in every attention is an MLP of the box's sine encoding, and every decoder layer
@@ -589,36 +628,35 @@ DN_BOX_NOISE = 0.4  # centres move by up to 0.4 of half the box's side, sides sc
 DN_LABEL_NOISE = 0.2  # the chance that a label is replaced by a random one (DN-DETR §4)
 
 
-def add_denoising_queries(model, targets, tgt, boxes, self_attn_mask):
-    """Append denoising_groups noised copies of each image's targets to the queries. tgt (B, Q, C),
-    boxes (B, Q, 4). Returns the longer tgt and boxes (B, Q + D, ...) and the self-attention mask
+def add_denoising_queries(model, targets, content, boxes, self_attn_mask):
+    """Append denoising_groups noised copies of each image's targets to the queries. content (B, Q, C),
+    boxes (B, Q, 4). Returns the longer content and boxes (B, Q + D, ...) and the self-attention mask
     (B, 1, Q + D, Q + D) True where allowed. Images with fewer objects are padded: a padded query
     has no content (DINO), so it cannot pass for an object of some class, is seen by no other, and
     is in no loss (DN-DETR)."""
-    B, Q, C = tgt.shape
-    device = tgt.device
-    labels, gt_boxes, real = padded_targets(targets, tgt.dtype)  # (B, n, ...)
-    G, n = model.denoising_groups, labels.shape[1]
-    labels, gt_boxes, real = labels.repeat(1, G), gt_boxes.repeat(1, G, 1), real.repeat(1, G)  # (B, G*n, ...)
+    B, Q, C = content.shape
+    device = content.device
+    labels, gt_boxes, real = padded_targets(targets, content.dtype)  # (B, n, ...)
+    groups, n = model.denoising_groups, labels.shape[1]
+    labels, gt_boxes, real = labels.repeat(1, groups), gt_boxes.repeat(1, groups, 1), real.repeat(1, groups)  # (B, D, ...)
     swap = torch.rand(labels.shape, device=device) < DN_LABEL_NOISE
     labels = torch.where(swap, torch.randint_like(labels, model.num_classes), labels)
     wh = gt_boxes[..., 2:]
     noise = (torch.rand_like(gt_boxes) * 2 - 1) * torch.cat([wh / 2, wh], -1) * DN_BOX_NOISE
     noised = (gt_boxes + noise).clamp(0, 1)
-    D = G * n
+    D = groups * n
     allowed = torch.ones(Q + D, Q + D, dtype=torch.bool, device=device)
     if self_attn_mask is not None:
         allowed[:Q, :Q] = self_attn_mask
     allowed[:Q, Q:] = False  # the real queries must not see the answers
-    group = torch.arange(D, device=device) // n
-    allowed[Q:, Q:] = group[:, None] == group[None, :]  # each denoising group sees only itself (and the real queries)
+    allowed[Q:, Q:] = group_attention_mask(D, n, device)  # each denoising group sees only itself (and the real queries)
     allowed = allowed[None].repeat(B, 1, 1)
     allowed[:, :, Q:] &= real[:, None, :]  # padded queries are keys to nobody ...
     own = torch.arange(Q, Q + D, device=device)  # made on the device: a CPU index would be a host copy each step
     allowed[:, own, own] = True  # ... but themselves
-    tgt = torch.cat([tgt, model.label_embed(labels) * real[..., None]], dim=1)  # padding: no content (DINO)
+    content = torch.cat([content, model.label_embed(labels) * real[..., None]], dim=1)  # padding: no content (DINO)
     boxes = torch.cat([boxes, noised], dim=1)
-    return tgt, boxes, allowed[:, None]
+    return content, boxes, allowed[:, None]
 
 
 DN_MIN_SLOTS = 8  # an image's denoising slots per group: the most objects rounded up to a power of two, at least this
@@ -674,15 +712,15 @@ def group_attention_mask(num_queries_total, num_queries, device):
 # The spatial key is a projection of the features' own sine positions.
 
 
-def spatial_query_and_key(model, i, tgt, boxes, box_sine, pos):
-    """The spatial query (B, Q, C) and key (B, HW, C) of decoder layer i. tgt (B, Q, C) the queries'
+def spatial_query_and_key(model, i, content, boxes, box_sine, pos):
+    """The spatial query (B, Q, C) and key (B, HW, C) of decoder layer i. content (B, Q, C) the queries'
     content, boxes (B, Q, 4) their current boxes, box_sine (B, Q, 4, C/2) the boxes' sine encoding,
     pos (B, HW, C) the features' positions (y channels first, then x)."""
     y, x = box_sine[..., 1, :], box_sine[..., 0, :]  # (B, Q, C/2) each, in the features' order
     if i > 0:  # the first layer's content knows nothing of the image yet: it gets the plain centre
-        scale = mlp(model.spatial_scale_head, tgt).chunk(2, dim=-1)
+        scale = mlp(model.spatial_scale_head, content).chunk(2, dim=-1)
         y, x = y * scale[0], x * scale[1]
-    size = mlp(model.spatial_size_head, tgt).sigmoid()  # (B, Q, 2) reference width and height
+    size = mlp(model.spatial_size_head, content).sigmoid()  # (B, Q, 2) reference width and height
     y = y * (size[..., 1] / boxes[..., 3])[..., None]  # DAB-DETR §4.3: a tall box attends tall
     x = x * (size[..., 0] / boxes[..., 2])[..., None]
     return model.spatial_query_proj[i](torch.cat([y, x], dim=-1)), model.spatial_key_proj[i](pos)
@@ -735,8 +773,8 @@ def minidetr_to_official_key(key):
         if key.startswith(ours):
             key = official + key[len(ours) :]
             break
-    parts = {ours: official for official, ours in KEY_PARTS.items()}
-    return ".".join(parts.get(part, part) for part in key.split("."))
+    renamed = {ours: official for official, ours in KEY_PARTS.items()}
+    return ".".join(renamed.get(part, part) for part in key.split("."))
 
 
 def official_model_args(state_dict, source):
@@ -840,23 +878,23 @@ def hf_to_minidetr_key(key):
     if prefix is None:
         return None
     key = prefix[1] + key[len(prefix[0]):]
-    parts = key.split(".")
-    if parts[0] in HF_LAYER_PARTS and len(parts) > 2:
-        parts[2] = HF_LAYER_PARTS[parts[0]].get(parts[2], parts[2])
-    if parts[0] == "backbone":
-        rest = ".".join(parts[1:])
+    names = key.split(".")
+    if names[0] in HF_LAYER_PARTS and len(names) > 2:
+        names[2] = HF_LAYER_PARTS[names[0]].get(names[2], names[2])
+    if names[0] == "backbone":
+        rest = ".".join(names[1:])
         for pattern, ours in HF_RESNET_NAMES:
             rest = re.sub(pattern, ours, rest)
-        parts = ["backbone", rest]
-    return ".".join(parts)
+        names = ["backbone", rest]
+    return ".".join(names)
 
 
 def minidetr_to_hf_key(key):
     """Our key -> the name transformers writes to disk (timm's backbone names, as the hub's models)."""
-    parts = key.split(".")
-    if parts[0] in HF_LAYER_PARTS and len(parts) > 2:
-        parts[2] = {ours: theirs for theirs, ours in HF_LAYER_PARTS[parts[0]].items()}.get(parts[2], parts[2])
-    key = ".".join(parts)
+    names = key.split(".")
+    if names[0] in HF_LAYER_PARTS and len(names) > 2:
+        names[2] = {ours: theirs for theirs, ours in HF_LAYER_PARTS[names[0]].items()}.get(names[2], names[2])
+    key = ".".join(names)
     theirs, ours = next(p for p in HF_PREFIXES if key.startswith(p[1]))
     return theirs + key[len(ours):]
 
@@ -1062,7 +1100,7 @@ def write_transformers_folder(model, folder, val_scale=800, max_size=1333):
 # -----------------------------------------------------------------------------
 
 
-def parts(model):
+def parameters_by_part(model):
     """The model's parameters by part: the paper's seven, then those of each addition switched on.
     `python detr.py` counts them; train.py logs their gradient and weight norms."""
     attributes = {
@@ -1081,7 +1119,7 @@ def parts(model):
 def summary(model):
     """Parameter counts per part, as the lines `python detr.py` prints."""
     lines = []
-    for name, params in parts(model).items():
+    for name, params in parameters_by_part(model).items():
         total = sum(p.numel() for p in params)
         trainable = sum(p.numel() for p in params if p.requires_grad)
         lines.append(f"{name:<12} {total:>12,} params ({trainable:,} trainable)")

@@ -33,8 +33,8 @@ from torchvision.utils import draw_bounding_boxes
 import metrics
 import train
 from configurator import configure
-from detr import (COCO_CLASSES, DETR, OFFICIAL_CHECKPOINTS, LoadError, load_checkpoint_file, model_from_checkpoint, parts,
-                  postprocess, transformers_folder)
+from detr import (COCO_CLASSES, DETR, OFFICIAL_CHECKPOINTS, LoadError, load_checkpoint_file, model_from_checkpoint,
+                  parameters_by_part, postprocess, transformers_folder)
 
 # defaults, each overridable as --key=value
 ckpt = "out-shapes/ckpt.pt"  # a minidetr checkpoint, an official one (file, or 'detr-r50' ...), or a transformers folder / hub id
@@ -322,9 +322,9 @@ def iou_order(key):
 
 
 def plot_weights(model, out_path):
-    """One histogram of weight values per part of the model (detr.parts), on a log count scale."""
+    """One histogram of weight values per part of the model (detr.parameters_by_part), on a log count scale."""
     plt = pyplot()
-    named = parts(model)
+    named = parameters_by_part(model)
     columns = 4
     fig, axes = plt.subplots(math.ceil(len(named) / columns), columns, figsize=(4 * columns, 3 * math.ceil(len(named) / columns)),
                              squeeze=False)

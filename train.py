@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from configurator import VALUE_TYPES, configure
 from detr import (BACKBONES, DETR, LoadError, denoising_pairs, load_checkpoint_file, model_from_checkpoint,
-                  parts, postprocess, proposal_background_weight)
+                  parameters_by_part, postprocess, proposal_background_weight)
 from metrics import coco_results, compute_map, ground_truth
 
 # -----------------------------------------------------------------------------
@@ -648,7 +648,7 @@ def autocast(device, dtype):
 @torch.no_grad()
 def training_diagnostics(model, outputs, targets, matcher):
     """What shows DETR's early plateau (logged every log_interval, drawn by sample.py --log):
-    - grad_norm_<part> and weight_norm_<part> for each part of the model (detr.parts), the gradient
+    - grad_norm_<part> and weight_norm_<part> for each part of the model (detr.parameters_by_part), the gradient
       before clipping;
     - query_classes: how many distinct classes ("no object" included) the queries of an image
       predict, averaged over the batch: 1 while every query says the same thing;
@@ -660,7 +660,7 @@ def training_diagnostics(model, outputs, targets, matcher):
     - iou_dn_start, iou_dn_layer_*: the same for the denoising queries and the objects they copy.
     Only the first num_queries queries count (one group, no denoising queries) except in iou_dn_*."""
     record = {}
-    for name, params in parts(model).items():
+    for name, params in parameters_by_part(model).items():
         grads = [p.grad.float().norm() for p in params if p.grad is not None]
         record[f"grad_norm_{name}"] = torch.stack(grads).norm().item() if grads else 0.0
         record[f"weight_norm_{name}"] = torch.stack([p.float().norm() for p in params]).norm().item()

@@ -29,7 +29,7 @@ def test_all_off_is_the_paper_model():
     torch.manual_seed(0)
     model = tiny(feature_stride=32)
     assert not any(k.startswith(("anchor", "box_pos", "proposal", "label_embed")) for k in model.state_dict())
-    assert set(detr.parts(model)) == {"backbone", "input_proj", "encoder", "decoder", "query_embed", "class_head", "box_head"}
+    assert set(detr.parameters_by_part(model)) == {"backbone", "input_proj", "encoder", "decoder", "query_embed", "class_head", "box_head"}
     model.train()  # without additions, training mode (dropout 0) changes nothing and no extra outputs appear
     out = model(torch.randn(2, 3, 64, 64), targets=targets_of(1, 2))
     assert set(out) == {"pred_logits", "pred_boxes", "aux_outputs"} and out["pred_logits"].shape == (2, 5, 4)
@@ -248,7 +248,7 @@ def test_diagnostics_see_alike_queries_and_how_each_layer_moves_the_boxes():
     out = model(torch.randn(2, 3, 64, 64))
     out["pred_logits"].sum().backward()
     record = train.training_diagnostics(model, out, targets, matcher)
-    params = detr.parts(model)["class_head"]
+    params = detr.parameters_by_part(model)["class_head"]
     assert record["grad_norm_class_head"] == pytest.approx(torch.cat([p.grad.flatten() for p in params]).norm().item(), rel=1e-5)
     assert record["weight_norm_anchors"] > 0 and record["grad_norm_backbone"] > 0
     assert {"iou_start", "iou_layer_0", "iou_layer_1", "iou_layer_2"} <= set(record)

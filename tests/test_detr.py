@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 import detr
-from detr import DETR, LoadError
+from detr import DETR, Backbone, LoadError
 
 DATA = __import__("pathlib").Path(__file__).parent / "data"
 
@@ -193,3 +193,15 @@ def test_output_shapes_and_postprocess():
     assert result["labels"].tolist() == [1, 0]
     assert result["boxes"][0].tolist() == [50.0, 37.5, 150.0, 62.5]
     assert result["scores"][0] == pytest.approx(math.exp(5) / (math.exp(5) + 3))
+
+
+@pytest.mark.parametrize("feature_stride, trainable_layers, learning", [
+    (32, 3, {"layer2", "layer3", "layer4"}),  # the paper: the stem and layer1 frozen
+    (32, 5, {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4"}),
+    (16, 3, {"layer1", "layer2", "layer3"}),  # counted over the stages that exist: layer4 is gone
+    (8, 3, {"conv1", "bn1", "layer1", "layer2"}),
+    (16, 0, set()),
+])
+def test_trainable_layers_count_from_the_top_over_the_stages_that_exist(feature_stride, trainable_layers, learning):
+    backbone = Backbone("resnet18", frozen_bn=False, trainable_layers=trainable_layers, feature_stride=feature_stride)
+    assert {n.split(".")[0] for n, p in backbone.named_parameters() if p.requires_grad} == learning
