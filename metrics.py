@@ -35,7 +35,7 @@ def compute_map(detections, ground_truths, num_classes, max_dets=100):
     A detection matched to a difficult object or to a crowd is neither a true nor a false positive;
     a crowd absorbs any number of them, and its IoU with a detection is their intersection over the
     detection's own area (COCOeval's rule)."""
-    N = len(ground_truths)
+    N = len(ground_truths)  # images; D and G: the most detections and ground-truth objects of one image
     D = max([len(d["scores"]) for d in detections] + [1])
     G = max([len(g["labels"]) for g in ground_truths] + [1])
     ious = torch.full((N, D, G), -1.0, dtype=torch.float64)  # -1 where there is no such pair or the classes differ

@@ -353,7 +353,7 @@ class HungarianMatcher(nn.Module):
             for layer in host[lo:hi].reshape(c.shape):
                 per_image = []
                 for b, cb in enumerate(np.split(layer, split, axis=-1)):  # cb[b]: (Q, b's targets)
-                    pairs = [linear_sum_assignment(cb[b, g * n : (g + 1) * n]) for g in range(groups)]
+                    pairs = [linear_sum_assignment(cb[b, g * n : (g + 1) * n]) for g in range(groups)]  # groups: addition 4
                     pred = np.concatenate([p + g * n for g, (p, _) in enumerate(pairs)])
                     tgt = np.concatenate([t for _, t in pairs])
                     per_image.append((torch.as_tensor(pred, dtype=torch.int64), torch.as_tensor(tgt, dtype=torch.int64)))
@@ -376,7 +376,7 @@ class HungarianMatcher(nn.Module):
             + self.cost_bbox * torch.cdist(boxes, tgt_boxes, p=1)
             - self.cost_giou * generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"))
         ).view(L, B, Q, -1)
-        if "valid" in outputs:
+        if "valid" in outputs:  # addition 2: the proposals of padding tokens are never matched
             cost = cost.masked_fill(~outputs["valid"][None, :, :, None], 1e6)
         return cost
 
@@ -392,12 +392,9 @@ class SetCriterion(nn.Module):
     weighted mean does. Both may be given as local counts for a whole accumulated batch, so that
     gradient accumulation gives exactly the gradients of one big batch.
 
-    The additions (detr.py) add their own terms, each normalised by num_boxes so that accumulation
-    stays exact and none grows with the image: loss_*_enc for the encoder proposals (every valid
-    token matched; the unmatched ones' "no object" weighted by proposal_background_weight),
-    loss_*_dn for the denoising queries (each reconstructs its own object, every layer; padding in
-    no loss), and with query_groups each group is matched on its own and the groups' losses are
-    averaged (Group DETR)."""
+    The additions (detr.py) enter at three marked places: with query_groups each group is matched on
+    its own and the groups' losses are averaged (Group DETR); the encoder proposals and the denoising
+    queries add their own terms (loss_*_enc, loss_*_dn: "Additions beyond the paper: their losses")."""
 
     def __init__(self, num_classes, matcher, eos_coef=0.1, weight_ce=1.0, weight_bbox=5.0, weight_giou=2.0,
                  query_groups=1):
@@ -415,7 +412,7 @@ class SetCriterion(nn.Module):
         logits = torch.stack([o["pred_logits"] for o in layers]).float()
         boxes = torch.stack([o["pred_boxes"] for o in layers]).float()
         L, B, Q = logits.shape[:3]
-        G = self.query_groups  # Q = G groups of Q // G queries
+        groups = self.query_groups  # addition 4: Q is that many groups of queries (1 in the paper)
         if num_boxes is None:
             num_boxes = sum(len(t["labels"]) for t in targets)
         num_boxes = torch.as_tensor(num_boxes, dtype=torch.float32, device=logits.device)
@@ -424,36 +421,28 @@ class SetCriterion(nn.Module):
             num_boxes /= dist.get_world_size()
         num_boxes = num_boxes.clamp(min=1)
         if class_weight_sum is None:  # of one group
-            matched = sum(min(len(t["labels"]), Q // G) for t in targets)
-            class_weight_sum = matched + self.eos_coef * (B * Q // G - matched)
-        to_match = [({"pred_logits": logits, "pred_boxes": boxes}, G)]
-        if "enc_outputs" in outputs:  # encoder proposals (detr.py, addition 2): every token is a query
-            enc = outputs["enc_outputs"]
-            enc_logits, enc_boxes = enc["pred_logits"][None].float(), enc["pred_boxes"][None].float()
-            to_match.append(({"pred_logits": enc_logits, "pred_boxes": enc_boxes, "valid": enc["valid"]}, 1))
-        indices, *enc_indices = self.matcher.match_sets(to_match, targets)  # one copy to the host for all
+            matched = sum(min(len(t["labels"]), Q // groups) for t in targets)
+            class_weight_sum = matched + self.eos_coef * (B * Q // groups - matched)
+        decoder = {"pred_logits": logits, "pred_boxes": boxes}
+        if "enc_outputs" in outputs:  # addition 2: the proposals are matched too, in the same copy to the host
+            indices, enc_indices = self.matcher.match_sets([(decoder, groups), proposal_set(outputs)], targets)
+        else:
+            indices = self.matcher(decoder, targets, groups)
         ce, l1, giou = self.summed_losses(logits, boxes, targets, indices)  # (L,) each
-        parts = {"": (ce / (G * class_weight_sum), l1 / (G * num_boxes), giou / (G * num_boxes))}
-
-        if enc_indices:
-            parts["_enc"] = tuple(s / num_boxes for s in self.summed_losses(
-                enc_logits, enc_boxes, targets, enc_indices[0], proposal_background_weight(targets, enc["valid"])))
-        if "dn_outputs" in outputs:  # denoising queries (detr.py, addition 3): query g * n + j is a copy of target j
-            dn = outputs["dn_outputs"]
-            groups, n = dn["groups"], dn["pred_logits"].shape[2] // dn["groups"]
-            no_padding = torch.zeros(B, groups * n, device=logits.device)  # every real query is matched: the rest is padding
-            sums = self.summed_losses(dn["pred_logits"].float(), dn["pred_boxes"].float(), targets,
-                                      [denoising_pairs(targets, groups, n)] * L, no_padding)
-            parts["_dn"] = tuple(s / (groups * num_boxes) for s in sums)
+        terms = {"": (ce / (groups * class_weight_sum), l1 / (groups * num_boxes), giou / (groups * num_boxes))}
+        if "enc_outputs" in outputs:  # addition 2
+            terms["_enc"] = proposal_losses(self, outputs, targets, enc_indices, num_boxes)
+        if "dn_outputs" in outputs:  # addition 3
+            terms["_dn"] = denoising_losses(self, outputs, targets, num_boxes)
 
         total = sum((self.weight_ce * ce + self.weight_bbox * l1 + self.weight_giou * giou).sum()
-                    for ce, l1, giou in parts.values())
+                    for ce, l1, giou in terms.values())
         losses = {"loss": total}
-        for part, (loss_ce, loss_bbox, loss_giou) in parts.items():
+        for term, (loss_ce, loss_bbox, loss_giou) in terms.items():
             n_layers = len(loss_ce)
             for layer in range(n_layers):
-                suffix = part if layer == n_layers - 1 else f"{part}_{layer}"
-                if layer == n_layers - 1 or part == "":  # per-layer values of the additions are not logged
+                suffix = term if layer == n_layers - 1 else f"{term}_{layer}"
+                if layer == n_layers - 1 or term == "":  # per-layer values of the additions are not logged
                     losses["loss_ce" + suffix] = loss_ce[layer]
                     losses["loss_bbox" + suffix] = loss_bbox[layer]
                     losses["loss_giou" + suffix] = loss_giou[layer]
@@ -490,6 +479,41 @@ class SetCriterion(nn.Module):
         giou = generalized_box_iou_loss(box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"))
         zeros = torch.zeros(L, device=device)
         return ce.view(L, -1).sum(1), zeros.index_add(0, layer_idx, l1), zeros.index_add(0, layer_idx, giou)
+
+
+# -----------------------------------------------------------------------------
+# Additions beyond the paper: their losses (detr.py's additions 2 and 3)
+# Each term is a sum divided by num_boxes, so that gradient accumulation stays exact and no term
+# grows with the image.
+
+
+def proposal_set(outputs):
+    """The encoder proposals as the matcher takes them: every valid token is a query, one group."""
+    enc = outputs["enc_outputs"]
+    return {"pred_logits": enc["pred_logits"][None].float(), "pred_boxes": enc["pred_boxes"][None].float(),
+            "valid": enc["valid"]}, 1
+
+
+def proposal_losses(criterion, outputs, targets, indices, num_boxes):
+    """Every token matched to an object learns its class and box; the others say "no object", an
+    image's background tokens together weighing a fixed multiple of its objects, padding nothing."""
+    enc, _ = proposal_set(outputs)
+    weight = proposal_background_weight(targets, enc["valid"])
+    sums = criterion.summed_losses(enc["pred_logits"], enc["pred_boxes"], targets, indices, weight)
+    return tuple(s / num_boxes for s in sums)
+
+
+def denoising_losses(criterion, outputs, targets, num_boxes):
+    """Denoising query g * n + j reconstructs target j at every decoder layer, with no matching;
+    padded queries are in no loss. Averaged over the groups."""
+    dn = outputs["dn_outputs"]
+    logits, boxes = dn["pred_logits"].float(), dn["pred_boxes"].float()  # (L, B, groups * n, ...)
+    L, B, D = logits.shape[:3]
+    groups = dn["groups"]
+    no_padding = torch.zeros(B, D, device=logits.device)  # every real query is matched: the rest is padding
+    pairs = denoising_pairs(targets, groups, D // groups)
+    sums = criterion.summed_losses(logits, boxes, targets, [pairs] * L, no_padding)
+    return tuple(s / (groups * num_boxes) for s in sums)
 
 
 # -----------------------------------------------------------------------------
@@ -764,10 +788,10 @@ def train(config):
     # optimizer: the backbone at its own learning rate; fused AdamW (one kernel for all tensors, CPU too)
     backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
     other_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
-    groups = [{"params": other_params, "lr": cfg.learning_rate, "base_lr": cfg.learning_rate}]
+    param_groups = [{"params": other_params, "lr": cfg.learning_rate, "base_lr": cfg.learning_rate}]
     if backbone_params:
-        groups.append({"params": backbone_params, "lr": cfg.lr_backbone, "base_lr": cfg.lr_backbone})
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=True)
+        param_groups.append({"params": backbone_params, "lr": cfg.lr_backbone, "base_lr": cfg.lr_backbone})
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay, fused=True)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         torch.set_rng_state(checkpoint["rng"]["cpu"][rank % len(checkpoint["rng"]["cpu"])])
