@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 
 import torch
@@ -798,6 +799,15 @@ def official_model_args(state_dict, source):
         raise LoadError(f"{source}: not an official DETR checkpoint (cannot read the architecture: {e!r})") from None
 
 
+# -----------------------------------------------------------------------------
+# minidetr checkpoints: what train.py writes (out_dir/ckpt.pt and best.pt), read and written here
+# A checkpoint is a dict: model (the state dict), model_args (DETR's arguments, enough to rebuild it),
+# classes (the names of its outputs), category_ids (the dataset's own id of each class, or None),
+# config (train.py's whole config), and for an exact resume optimizer (its state dict), iter_num,
+# best_val (the best val metric so far) and rng (every process's CPU and CUDA generator states).
+# Every file is read with weights_only=True: a checkpoint runs no code.
+
+
 def model_from_checkpoint(checkpoint, source):
     """The model of a minidetr checkpoint (train.py's ckpt.pt / best.pt: model_args and model), or one
     line (LoadError) saying why its weights do not make one."""
@@ -833,6 +843,42 @@ def first_line(error):
     """An exception as one short line: its type and the first line of its message."""
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+
+
+def save_checkpoint(checkpoint, path):
+    """Write to a temporary file, then rename: a run killed mid-write leaves the old file whole. A
+    failed write (a full disk, no permission, a vanished folder) removes the temporary file and
+    stops with one error line; the previous checkpoint is left as it was."""
+    tmp = path + ".tmp"
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        folder = os.path.dirname(os.path.abspath(path))
+        needed = sum(t.nbytes for t in torch.utils._pytree.tree_leaves(checkpoint) if isinstance(t, torch.Tensor))
+        free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
+        raise SystemExit(f"error: could not write {path} ({str(e).splitlines()[0]}); it needs about "
+                         f"{needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free there. The last checkpoint is "
+                         f"left as it was") from None
+
+
+def set_classes(model, classes):
+    """Give a pretrained model a new class head for these classes (fine-tuning). When every class has
+    a name of the pretrained model's classes, each keeps that row and "no object" its own, so that
+    the official model evaluates on COCO exactly as published; returns whether it did."""
+    class_head = nn.Linear(model.class_head.in_features, len(classes) + 1)
+    pretrained_names = [name.lower() for name in model.classes or []]
+    kept = all(c.lower() in pretrained_names for c in classes)
+    if kept:
+        rows = torch.tensor([pretrained_names.index(c.lower()) for c in classes] + [model.num_classes])
+        class_head.load_state_dict({"weight": model.class_head.weight[rows], "bias": model.class_head.bias[rows]})
+    model.class_head = class_head
+    model.num_classes = model.config["num_classes"] = len(classes)
+    model.classes = list(classes)
+    return kept
+
 
 # -----------------------------------------------------------------------------
 # Hugging Face transformers checkpoints: folders and hub ids, in and out

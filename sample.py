@@ -33,6 +33,7 @@ from torchvision.utils import draw_bounding_boxes
 import metrics
 import train
 from configurator import configure
+from data.format import read_dataset_json
 from detr import (COCO_CLASSES, DETR, OFFICIAL_CHECKPOINTS, LoadError, load_checkpoint_file, model_from_checkpoint,
                   parameters_by_part, postprocess, transformers_folder)
 
@@ -81,7 +82,7 @@ def image_paths(images, val_json, classes):
     if not images:
         if val_json is None or not os.path.isfile(val_json):
             raise SystemExit(f"error: give --images=path (no val split {val_json or ''} to sample from)")
-        data = train.read_dataset_json(val_json)
+        data = read_dataset_json(val_json)
         if data["classes"] != classes:
             raise SystemExit(f"error: {val_json} has classes {data['classes']}, the checkpoint {classes}")
         return [os.path.join(os.path.dirname(os.path.abspath(val_json)), r["file"]) for r in data["images"]]

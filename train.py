@@ -15,7 +15,6 @@ import inspect
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -37,8 +36,9 @@ from torchvision.ops import box_convert, box_iou, generalized_box_iou, generaliz
 from tqdm import tqdm
 
 from configurator import VALUE_TYPES, configure
+from data.format import read_dataset_json
 from detr import (BACKBONES, DETR, LoadError, denoising_pairs, load_checkpoint_file, model_from_checkpoint,
-                  parameters_by_part, postprocess, proposal_background_weight)
+                  parameters_by_part, postprocess, proposal_background_weight, save_checkpoint, set_classes)
 from metrics import coco_results, compute_map, ground_truth
 
 # -----------------------------------------------------------------------------
@@ -107,7 +107,7 @@ seed = 1337
 CONFIG_KEYS = [k for k, v in globals().items() if k.islower() and not k.startswith("_") and isinstance(v, VALUE_TYPES)]
 
 # -----------------------------------------------------------------------------
-# data: a prepared json (DESIGN §3) -> (image, target) pairs
+# data: a prepared json (data/format.py) -> (image, target) pairs
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -149,65 +149,11 @@ def make_transforms(train, scales, max_size, crop_scales, crop_size, val_scale):
     ])
 
 
-def read_dataset_json(path):
-    """A prepared dataset json (DESIGN §3), checked throughout: its first problem is one error line
-    that names the file, the image and what is wrong."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except OSError as e:
-        raise SystemExit(f"error: cannot read {path} ({e.strerror or type(e).__name__})")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SystemExit(f"error: {path} is not valid json ({e}); prepare it again")
-
-    def fail(what):
-        raise SystemExit(f"error: {path}: {what}")
-
-    def numbers(v, n=None):
-        return isinstance(v, list) and (n is None or len(v) == n) and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
-
-    if not isinstance(data, dict) or not isinstance(data.get("classes"), list) or not isinstance(data.get("images"), list):
-        fail("not a prepared dataset (needs 'classes' and 'images' lists; see data/*/prepare.py)")
-    classes = data["classes"]
-    if not classes or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
-        fail("'classes' should be a non-empty list of distinct names")
-    if "category_ids" in data and not (numbers(data["category_ids"], len(classes))
-                                       and all(isinstance(i, int) for i in data["category_ids"])):
-        fail(f"'category_ids' should be {len(classes)} integers, one per class")
-    if not data["images"]:
-        fail("has no images")
-    for i, r in enumerate(data["images"]):
-        if not isinstance(r, dict) or not isinstance(r.get("file"), str):
-            fail(f"image {i} has no 'file'")
-        where = f"image {i} ({r['file']})"
-        W, H = r.get("width"), r.get("height")
-        if not (isinstance(W, int) and isinstance(H, int) and W > 0 and H > 0):
-            fail(f"{where}: width and height should be integers > 0")
-        boxes, labels = r.get("boxes"), r.get("labels")
-        if not isinstance(boxes, list) or not all(numbers(b, 4) for b in boxes):
-            fail(f"{where}: 'boxes' should be a list of [x0, y0, x1, y1]")
-        if not isinstance(labels, list) or len(labels) != len(boxes):
-            fail(f"{where}: 'labels' should be one per box")
-        for key in ("difficult", "iscrowd", "area"):
-            if key in r and not (numbers(r[key]) and len(r[key]) == len(boxes)):
-                fail(f"{where}: '{key}' should be one number per box")
-        for label in labels:
-            if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(classes):
-                fail(f"{where}: label {label!r} is not a class index 0..{len(classes) - 1}")
-        slack = 0.1 * max(W, H)  # boxes a little outside the image are clipped by the transforms; far outside is a bug
-        for x0, y0, x1, y1 in boxes:
-            if x1 <= x0 or y1 <= y0:
-                fail(f"{where}: box {[x0, y0, x1, y1]} is empty (needs x1 > x0 and y1 > y0)")
-            if x0 < -slack or y0 < -slack or x1 > W + slack or y1 > H + slack:
-                fail(f"{where}: box {[x0, y0, x1, y1]} lies outside the {W}x{H} image")
-    return data
-
-
 class DetectionDataset(torch.utils.data.Dataset):
     """Reads a prepared json. Returns (image (3, h, w) normalised float, target) with the target as
-    DESIGN §2: labels (N,), boxes (N, 4) cxcywh in [0, 1] of the transformed image, plus
-    image_id (the index in the json) and orig_size (H, W) for evaluation. Difficult objects are
+    the model and the loss take it: labels (N,) int64 class indices, boxes (N, 4) (cx, cy, w, h) in
+    [0, 1] of the transformed image (N may be 0), plus image_id (the index in the json) and
+    orig_size (H, W) for evaluation. Difficult objects are
     left out unless keep_difficult, crowds always. An image that cannot be decoded is skipped with one logged
     line and the next one is returned, so a batch keeps its size."""
 
@@ -606,25 +552,6 @@ def dataset_dir(dataset):
     return dataset if os.sep in dataset else os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
 
 
-def save_checkpoint(checkpoint, path):
-    """Write to a temporary file, then rename: a run killed mid-write leaves the old file whole. A
-    failed write (a full disk, no permission, a vanished folder) removes the temporary file and
-    stops with one error line; the previous checkpoint is left as it was."""
-    tmp = path + ".tmp"
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        folder = os.path.dirname(os.path.abspath(path))
-        needed = sum(t.nbytes for t in torch.utils._pytree.tree_leaves(checkpoint) if isinstance(t, torch.Tensor))
-        free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
-        raise SystemExit(f"error: could not write {path} ({str(e).splitlines()[0]}); it needs about "
-                         f"{needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free there. The last checkpoint is "
-                         f"left as it was") from None
-
-
 def lr_factor(it, cfg):
     """Linear warm-up, then the paper's single step drop by 10x at lr_drop."""
     if it < cfg.warmup_iters:
@@ -771,16 +698,8 @@ def train(config):
         if cfg.anchor_queries or cfg.query_groups > 1 or cfg.feature_stride != 32:
             print("note: the pretrained model is the paper's DETR: anchor_queries, encoder_proposals, denoising_groups, "
                   "query_groups, conditional_cross_attn and feature_stride are not used when fine-tuning it")
-        class_head = nn.Linear(model.class_head.in_features, len(classes) + 1)
-        pretrained_names = [name.lower() for name in model.classes or []]
-        if all(c.lower() in pretrained_names for c in classes):
-            # the pretrained model's classes (or some of them): each keeps its row of the same name, "no object"
-            # its own, so that the official model evaluates on COCO exactly as published
-            rows = torch.tensor([pretrained_names.index(c.lower()) for c in classes] + [model.num_classes])
-            class_head.load_state_dict({"weight": model.class_head.weight[rows], "bias": model.class_head.bias[rows]})
+        if set_classes(model, classes):
             print(f"class head: the pretrained model's rows for its {len(classes)} classes of the same names")
-        model.class_head = class_head
-        model.num_classes = model.config["num_classes"] = len(classes)
     model.to(device)
     if "cuda" in device:  # NHWC convolutions run on tensor cores without layout transposes
         model.backbone.to(memory_format=torch.channels_last)

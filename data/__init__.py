@@ -1,0 +1,1 @@
+"""The datasets: each data/<name>/prepare.py writes data/<name>/<split>.json in the format of data/format.py."""

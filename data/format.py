@@ -1,0 +1,77 @@
+"""
+The one dataset format that train.py reads and every data/<name>/prepare.py writes:
+data/<name>/<split>.json holds
+
+    {"classes": ["aeroplane", "bicycle", ...],          # K distinct names; label i is classes[i]
+     "category_ids": [1, 2, ...],                        # optional: the source dataset's id of each class (COCO's)
+     "images": [{"file": "images/val/0001.jpg",          # relative to the json's folder, or absolute
+                 "width": 500, "height": 375,            # of the image file, in pixels
+                 "boxes": [[x0, y0, x1, y1], ...],       # absolute pixels, x1 > x0 and y1 > y0
+                 "labels": [0, 14, ...],                 # one class index 0..K-1 per box
+                 "difficult": [0, 1, ...],               # optional (VOC): kept out of training, ignored in evaluation
+                 "iscrowd": [0, 0, ...],                 # optional (COCO): a crowd region, evaluated as COCOeval does
+                 "area": [1520.5, ...],                  # optional (COCO): the object's area, for mAP_small/medium/large
+                 "id": 397133},                          # optional: the source dataset's image id
+                ...]}
+
+Images may hold no objects (empty lists). VOC's 1-based pixel indices become x0 = xmin - 1,
+y0 = ymin - 1, x1 = xmax, y1 = ymax (data/voc/prepare.py).
+"""
+
+import json
+import math
+
+
+def read_dataset_json(path):
+    """A prepared dataset json (the format above), checked throughout: its first problem is one error
+    line that names the file, the image and what is wrong."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise SystemExit(f"error: cannot read {path} ({e.strerror or type(e).__name__})")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: {path} is not valid json ({e}); prepare it again")
+
+    def fail(what):
+        raise SystemExit(f"error: {path}: {what}")
+
+    def numbers(v, n=None):
+        return isinstance(v, list) and (n is None or len(v) == n) and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+
+    if not isinstance(data, dict) or not isinstance(data.get("classes"), list) or not isinstance(data.get("images"), list):
+        fail("not a prepared dataset (needs 'classes' and 'images' lists; see data/*/prepare.py)")
+    classes = data["classes"]
+    if not classes or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
+        fail("'classes' should be a non-empty list of distinct names")
+    if "category_ids" in data and not (numbers(data["category_ids"], len(classes))
+                                       and all(isinstance(i, int) for i in data["category_ids"])):
+        fail(f"'category_ids' should be {len(classes)} integers, one per class")
+    if not data["images"]:
+        fail("has no images")
+    for i, r in enumerate(data["images"]):
+        if not isinstance(r, dict) or not isinstance(r.get("file"), str):
+            fail(f"image {i} has no 'file'")
+        where = f"image {i} ({r['file']})"
+        W, H = r.get("width"), r.get("height")
+        if not (isinstance(W, int) and isinstance(H, int) and W > 0 and H > 0):
+            fail(f"{where}: width and height should be integers > 0")
+        boxes, labels = r.get("boxes"), r.get("labels")
+        if not isinstance(boxes, list) or not all(numbers(b, 4) for b in boxes):
+            fail(f"{where}: 'boxes' should be a list of [x0, y0, x1, y1]")
+        if not isinstance(labels, list) or len(labels) != len(boxes):
+            fail(f"{where}: 'labels' should be one per box")
+        for key in ("difficult", "iscrowd", "area"):
+            if key in r and not (numbers(r[key]) and len(r[key]) == len(boxes)):
+                fail(f"{where}: '{key}' should be one number per box")
+        for label in labels:
+            if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(classes):
+                fail(f"{where}: label {label!r} is not a class index 0..{len(classes) - 1}")
+        slack = 0.1 * max(W, H)  # boxes a little outside the image are clipped by the transforms; far outside is a bug
+        for x0, y0, x1, y1 in boxes:
+            if x1 <= x0 or y1 <= y0:
+                fail(f"{where}: box {[x0, y0, x1, y1]} is empty (needs x1 > x0 and y1 > y0)")
+            if x0 < -slack or y0 < -slack or x1 > W + slack or y1 > H + slack:
+                fail(f"{where}: box {[x0, y0, x1, y1]} lies outside the {W}x{H} image")
+    return data
