@@ -32,14 +32,14 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision import tv_tensors
-from torchvision.ops import box_convert, box_iou, generalized_box_iou, generalized_box_iou_loss
+from torchvision.ops import box_convert, generalized_box_iou, generalized_box_iou_loss
 from tqdm import tqdm
 
 from configurator import VALUE_TYPES, configure
 from data.format import read_dataset_json
 from detr import (BACKBONES, DETR, LoadError, denoising_pairs, load_checkpoint_file, model_from_checkpoint,
-                  parameters_by_part, postprocess, proposal_background_weight, save_checkpoint, set_classes)
-from metrics import coco_results, compute_map, ground_truth
+                  postprocess, proposal_background_weight, save_checkpoint, set_classes)
+from metrics import coco_results, compute_map, ground_truth, training_diagnostics
 
 # -----------------------------------------------------------------------------
 # default config: the paper's DETR-R50 recipe (§4, App. A.4); config/*.py and --key=value override it
@@ -596,70 +596,19 @@ def autocast(device, dtype):
     return torch.autocast("cuda" if "cuda" in str(device) else "cpu", dtype=getattr(torch, dtype))
 
 
-@torch.no_grad()
-def training_diagnostics(model, outputs, targets, matcher):
-    """What shows DETR's early plateau (logged every log_interval, drawn by sample.py --log):
-    - grad_norm_<part> and weight_norm_<part> for each part of the model (detr.parameters_by_part), the gradient
-      before clipping;
-    - query_classes: how many distinct classes ("no object" included) the queries of an image
-      predict, averaged over the batch: 1 while every query says the same thing;
-    - query_box_spread: the standard deviation of the predicted box centres across the queries of
-      an image (in image widths), averaged over the batch: near 0 while every query gives one box;
-    - iou_start, iou_layer_0 ... iou_layer_{L-1}: the mean IoU with their matched objects (the last
-      layer's matching) of the boxes the queries start from (anchors or encoder proposals) and of
-      each decoder layer's boxes: whether each layer improves on the one before;
-    - iou_dn_start, iou_dn_layer_*: the same for the denoising queries and the objects they copy.
-    Only the first num_queries queries count (one group, no denoising queries) except in iou_dn_*."""
-    record = {}
-    for name, params in parameters_by_part(model).items():
-        grads = [p.grad.float().norm() for p in params if p.grad is not None]
-        record[f"grad_norm_{name}"] = torch.stack(grads).norm().item() if grads else 0.0
-        record[f"weight_norm_{name}"] = torch.stack([p.float().norm() for p in params]).norm().item()
-    Q = model.num_queries
-    classes = outputs["pred_logits"][:, :Q].argmax(-1)  # (B, Q)
-    record["query_classes"] = float(np.mean([len(c.unique()) for c in classes]))
-    centres = outputs["pred_boxes"][:, :Q, :2].float()  # (B, Q, 2)
-    record["query_box_spread"] = centres.var(1, unbiased=False).sum(-1).sqrt().mean().item()
-    layers = [o["pred_boxes"][:, :Q] for o in outputs["aux_outputs"] + [outputs]]
-    matched = matcher({"pred_logits": outputs["pred_logits"][:, :Q], "pred_boxes": layers[-1]}, targets)
-    boxes = {"start": outputs.get("start_boxes"), **{f"layer_{l}": b for l, b in enumerate(layers)}}
-    if "dn_outputs" in outputs:
-        dn = outputs["dn_outputs"]
-        dn_pairs = denoising_pairs(targets, dn["groups"], dn["pred_boxes"].shape[2] // dn["groups"])
-        boxes.update({"dn_start": dn["start_boxes"], **{f"dn_layer_{l}": b for l, b in enumerate(dn["pred_boxes"])}})
-    for name, b in boxes.items():
-        if b is not None:
-            pairs = dn_pairs if name.startswith("dn") else matched
-            pred = torch.cat([b[i, p.to(b.device)] for i, (p, _) in enumerate(pairs)]).float()
-            truth = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, pairs)]).float()
-            iou = box_iou(box_convert(pred, "cxcywh", "xyxy"), box_convert(truth, "cxcywh", "xyxy")).diagonal()
-            record[f"iou_{name}"] = iou.mean().item() if len(iou) else math.nan
-    return record
-
-
-# -----------------------------------------------------------------------------
-# training
-
-
-def train(config):
-    """Run training with a config dict (get_config's); returns the model and its last validation metrics."""
-    cfg = SimpleNamespace(**config)
-    ddp = "RANK" in os.environ
-    if ddp:
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
-        if "cuda" in device:
-            torch.cuda.set_device(device)
-    else:
-        rank, world_size, device = 0, 1, cfg.device
-    master = rank == 0
-    torch.manual_seed(cfg.seed + rank)
+def setup_process(cfg):
+    """(ddp, rank, world_size, device): under torchrun one process per GPU (DDP), else one on cfg.device."""
+    if "RANK" not in os.environ:
+        return False, 0, 1, cfg.device
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
     if "cuda" in device:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
 
-    # data
+
+def load_datasets(cfg):
+    """(train_set, or None with eval_only, and val_set); a missing split or other classes is one error line."""
     splits = [cfg.val_split] if cfg.eval_only else [cfg.train_split, cfg.val_split]
     json_paths = [os.path.join(dataset_dir(cfg.dataset), f"{split}.json") for split in splits]
     for path in json_paths:
@@ -672,34 +621,80 @@ def train(config):
     train_set = None if cfg.eval_only else DetectionDataset(json_paths[0], make_transforms(True, **sizes), cfg.keep_difficult)
     if train_set is not None and train_set.classes != val_set.classes:
         raise SystemExit(f"error: {json_paths[0]} and {json_paths[1]} have different classes")
-    classes = val_set.classes
+    return train_set, val_set
 
-    # model
-    iter_num, best_val, checkpoint = 0, -math.inf, None
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+
+def initial_model(cfg, config, classes):
+    """(model, checkpoint or None), as init_from says: resumed from out_dir/ckpt.pt, new, or pretrained
+    weights (official or transformers) with a new class head for the dataset's classes."""
     trainable_layers = cfg.trainable_layers if cfg.lr_backbone > 0 else 0  # lr_backbone=0 freezes the backbone
-    if cfg.init_from == "resume":
-        if not os.path.isfile(ckpt_path):
-            raise SystemExit(f"error: init_from='resume' but there is no {ckpt_path}")
-        checkpoint = load_checkpoint_file(ckpt_path)
-        missing = [k for k in ("model", "optimizer", "model_args", "iter_num", "best_val", "classes", "rng") if k not in checkpoint]
-        if missing:
-            raise SystemExit(f"error: {ckpt_path} is not a minidetr training checkpoint (no '{missing[0]}')")
-        if checkpoint["classes"] != classes:
-            raise SystemExit(f"error: {ckpt_path} was trained on classes {checkpoint['classes']}, not {classes}")
-        model = model_from_checkpoint(checkpoint, ckpt_path)
-        iter_num, best_val = checkpoint["iter_num"], checkpoint["best_val"]
-        if iter_num >= cfg.max_iters and not cfg.eval_only:
-            raise SystemExit(f"error: {ckpt_path} is already at iteration {iter_num}; raise max_iters={cfg.max_iters} to go on")
-    elif cfg.init_from == "scratch":
-        model = new_model(config, len(classes), trainable_layers)
-    else:  # fine-tune pretrained weights (official or transformers): all but the class head, which gets the dataset's classes
+    if cfg.init_from == "scratch":
+        return new_model(config, len(classes), trainable_layers), None
+    if cfg.init_from != "resume":
         model = DETR.from_pretrained(cfg.init_from, dropout=cfg.dropout, trainable_layers=trainable_layers)
         if cfg.anchor_queries or cfg.query_groups > 1 or cfg.feature_stride != 32:
             print("note: the pretrained model is the paper's DETR: anchor_queries, encoder_proposals, denoising_groups, "
                   "query_groups, conditional_cross_attn and feature_stride are not used when fine-tuning it")
         if set_classes(model, classes):
             print(f"class head: the pretrained model's rows for its {len(classes)} classes of the same names")
+        return model, None
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if not os.path.isfile(ckpt_path):
+        raise SystemExit(f"error: init_from='resume' but there is no {ckpt_path}")
+    checkpoint = load_checkpoint_file(ckpt_path)
+    missing = [k for k in ("model", "optimizer", "model_args", "iter_num", "best_val", "classes", "rng") if k not in checkpoint]
+    if missing:
+        raise SystemExit(f"error: {ckpt_path} is not a minidetr training checkpoint (no '{missing[0]}')")
+    if checkpoint["classes"] != classes:
+        raise SystemExit(f"error: {ckpt_path} was trained on classes {checkpoint['classes']}, not {classes}")
+    if checkpoint["iter_num"] >= cfg.max_iters and not cfg.eval_only:
+        raise SystemExit(f"error: {ckpt_path} is already at iteration {checkpoint['iter_num']}; raise "
+                         f"max_iters={cfg.max_iters} to go on")
+    return model_from_checkpoint(checkpoint, ckpt_path), checkpoint
+
+
+def check_writable(out_dir):
+    """Before any training: a run must be able to save what it learns."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, ".writable"), "w"):
+            pass
+        os.remove(os.path.join(out_dir, ".writable"))
+    except OSError as e:
+        raise SystemExit(f"error: out_dir={out_dir!r} is not writable ({e.strerror or e})") from None
+
+
+def gather(obj, world_size):
+    """[obj of every process], in rank order (a collective under DDP)."""
+    if world_size == 1:
+        return [obj]
+    objs = [None] * world_size
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
+def append_log(out_dir, record):
+    with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def train(config):
+    """Run training with a config dict (get_config's); returns the model and its last validation metrics."""
+    cfg = SimpleNamespace(**config)
+    ddp, rank, world_size, device = setup_process(cfg)
+    master = rank == 0
+    torch.manual_seed(cfg.seed + rank)
+    if "cuda" in device:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    train_set, val_set = load_datasets(cfg)
+    classes = val_set.classes
+    model, checkpoint = initial_model(cfg, config, classes)
+    iter_num, best_val = (checkpoint["iter_num"], checkpoint["best_val"]) if checkpoint else (0, -math.inf)
     model.to(device)
     if "cuda" in device:  # NHWC convolutions run on tensor cores without layout transposes
         model.backbone.to(memory_format=torch.channels_last)
@@ -724,52 +719,9 @@ def train(config):
         model = DDP(model, device_ids=[device] if "cuda" in device else None)
     criterion = new_criterion(config, len(classes), raw_model.query_groups).to(device)
 
-    def checkpoint_and_log(metrics):
-        nonlocal best_val
-        metrics = {f"val_{k}": v for k, v in metrics.items()}
-        improved = metrics[f"val_{cfg.best_metric}"] > best_val
-        best_val = max(best_val, metrics[f"val_{cfg.best_metric}"])
-        if master:
-            aps = ", ".join(f"{c} {ap:.3f}" for c, ap in zip(classes, metrics["val_AP_per_class"]) if ap == ap)
-            tqdm.write(f"iter {iter_num}: val mAP50 {metrics['val_mAP50']:.4f}, mAP50 (VOC07) "
-                       f"{metrics['val_mAP50_07']:.4f}, mAP {metrics['val_mAP']:.4f} | {aps}")
-            log({"iter": iter_num, "time": round(time.time() - t_start, 1), **metrics})
-        write_checkpoint(improved)
-        return metrics
-
-    def write_checkpoint(best):
-        # every process's RNG states, so that a resumed DDP run draws the same dropout masks
-        rng = {"cpu": all_gather_rng(torch.get_rng_state()),
-               "cuda": all_gather_rng(torch.cuda.get_rng_state()) if "cuda" in device else []}
-        if master:
-            ckpt = {
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": raw_model.config,
-                "iter_num": iter_num, "best_val": best_val, "config": config, "classes": classes, "rng": rng,
-                "category_ids": val_set.category_ids,
-            }
-            save_checkpoint(ckpt, ckpt_path)
-            if best:
-                save_checkpoint(ckpt, os.path.join(cfg.out_dir, "best.pt"))
-
-    def all_gather_rng(state):
-        if world_size == 1:
-            return [state]
-        states = [None] * world_size
-        dist.all_gather_object(states, state)
-        return states
-
-    def log(record):
-        with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if master:
-        try:  # before any training: a run must be able to save what it learns
-            os.makedirs(cfg.out_dir, exist_ok=True)
-            with open(os.path.join(cfg.out_dir, ".writable"), "w"):
-                pass
-            os.remove(os.path.join(cfg.out_dir, ".writable"))
-        except OSError as e:
-            raise SystemExit(f"error: out_dir={cfg.out_dir!r} is not writable ({e.strerror or e})") from None
+        check_writable(cfg.out_dir)
         n_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         print(f"{cfg.dataset}: {len(train_set) if train_set else 0} train / {len(val_set)} val images, {len(classes)} classes; "
               f"model {n_params / 1e6:.2f}M trainable parameters; {device}, {cfg.dtype}, world size {world_size}")
@@ -780,15 +732,28 @@ def train(config):
         return raw_model, metrics
 
     # data order: a pure function of (seed, samples consumed), so that a resumed run continues exactly
-    samples_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps
-    sampler = ResumableSampler(len(train_set), cfg.seed, iter_num * samples_per_iter, rank, world_size)
+    sampler = ResumableSampler(len(train_set), cfg.seed, iter_num * cfg.batch_size * cfg.gradient_accumulation_steps,
+                               rank, world_size)
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
         collate_fn=partial(collate, pad_to=cfg.pad_to), worker_init_fn=worker_ignores_sigusr1,
-        pin_memory="cuda" in device,
-        persistent_workers=cfg.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed),
+        pin_memory="cuda" in device, persistent_workers=cfg.num_workers > 0,
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
     batches = iter(loader)
+
+    def write_checkpoint(best):
+        # every process's RNG states, so that a resumed DDP run draws the same dropout masks
+        rng = {"cpu": gather(torch.get_rng_state(), world_size),
+               "cuda": gather(torch.cuda.get_rng_state(), world_size) if "cuda" in device else []}
+        if master:
+            ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": raw_model.config,
+                    "iter_num": iter_num, "best_val": best_val, "config": config, "classes": classes, "rng": rng,
+                    "category_ids": val_set.category_ids}
+            save_checkpoint(ckpt, ckpt_path)
+            if best:
+                save_checkpoint(ckpt, os.path.join(cfg.out_dir, "best.pt"))
+
     first_bad_iter = torch.tensor(-1, device=device)  # where the loss first went non-finite, kept on the device
 
     def stop_if_not_finite(it=None):
@@ -866,10 +831,18 @@ def train(config):
                     tqdm.write(f"iter {iter_num}: " + ", ".join(f"{k} {record[k]:.4f}" for k in
                                ("loss", "loss_ce", "loss_bbox", "loss_giou")) + f", lr {record['lr']:.1e}, "
                                f"{record['img_per_s']:.1f} img/s")
-                    log(record)
+                    append_log(cfg.out_dir, record)
                 sums, iters_since_log, images_since_log = {}, 0, 0
                 if iter_num % cfg.eval_interval == 0 or last:
-                    metrics = checkpoint_and_log(evaluate(eval_model, val_set, cfg, device, rank, world_size))
+                    metrics = {f"val_{k}": v for k, v in evaluate(eval_model, val_set, cfg, device, rank, world_size).items()}
+                    improved = metrics[f"val_{cfg.best_metric}"] > best_val
+                    best_val = max(best_val, metrics[f"val_{cfg.best_metric}"])
+                    if master:
+                        aps = ", ".join(f"{c} {ap:.3f}" for c, ap in zip(classes, metrics["val_AP_per_class"]) if ap == ap)
+                        tqdm.write(f"iter {iter_num}: val mAP50 {metrics['val_mAP50']:.4f}, mAP50 (VOC07) "
+                                   f"{metrics['val_mAP50_07']:.4f}, mAP {metrics['val_mAP']:.4f} | {aps}")
+                        append_log(cfg.out_dir, {"iter": iter_num, "time": round(time.time() - t_start, 1), **metrics})
+                    write_checkpoint(improved)
                     t_checkpoint, checkpoint_iter = time.time(), iter_num
                 t_log = time.time()
             stop = bool(signals)
