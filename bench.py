@@ -226,15 +226,15 @@ def measure(impl_classes, setting):
         for impl, times in zip(impls, infer_times):
             times.append(timed(lambda: impl.infer(images, mask, autocast), iters))
     peak = device_peak()
-    for record, train, infer in zip(records, train_times, infer_times):
+    for record, train_s, infer_s in zip(records, train_times, infer_times):
         flops = record["train_gflops_per_img"] * 1e9 * batch_size
         record.update({
-            "train_img_per_s": round(batch_size / statistics.median(train), 3),
-            "train_img_per_s_range": [round(batch_size / max(train), 3), round(batch_size / min(train), 3)],
-            "infer_img_per_s": round(batch_size / statistics.median(infer), 3),
-            "infer_img_per_s_range": [round(batch_size / max(infer), 3), round(batch_size / min(infer), 3)],
-            "mfu": None if peak is None else round(flops / statistics.median(train) / peak, 4),
-            "train_times": train, "infer_times": infer,
+            "train_img_per_s": round(batch_size / statistics.median(train_s), 3),
+            "train_img_per_s_range": [round(batch_size / max(train_s), 3), round(batch_size / min(train_s), 3)],
+            "infer_img_per_s": round(batch_size / statistics.median(infer_s), 3),
+            "infer_img_per_s_range": [round(batch_size / max(infer_s), 3), round(batch_size / min(infer_s), 3)],
+            "mfu": None if peak is None else round(flops / statistics.median(train_s) / peak, 4),
+            "train_times": train_s, "infer_times": infer_s,
         })
     return records
 

@@ -480,6 +480,16 @@ def mlp(linears, x):
 # and off by default: with all of them off, nothing below runs and the model above is the paper's.
 
 
+def compile_model(model, backend="inductor"):
+    """torch.compile the backbone and each encoder and decoder layer, in place (the checkpoint's keys
+    stay as they are). What runs between them (encoder proposals, the denoising queries made from each
+    image's targets) stays eager, so that no object count reaches a graph, and image sizes are dynamic:
+    a run compiles a few graphs in its first steps (again at the first non-square batch) and at its
+    first evaluation, and none after."""
+    for part in [model.backbone, *model.encoder, *model.decoder]:
+        part.compile(dynamic=True, backend=backend)
+
+
 # -----------------------------------------------------------------------------
 # Where the additions enter DETR.forward: four marked calls
 
@@ -615,6 +625,26 @@ def proposal_background_weight(targets, valid):
     return valid * (PROPOSAL_BACKGROUND_WEIGHT * objects.clamp(min=1) / background)[:, None]
 
 
+# its losses (train.py's SetCriterion calls these; each term a sum over num_boxes, so that gradient
+# accumulation stays exact and no term grows with the image)
+
+
+def proposal_set(outputs):
+    """The encoder proposals as the matcher takes them: every valid token is a query, one group."""
+    enc = outputs["enc_outputs"]
+    return {"pred_logits": enc["pred_logits"][None].float(), "pred_boxes": enc["pred_boxes"][None].float(),
+            "valid": enc["valid"]}, 1
+
+
+def proposal_losses(criterion, outputs, targets, indices, num_boxes):
+    """Every token matched to an object learns its class and box; the others say "no object", an
+    image's background tokens together weighing a fixed multiple of its objects, padding nothing."""
+    enc, _ = proposal_set(outputs)
+    weight = proposal_background_weight(targets, enc["valid"])
+    sums = criterion.summed_losses(enc["pred_logits"], enc["pred_boxes"], targets, indices, weight)
+    return tuple(s / num_boxes for s in sums)
+
+
 # -----------------------------------------------------------------------------
 # Addition 3: denoising queries (denoising_groups=N, with anchor_queries)
 # DN-DETR (Li et al., "DN-DETR: Accelerate DETR Training by Introducing Query DeNoising", CVPR 2022;
@@ -681,6 +711,22 @@ def denoising_pairs(targets, groups, n):
     """Per image, (query_idx, tgt_idx): denoising query g * n + j is the noised copy of target j."""
     return [(torch.cat([torch.arange(len(t["labels"])) + g * n for g in range(groups)]),
              torch.arange(len(t["labels"])).repeat(groups)) for t in targets]
+
+
+# its loss (train.py's SetCriterion calls it)
+
+
+def denoising_losses(criterion, outputs, targets, num_boxes):
+    """Denoising query g * n + j reconstructs target j at every decoder layer, with no matching;
+    padded queries are in no loss. Averaged over the groups."""
+    dn = outputs["dn_outputs"]
+    logits, boxes = dn["pred_logits"].float(), dn["pred_boxes"].float()  # (L, B, groups * n, ...)
+    L, B, D = logits.shape[:3]
+    groups = dn["groups"]
+    no_padding = torch.zeros(B, D, device=logits.device)  # every real query is matched: the rest is padding
+    pairs = denoising_pairs(targets, groups, D // groups)
+    sums = criterion.summed_losses(logits, boxes, targets, [pairs] * L, no_padding)
+    return tuple(s / (groups * num_boxes) for s in sums)
 
 
 # -----------------------------------------------------------------------------
@@ -862,6 +908,51 @@ def save_checkpoint(checkpoint, path):
         raise SystemExit(f"error: could not write {path} ({str(e).splitlines()[0]}); it needs about "
                          f"{needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free there. The last checkpoint is "
                          f"left as it was") from None
+
+
+def load_model(path):
+    """Any model minidetr reads, with its classes (model.classes) and dataset ids (model.category_ids):
+    a minidetr checkpoint (train.py's ckpt.pt / best.pt), an official one (a name or a file) or a
+    transformers DETR (a folder or a hub id). Returns (model, config): config is a minidetr
+    checkpoint's training config (its dataset, val_scale, max_size), None for pretrained weights."""
+    checkpoint = None
+    if path not in OFFICIAL_CHECKPOINTS and transformers_folder(path) is None:
+        checkpoint = load_checkpoint_file(path)
+    if checkpoint is None or "model_args" not in checkpoint:  # the official or transformers formats
+        model = DETR.from_pretrained(path)
+        if model.classes is None:
+            raise LoadError(f"{path}: an official-format checkpoint with {model.num_classes} classes; only "
+                            f"COCO's {len(COCO_CLASSES)} have names here")
+        return model, None
+    missing = [k for k in ("model", "classes", "config") if k not in checkpoint]
+    if missing:
+        raise LoadError(f"{path}: not a minidetr checkpoint (no '{missing[0]}')")
+    if checkpoint["model_args"].get("num_classes") != len(checkpoint["classes"]):
+        raise LoadError(f"{path}: the model has {checkpoint['model_args'].get('num_classes')} classes but the "
+                        f"checkpoint names {len(checkpoint['classes'])}")
+    return model_from_checkpoint(checkpoint, path), checkpoint["config"]
+
+
+def load_training_checkpoint(path, classes):
+    """train.py's out_dir/ckpt.pt for a resume: every key an exact resume needs, and the dataset's classes."""
+    checkpoint = load_checkpoint_file(path)
+    missing = [k for k in ("model", "optimizer", "model_args", "iter_num", "best_val", "classes", "rng") if k not in checkpoint]
+    if missing:
+        raise LoadError(f"{path} is not a minidetr training checkpoint (no '{missing[0]}')")
+    if checkpoint["classes"] != classes:
+        raise LoadError(f"{path} was trained on classes {checkpoint['classes']}, not {classes}")
+    return checkpoint
+
+
+def check_checkpoint_dir(out_dir):
+    """One error line before any training when out_dir cannot be written: a run must be able to save what it learns."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, ".writable"), "w"):
+            pass
+        os.remove(os.path.join(out_dir, ".writable"))
+    except OSError as e:
+        raise SystemExit(f"error: out_dir={out_dir!r} is not writable ({e.strerror or e})") from None
 
 
 def set_classes(model, classes):

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from configurator import configure
-from detr import LoadError, write_transformers_folder
+from detr import LoadError, load_model, write_transformers_folder
 
 # defaults, each overridable as --key=value
 ckpt = ""  # a minidetr checkpoint (out_dir/ckpt.pt or best.pt), an official file, or an official name
@@ -144,8 +144,6 @@ def main():
     except ImportError as e:
         raise SystemExit(f"error: export needs onnx, onnxscript and onnxruntime ({e.name} is missing): "
                          "pip install -r requirements-export.txt")
-    from sample import load_model
-
     if not ckpt:
         raise SystemExit("error: give --ckpt=PATH (a minidetr or official checkpoint) or --ckpt=detr-r50")
     try:
@@ -172,13 +170,11 @@ def main():
 
 
 def main_transformers():
-    from sample import load_model
-
     if not ckpt:
         raise SystemExit("error: give --ckpt=PATH (a minidetr or official checkpoint) with --hf=DIR")
     try:
-        model, _, val_scale, max_size, _ = load_model(ckpt)
-        write_transformers_folder(model, hf, val_scale, max_size)
+        model, config = load_model(ckpt)
+        write_transformers_folder(model, hf, *((config["val_scale"], config["max_size"]) if config else (800, 1333)))
     except (LoadError, OSError) as e:
         raise SystemExit(f"error: {e}")
     print(f"wrote {hf}/ (config.json with {model.num_classes} classes, model.safetensors, preprocessor_config.json)")

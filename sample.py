@@ -24,7 +24,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
@@ -34,8 +33,8 @@ import metrics
 import train
 from configurator import configure
 from data.format import read_dataset_json
-from detr import (COCO_CLASSES, DETR, OFFICIAL_CHECKPOINTS, LoadError, load_checkpoint_file, model_from_checkpoint,
-                  parameters_by_part, postprocess, transformers_folder)
+import detr
+from detr import LoadError, parameters_by_part, postprocess
 
 # defaults, each overridable as --key=value
 ckpt = "out-shapes/ckpt.pt"  # a minidetr checkpoint, an official one (file, or 'detr-r50' ...), or a transformers folder / hub id
@@ -56,25 +55,13 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def load_model(path):
-    """(model, class names, val_scale, max_size, val json or None) from a minidetr checkpoint, an
-    official one (a name or a file) or a transformers DETR (a folder or a hub id)."""
-    checkpoint = None
-    if path not in OFFICIAL_CHECKPOINTS and transformers_folder(path) is None:
-        checkpoint = load_checkpoint_file(path)
-    if checkpoint is None or "model_args" not in checkpoint:  # the official or transformers formats
-        model = DETR.from_pretrained(path)
-        if model.classes is None:
-            raise LoadError(f"{path}: an official-format checkpoint with {model.num_classes} classes; only COCO's {len(COCO_CLASSES)} have names here")
+    """(model, class names, val_scale, max_size, val json or None) of any checkpoint detr.load_model
+    reads; pretrained weights get DETR's own sizes (800, at most 1333) and no val split."""
+    model, config = detr.load_model(path)
+    if config is None:
         return model, model.classes, 800, 1333, None
-    missing = [k for k in ("model", "classes", "config") if k not in checkpoint]
-    if missing:
-        raise LoadError(f"{path}: not a minidetr checkpoint (no '{missing[0]}')")
-    classes, config = checkpoint["classes"], checkpoint["config"]
-    if checkpoint["model_args"].get("num_classes") != len(classes):
-        raise LoadError(f"{path}: the model has {checkpoint['model_args'].get('num_classes')} classes but the checkpoint names {len(classes)}")
-    model = model_from_checkpoint(checkpoint, path)  # with its classes and the dataset's category_ids, for --json
     val_json = os.path.join(train.dataset_dir(config["dataset"]), f"{config['val_split']}.json")
-    return model, classes, config["val_scale"], config["max_size"], val_json
+    return model, model.classes, config["val_scale"], config["max_size"], val_json
 
 
 def image_paths(images, val_json, classes):
@@ -96,16 +83,6 @@ def image_paths(images, val_json, classes):
     return [images]
 
 
-def read_image(path):
-    """(3, H, W) uint8 pixels, or None (with one logged line) for a file that cannot be decoded."""
-    try:
-        with Image.open(path) as im:
-            return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
-    except (OSError, SyntaxError, ValueError) as e:
-        print(f"skip: cannot decode {path} ({type(e).__name__})", file=sys.stderr)
-        return None
-
-
 class ImageFiles(torch.utils.data.Dataset):
     """Image files -> (image (3, h, w) normalised, {orig_size, index}); None for a file that cannot be
     decoded (logged, then dropped by the collate)."""
@@ -117,7 +94,7 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        pixels = read_image(self.paths[i])
+        pixels = train.read_image(self.paths[i])
         if pixels is None:
             return None
         return self.transform(pixels).float(), {"orig_size": torch.tensor(pixels.shape[-2:]), "index": i}
@@ -134,7 +111,7 @@ def detect(model, category_ids, val_scale, max_size, paths, root, out_path):
     docstring) to out_path and returns them."""
     from tqdm import tqdm
 
-    transform = train.make_transforms(False, [val_scale], max_size, [val_scale], (1, 1), val_scale)
+    transform = train.val_transform(val_scale, max_size)
     loader = torch.utils.data.DataLoader(
         ImageFiles(paths, transform), batch_size=batch_size, num_workers=min(4, os.cpu_count() or 1),
         collate_fn=collate_readable)
@@ -210,12 +187,12 @@ def grid(panels, titles, columns=4):
 
 
 def sample(model, classes, val_scale, max_size, paths):
-    transform = train.make_transforms(False, [val_scale], max_size, [val_scale], (1, 1), val_scale)
+    transform = train.val_transform(val_scale, max_size)
     model.to(device).eval()
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for path in paths[:max_images]:
-        pixels = read_image(path)  # (3, H, W) uint8
+        pixels = train.read_image(path)  # (3, H, W) uint8
         if pixels is None:
             continue
         x = transform(pixels)

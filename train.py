@@ -37,8 +37,9 @@ from tqdm import tqdm
 
 from configurator import VALUE_TYPES, configure
 from data.format import read_dataset_json
-from detr import (BACKBONES, DETR, LoadError, denoising_pairs, load_checkpoint_file, model_from_checkpoint,
-                  postprocess, proposal_background_weight, save_checkpoint, set_classes)
+from detr import (BACKBONES, DETR, LoadError, check_checkpoint_dir, compile_model, denoising_losses,
+                  load_training_checkpoint, model_from_checkpoint, postprocess, proposal_losses, proposal_set,
+                  save_checkpoint, set_classes)
 from metrics import coco_results, compute_map, ground_truth, training_diagnostics
 
 # -----------------------------------------------------------------------------
@@ -110,6 +111,18 @@ CONFIG_KEYS = [k for k, v in globals().items() if k.islower() and not k.startswi
 # data: a prepared json (data/format.py) -> (image, target) pairs
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+NORMALIZE = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def read_image(path):
+    """(3, H, W) uint8 pixels, or None (with one logged line) for a file that cannot be decoded: a
+    truncated or corrupt file, or a missing one."""
+    try:
+        with Image.open(path) as im:
+            return v2.functional.pil_to_tensor(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:
+        print(f"skip: cannot decode {path} ({type(e).__name__})", file=sys.stderr)
+        return None
 
 
 class RandomSizeCrop(v2.Transform):
@@ -131,21 +144,25 @@ class RandomSizeCrop(v2.Transform):
         return self._call_kernel(v2.functional.crop, inpt, **params)
 
 
+def val_transform(val_scale, max_size):
+    """Validation and inference: the shorter side resized to val_scale (the longer at most max_size)."""
+    return v2.Compose([v2.Resize(val_scale, max_size=max_size), NORMALIZE])
+
+
 def make_transforms(train, scales, max_size, crop_scales, crop_size, val_scale):
     """The paper's augmentation (§4, App. A.4): horizontal flip, then the shorter side resized to one
     of `scales` (longer side <= max_size), or with probability 0.5 first resized to one of
-    `crop_scales` and cropped to a random window of crop_size[0]..crop_size[1] pixels.
-    Validation resizes the shorter side to val_scale. Boxes follow the image through every step."""
-    normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    `crop_scales` and cropped to a random window of crop_size[0]..crop_size[1] pixels (train=False:
+    val_transform). Boxes follow the image through every step."""
     if not train:
-        return v2.Compose([v2.Resize(val_scale, max_size=max_size), normalize])
+        return val_transform(val_scale, max_size)
     resize = v2.RandomShortestSize(scales, max_size)
     crop_then_resize = v2.Compose([v2.RandomShortestSize(crop_scales), RandomSizeCrop(*crop_size), resize])
     return v2.Compose([
         v2.RandomHorizontalFlip(),
         v2.RandomChoice([resize, crop_then_resize]),
         v2.SanitizeBoundingBoxes(),  # drops boxes that the crop left with no area, and their labels
-        normalize,
+        NORMALIZE,
     ])
 
 
@@ -181,15 +198,10 @@ class DetectionDataset(torch.utils.data.Dataset):
     def load(self, index):
         for i in range(index, index + len(self)):
             i %= len(self)
-            try:
-                with Image.open(self.paths[i]) as im:
-                    image = v2.functional.pil_to_tensor(im.convert("RGB"))  # (3, H, W) uint8
-            except (OSError, SyntaxError, ValueError) as e:  # a truncated or corrupt file, or a missing one
-                if i not in self.unreadable:
-                    self.unreadable.add(i)
-                    print(f"skip: cannot decode {self.paths[i]} ({type(e).__name__})", file=sys.stderr)
-                continue
-            return self.make_sample(i, image)
+            image = None if i in self.unreadable else read_image(self.paths[i])  # (3, H, W) uint8
+            if image is not None:
+                return self.make_sample(i, image)
+            self.unreadable.add(i)  # logged once, then passed over
         raise RuntimeError(f"no image of {len(self)} could be decoded")
 
     def make_sample(self, i, image):
@@ -331,16 +343,12 @@ class SetCriterion(nn.Module):
     """DETR's set loss (paper Eq. 2): after matching, cross-entropy on every query (the "no object"
     class weighted by eos_coef), and L1 + GIoU on the matched boxes, for the last decoder layer
     and each auxiliary one. Returns loss_ce, loss_bbox, loss_giou (last layer), loss_ce_0 ...
-    loss_giou_{L-2} (auxiliary layers) and `loss`, their weighted sum.
-
-    Normalisers: box losses are divided by num_boxes (the batch's target count; under DDP the
-    mean over processes, at least 1) and the cross-entropy by the sum of its class weights, as a
-    weighted mean does. Both may be given as local counts for a whole accumulated batch, so that
-    gradient accumulation gives exactly the gradients of one big batch.
-
-    The additions (detr.py) enter at three marked places: with query_groups each group is matched on
-    its own and the groups' losses are averaged (Group DETR); the encoder proposals and the denoising
-    queries add their own terms (loss_*_enc, loss_*_dn: "Additions beyond the paper: their losses")."""
+    loss_giou_{L-2} (auxiliary layers) and `loss`, their weighted sum. Box losses are divided by
+    num_boxes (the batch's target count; under DDP the mean over processes, at least 1), the
+    cross-entropy by the sum of its class weights, as a weighted mean does. Both may be local counts
+    of a whole accumulated batch: accumulation then gives exactly the gradients of one big batch.
+    The additions enter at three marked lines: query groups (each matched on its own, their losses
+    averaged), and the terms loss_*_enc and loss_*_dn, written in their sections of detr.py."""
 
     def __init__(self, num_classes, matcher, eos_coef=0.1, weight_ce=1.0, weight_bbox=5.0, weight_giou=2.0,
                  query_groups=1):
@@ -385,13 +393,11 @@ class SetCriterion(nn.Module):
                     for ce, l1, giou in terms.values())
         losses = {"loss": total}
         for term, (loss_ce, loss_bbox, loss_giou) in terms.items():
-            n_layers = len(loss_ce)
-            for layer in range(n_layers):
-                suffix = term if layer == n_layers - 1 else f"{term}_{layer}"
-                if layer == n_layers - 1 or term == "":  # per-layer values of the additions are not logged
-                    losses["loss_ce" + suffix] = loss_ce[layer]
-                    losses["loss_bbox" + suffix] = loss_bbox[layer]
-                    losses["loss_giou" + suffix] = loss_giou[layer]
+            last = len(loss_ce) - 1
+            for layer in range(last + 1) if term == "" else [last]:  # the additions' earlier layers are not logged
+                suffix = term if layer == last else f"{term}_{layer}"
+                losses.update({"loss_ce" + suffix: loss_ce[layer], "loss_bbox" + suffix: loss_bbox[layer],
+                               "loss_giou" + suffix: loss_giou[layer]})
         return losses
 
     def summed_losses(self, logits, boxes, targets, indices, no_object_weight=None):
@@ -428,50 +434,13 @@ class SetCriterion(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Additions beyond the paper: their losses (detr.py's additions 2 and 3)
-# Each term is a sum divided by num_boxes, so that gradient accumulation stays exact and no term
-# grows with the image.
-
-
-def proposal_set(outputs):
-    """The encoder proposals as the matcher takes them: every valid token is a query, one group."""
-    enc = outputs["enc_outputs"]
-    return {"pred_logits": enc["pred_logits"][None].float(), "pred_boxes": enc["pred_boxes"][None].float(),
-            "valid": enc["valid"]}, 1
-
-
-def proposal_losses(criterion, outputs, targets, indices, num_boxes):
-    """Every token matched to an object learns its class and box; the others say "no object", an
-    image's background tokens together weighing a fixed multiple of its objects, padding nothing."""
-    enc, _ = proposal_set(outputs)
-    weight = proposal_background_weight(targets, enc["valid"])
-    sums = criterion.summed_losses(enc["pred_logits"], enc["pred_boxes"], targets, indices, weight)
-    return tuple(s / num_boxes for s in sums)
-
-
-def denoising_losses(criterion, outputs, targets, num_boxes):
-    """Denoising query g * n + j reconstructs target j at every decoder layer, with no matching;
-    padded queries are in no loss. Averaged over the groups."""
-    dn = outputs["dn_outputs"]
-    logits, boxes = dn["pred_logits"].float(), dn["pred_boxes"].float()  # (L, B, groups * n, ...)
-    L, B, D = logits.shape[:3]
-    groups = dn["groups"]
-    no_padding = torch.zeros(B, D, device=logits.device)  # every real query is matched: the rest is padding
-    pairs = denoising_pairs(targets, groups, D // groups)
-    sums = criterion.summed_losses(logits, boxes, targets, [pairs] * L, no_padding)
-    return tuple(s / (groups * num_boxes) for s in sums)
-
-
-# -----------------------------------------------------------------------------
 # config, checkpoints, evaluation
 
 
 def get_config(argv):
     """The defaults above, overridden by config files and --key=value (configurator.py), then checked
     (check_config), so that a bad value is one error line before any work."""
-    config = configure({k: globals()[k] for k in CONFIG_KEYS}, argv, config_files=True)
-    check_config(config)
-    return config
+    return check_config(configure({k: globals()[k] for k in CONFIG_KEYS}, argv, config_files=True))
 
 
 def check_config(c):
@@ -480,14 +449,10 @@ def check_config(c):
         return len(v) > 0 and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
 
     rules = [
-        ("batch_size", c["batch_size"] >= 1, ">= 1"),
-        ("gradient_accumulation_steps", c["gradient_accumulation_steps"] >= 1, ">= 1"),
-        ("num_workers", c["num_workers"] >= 0, ">= 0"),
-        ("max_iters", c["max_iters"] >= 1, ">= 1"),
-        ("eval_interval", c["eval_interval"] >= 1, ">= 1"),
-        ("log_interval", c["log_interval"] >= 1, ">= 1"),
-        ("warmup_iters", c["warmup_iters"] >= 0, ">= 0"),
-        ("lr_drop", c["lr_drop"] >= 0, ">= 0"),
+        *((k, c[k] >= 1, ">= 1") for k in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval",
+                                           "log_interval", "val_scale", "pad_to", "num_decoder_layers",
+                                           "dim_feedforward", "num_queries", "query_groups")),
+        *((k, c[k] >= 0, ">= 0") for k in ("num_workers", "warmup_iters", "lr_drop", "num_encoder_layers", "denoising_groups")),
         *((k, math.isfinite(c[k]) and c[k] >= 0, "a number >= 0") for k in (
             "learning_rate", "lr_backbone", "weight_decay", "grad_clip", "cost_class", "cost_bbox", "cost_giou")),
         ("eos_coef", 0 < c["eos_coef"] <= 1, "in (0, 1]"),
@@ -496,20 +461,12 @@ def check_config(c):
         ("crop_scales", positive_ints(c["crop_scales"]), "a list of sizes > 0"),
         ("crop_size", len(c["crop_size"]) == 2 and positive_ints(c["crop_size"]) and c["crop_size"][0] <= c["crop_size"][1],
          "(min, max) sizes with 0 < min <= max"),
-        ("val_scale", c["val_scale"] >= 1, ">= 1"),
         ("max_size", c["max_size"] > max([*c["train_scales"], c["val_scale"]]), "larger than every train_scale and val_scale"),
-        ("pad_to", c["pad_to"] >= 1, ">= 1"),
         ("backbone", c["backbone"] in BACKBONES, ", ".join(BACKBONES)),
         ("trainable_layers", 0 <= c["trainable_layers"] <= 5, "0 to 5"),
         ("hidden_dim", c["hidden_dim"] >= 1 and c["num_heads"] >= 1 and c["hidden_dim"] % c["num_heads"] == 0,
          f"a multiple of num_heads={c['num_heads']} (>= 1)"),
-        ("num_encoder_layers", c["num_encoder_layers"] >= 0, ">= 0"),
-        ("num_decoder_layers", c["num_decoder_layers"] >= 1, ">= 1"),
-        ("dim_feedforward", c["dim_feedforward"] >= 1, ">= 1"),
-        ("num_queries", c["num_queries"] >= 1, ">= 1"),
         ("feature_stride", c["feature_stride"] in (8, 16, 32), "8, 16 or 32"),
-        ("denoising_groups", c["denoising_groups"] >= 0, ">= 0"),
-        ("query_groups", c["query_groups"] >= 1, ">= 1"),
         ("anchor_queries", c["anchor_queries"] or not (c["encoder_proposals"] or c["denoising_groups"] or c["conditional_cross_attn"]),
          "True for encoder_proposals, denoising_groups or conditional_cross_attn (their queries are boxes)"),
         ("dtype", c["dtype"] in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
@@ -523,6 +480,7 @@ def check_config(c):
     for key, ok, want in rules:
         if not ok:
             raise SystemExit(f"error: {key}={c[key]!r} must be {want}")
+    return c
 
 
 def new_model(config, num_classes, trainable_layers):
@@ -535,16 +493,6 @@ def new_criterion(config, num_classes, query_groups):
     """The set loss with the config's costs, which are also the loss weights (paper App. A.1)."""
     matcher = HungarianMatcher(config["cost_class"], config["cost_bbox"], config["cost_giou"])
     return SetCriterion(num_classes, matcher, config["eos_coef"], 1.0, config["cost_bbox"], config["cost_giou"], query_groups)
-
-
-def compile_model(model, backend="inductor"):
-    """torch.compile the backbone and each encoder and decoder layer, in place (the checkpoint's keys
-    stay as they are). What runs between them (encoder proposals, the denoising queries made from each
-    image's targets) stays eager, so that no object count reaches a graph, and image sizes are dynamic:
-    a run compiles a few graphs in its first steps (again at the first non-square batch) and at its
-    first evaluation, and none after."""
-    for part in [model.backbone, *model.encoder, *model.decoder]:
-        part.compile(dynamic=True, backend=backend)
 
 
 def dataset_dir(dataset):
@@ -575,11 +523,8 @@ def evaluate(model, dataset, cfg, device, rank=0, world_size=1, results_path="")
         results = postprocess(outputs, torch.stack([t["orig_size"] for t in targets]))
         detections += [{k: v.cpu() if k == "labels" else v.float().cpu() for k, v in r.items()} for r in results]
         image_ids += [t["image_id"] for t in targets]
-    if world_size > 1:
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, (detections, image_ids))
-        detections = [d for part, _ in gathered for d in part]
-        image_ids = [i for _, part in gathered for i in part]
+    gathered = gather((detections, image_ids), world_size)  # every process's shard
+    detections, image_ids = [d for part, _ in gathered for d in part], [i for _, part in gathered for i in part]
     ground_truths = [ground_truth(dataset.records[i]) for i in image_ids]
     if results_path and rank == 0:
         ids = [dataset.records[i].get("id", i) for i in image_ids]
@@ -615,10 +560,9 @@ def load_datasets(cfg):
         if not os.path.isfile(path):
             how = f"python data/{cfg.dataset}/prepare.py" if os.sep not in cfg.dataset else "see data/*/prepare.py"
             raise SystemExit(f"error: no {path}: prepare the dataset first ({how})")
-    sizes = dict(scales=cfg.train_scales, max_size=cfg.max_size, crop_scales=cfg.crop_scales,
-                 crop_size=cfg.crop_size, val_scale=cfg.val_scale)
-    val_set = DetectionDataset(json_paths[-1], make_transforms(False, **sizes))
-    train_set = None if cfg.eval_only else DetectionDataset(json_paths[0], make_transforms(True, **sizes), cfg.keep_difficult)
+    val_set = DetectionDataset(json_paths[-1], val_transform(cfg.val_scale, cfg.max_size))
+    augment = make_transforms(True, cfg.train_scales, cfg.max_size, cfg.crop_scales, cfg.crop_size, cfg.val_scale)
+    train_set = None if cfg.eval_only else DetectionDataset(json_paths[0], augment, cfg.keep_difficult)
     if train_set is not None and train_set.classes != val_set.classes:
         raise SystemExit(f"error: {json_paths[0]} and {json_paths[1]} have different classes")
     return train_set, val_set
@@ -641,27 +585,11 @@ def initial_model(cfg, config, classes):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if not os.path.isfile(ckpt_path):
         raise SystemExit(f"error: init_from='resume' but there is no {ckpt_path}")
-    checkpoint = load_checkpoint_file(ckpt_path)
-    missing = [k for k in ("model", "optimizer", "model_args", "iter_num", "best_val", "classes", "rng") if k not in checkpoint]
-    if missing:
-        raise SystemExit(f"error: {ckpt_path} is not a minidetr training checkpoint (no '{missing[0]}')")
-    if checkpoint["classes"] != classes:
-        raise SystemExit(f"error: {ckpt_path} was trained on classes {checkpoint['classes']}, not {classes}")
+    checkpoint = load_training_checkpoint(ckpt_path, classes)
     if checkpoint["iter_num"] >= cfg.max_iters and not cfg.eval_only:
         raise SystemExit(f"error: {ckpt_path} is already at iteration {checkpoint['iter_num']}; raise "
                          f"max_iters={cfg.max_iters} to go on")
     return model_from_checkpoint(checkpoint, ckpt_path), checkpoint
-
-
-def check_writable(out_dir):
-    """Before any training: a run must be able to save what it learns."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, ".writable"), "w"):
-            pass
-        os.remove(os.path.join(out_dir, ".writable"))
-    except OSError as e:
-        raise SystemExit(f"error: out_dir={out_dir!r} is not writable ({e.strerror or e})") from None
 
 
 def gather(obj, world_size):
@@ -702,10 +630,9 @@ def train(config):
     # optimizer: the backbone at its own learning rate; fused AdamW (one kernel for all tensors, CPU too)
     backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
     other_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
-    param_groups = [{"params": other_params, "lr": cfg.learning_rate, "base_lr": cfg.learning_rate}]
-    if backbone_params:
-        param_groups.append({"params": backbone_params, "lr": cfg.lr_backbone, "base_lr": cfg.lr_backbone})
-    optimizer = torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay, fused=True)
+    param_groups = [{"params": other_params, "lr": cfg.learning_rate, "base_lr": cfg.learning_rate},
+                    {"params": backbone_params, "lr": cfg.lr_backbone, "base_lr": cfg.lr_backbone}]
+    optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]], weight_decay=cfg.weight_decay, fused=True)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         torch.set_rng_state(checkpoint["rng"]["cpu"][rank % len(checkpoint["rng"]["cpu"])])
@@ -721,7 +648,7 @@ def train(config):
 
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if master:
-        check_writable(cfg.out_dir)
+        check_checkpoint_dir(cfg.out_dir)
         n_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         print(f"{cfg.dataset}: {len(train_set) if train_set else 0} train / {len(val_set)} val images, {len(classes)} classes; "
               f"model {n_params / 1e6:.2f}M trainable parameters; {device}, {cfg.dtype}, world size {world_size}")
@@ -734,13 +661,10 @@ def train(config):
     # data order: a pure function of (seed, samples consumed), so that a resumed run continues exactly
     sampler = ResumableSampler(len(train_set), cfg.seed, iter_num * cfg.batch_size * cfg.gradient_accumulation_steps,
                                rank, world_size)
-    loader = torch.utils.data.DataLoader(
+    batches = iter(torch.utils.data.DataLoader(
         train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
         collate_fn=partial(collate, pad_to=cfg.pad_to), worker_init_fn=worker_ignores_sigusr1,
-        pin_memory="cuda" in device, persistent_workers=cfg.num_workers > 0,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    batches = iter(loader)
+        pin_memory="cuda" in device, persistent_workers=cfg.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed)))
 
     def write_checkpoint(best):
         # every process's RNG states, so that a resumed DDP run draws the same dropout masks
@@ -869,12 +793,8 @@ def train(config):
     return raw_model, metrics
 
 
-def main():
+if __name__ == "__main__":
     try:
         train(get_config(sys.argv[1:]))
-    except LoadError as e:
+    except LoadError as e:  # a checkpoint or weights that cannot be loaded: one line, no traceback
         raise SystemExit(f"error: {e}")
-
-
-if __name__ == "__main__":
-    main()

@@ -35,6 +35,16 @@ def test_all_off_is_the_paper_model():
     assert set(out) == {"pred_logits", "pred_boxes", "aux_outputs"} and out["pred_logits"].shape == (2, 5, 4)
 
 
+@pytest.mark.parametrize("first", ["config/shapes.py", "config/voc_mini.py", "config/voc.py", "config/custom.py"])
+def test_config_vanilla_composes_the_paper_model_onto_any_config(first):
+    config = train.get_config([str(ROOT / first), str(ROOT / "config" / "vanilla.py")])
+    assert not (config["anchor_queries"] or config["encoder_proposals"] or config["conditional_cross_attn"])
+    assert config["denoising_groups"] == 0 and config["query_groups"] == 1
+    model = train.new_model({**config, "backbone": "resnet18", "pretrained_backbone": False}, 3, 5)
+    assert set(detr.parameters_by_part(model)) == {"backbone", "input_proj", "encoder", "decoder", "query_embed",
+                                                   "class_head", "box_head"}
+
+
 @pytest.mark.parametrize("stride, tokens, channels", [(32, 2 * 2, 512), (16, 4 * 4, 256), (8, 8 * 8, 128)])
 def test_feature_stride_gives_a_finer_grid(stride, tokens, channels):
     model = tiny(feature_stride=stride).eval()

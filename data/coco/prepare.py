@@ -1,6 +1,6 @@
 """
 Turn any COCO detection json (COCO itself, or an export from CVAT, Label Studio, Roboflow, ...) into
-minidetr's dataset format (DESIGN §3).
+minidetr's dataset format (data/format.py).
 
     python data/coco/prepare.py --ann=annotations/instances_val2017.json --images=val2017 --split=val
     python data/coco/prepare.py --ann=export/train.json --images=export/images --out_dir=data/mine --split=train

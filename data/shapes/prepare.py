@@ -6,7 +6,7 @@ no download, and a small DETR learns it on a CPU in minutes.
     python data/shapes/prepare.py                         # 2000 train + 200 val images, 128x128
     python data/shapes/prepare.py --image_size=256 --num_train=10000
 
-Writes data/shapes/{train,val}.json (DESIGN §3) and data/shapes/images/{train,val}/*.jpg.
+Writes data/shapes/{train,val}.json (the format of data/format.py) and data/shapes/images/{train,val}/*.jpg.
 Ground-truth boxes are exact: computed from the drawn geometry (shapes are drawn at 4x resolution
 and downsampled, so edges are anti-aliased and sub-pixel exact), then clipped to the image.
 The same seed always gives the same json, whatever the number of worker processes.

@@ -1,10 +1,10 @@
 """
-Read a Pascal VOC devkit into minidetr's dataset format (DESIGN §3).
+Read a Pascal VOC devkit into minidetr's dataset format (data/format.py).
 
     python data/voc/prepare.py --voc_root=/path/to/VOCdevkit             # VOC2007 + VOC2012
     python data/voc/prepare.py --voc_root=~/VOCdevkit --download         # fetch the tarballs first
-    python data/voc/prepare.py --voc_root=../shared/data/voc-mini/VOCdevkit --years=2012 \\
-        --splits=train:train,val:val --out_dir=data/voc-mini
+    python data/voc/prepare.py --voc_root=/path/to/voc-mini/VOCdevkit --years=2012 \\
+        --splits=train:train,val:val --out_dir=data/voc-mini     # a 100-photo cut (config/voc_mini.py)
 
 --splits maps each output json to the ImageSets/Main list it is made of, in every year that has
 that list: the default `train:trainval,val:test` gives the paper's VOC setup, train = VOC2007
