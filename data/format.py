@@ -22,16 +22,21 @@ import json
 import math
 
 
-def read_dataset_json(path):
-    """A prepared dataset json (the format above), checked throughout: its first problem is one error
-    line that names the file, the image and what is wrong."""
+def read_json(path, advice=""):
+    """A json file's content, or one error line: the file cannot be read, or is not json."""
     try:
         with open(path) as f:
-            data = json.load(f)
+            return json.load(f)
     except OSError as e:
         raise SystemExit(f"error: cannot read {path} ({e.strerror or type(e).__name__})")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SystemExit(f"error: {path} is not valid json ({e}); prepare it again")
+        raise SystemExit(f"error: {path} is not valid json ({e}){advice}")
+
+
+def read_dataset_json(path):
+    """A prepared dataset json (the format above), checked throughout: its first problem is one error
+    line that names the file, the image and what is wrong."""
+    data = read_json(path, "; prepare it again")
 
     def fail(what):
         raise SystemExit(f"error: {path}: {what}")

@@ -30,6 +30,10 @@ import sys
 
 from PIL import Image
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository root
+from configurator import configure  # noqa: E402  (the repository's one flag parser)
+from data.format import read_json  # noqa: E402
+
 # defaults, each overridable as --key=value
 ann = ""  # the COCO annotation json
 images = ""  # the folder its file_name entries are relative to
@@ -39,13 +43,7 @@ split = "val"  # writes <out_dir>/<split>.json
 
 def read_coco_json(path):
     """The annotation json, with its three lists checked, or one error line."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except OSError as e:
-        raise SystemExit(f"error: cannot read {path} ({e.strerror or type(e).__name__})")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SystemExit(f"error: {path} is not valid json ({e})")
+    data = read_json(path)
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "categories")):
         raise SystemExit(f"error: {path} is not a COCO detection json (needs 'images' and 'categories' lists)")
     if not isinstance(data.get("annotations", []), list):
@@ -143,9 +141,6 @@ def prepare(ann, images, out_dir, split, log=print):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository root
-    from configurator import configure  # the repository's one flag parser
-
     globals().update(configure({k: globals()[k] for k in ("ann", "images", "out_dir", "split")}, sys.argv[1:]))
     if not ann or not images:
         sys.exit("error: give --ann=instances.json and --images=DIR (the folder its file_name entries are in)")
