@@ -913,17 +913,20 @@ def save_checkpoint(checkpoint, path):
 def load_model(path):
     """Any model minidetr reads, with its classes (model.classes) and dataset ids (model.category_ids):
     a minidetr checkpoint (train.py's ckpt.pt / best.pt), an official one (a name or a file) or a
-    transformers DETR (a folder or a hub id). Returns (model, config): config is a minidetr
-    checkpoint's training config (its dataset, val_scale, max_size), None for pretrained weights."""
-    checkpoint = None
-    if path not in OFFICIAL_CHECKPOINTS and transformers_folder(path) is None:
-        checkpoint = load_checkpoint_file(path)
-    if checkpoint is None or "model_args" not in checkpoint:  # the official or transformers formats
+    transformers DETR (a folder or a hub id). Returns (model, config): a minidetr checkpoint's training
+    config (its dataset, val_scale, max_size), else {"val_scale", "max_size"}: the sizes in a
+    transformers folder's preprocessor_config.json, or DETR's own 800 and 1333."""
+    folder = None if path in OFFICIAL_CHECKPOINTS else transformers_folder(path)
+    if folder is not None:
+        val_scale, max_size = transformers_image_size(folder)
+        return from_transformers_folder(DETR, folder, path), {"val_scale": val_scale, "max_size": max_size}
+    checkpoint = None if path in OFFICIAL_CHECKPOINTS else load_checkpoint_file(path)
+    if checkpoint is None or "model_args" not in checkpoint:  # an official checkpoint
         model = DETR.from_pretrained(path)
         if model.classes is None:
             raise LoadError(f"{path}: an official-format checkpoint with {model.num_classes} classes; only "
                             f"COCO's {len(COCO_CLASSES)} have names here")
-        return model, None
+        return model, {"val_scale": 800, "max_size": 1333}
     missing = [k for k in ("model", "classes", "config") if k not in checkpoint]
     if missing:
         raise LoadError(f"{path}: not a minidetr checkpoint (no '{missing[0]}')")
@@ -967,7 +970,7 @@ def set_classes(model, classes):
         class_head.load_state_dict({"weight": model.class_head.weight[rows], "bias": model.class_head.bias[rows]})
     model.class_head = class_head
     model.num_classes = model.config["num_classes"] = len(classes)
-    model.classes = list(classes)
+    model.classes, model.category_ids = list(classes), None  # the pretrained model's ids are not the dataset's
     return kept
 
 
@@ -1071,27 +1074,53 @@ def minidetr_to_hf(state_dict):
     return out
 
 
-def hf_model_args(config, source):
-    """DETR's arguments from a transformers config.json (DetrConfig's defaults where a key is absent),
-    or one line saying what it describes that minidetr cannot build."""
+def hf_model_args(config, source, num_outputs):
+    """DETR's arguments, the class names and category_ids from a transformers config.json (DetrConfig's
+    defaults where a key is absent), or one line saying what minidetr cannot build. num_outputs: the
+    class head's rows in the weights (the class count when config.json names none)."""
     def refuse(what):
         raise LoadError(f"{source}: {what}; minidetr builds transformers' DetrForObjectDetection with a "
                         f"sine position encoding and a ResNet-18/34/50/101 backbone")
 
+    def number(key, default, kind=int):
+        value = config.get(key, default)
+        if not isinstance(value, kind) or isinstance(value, bool) or value < 0:
+            raise LoadError(f"{source}: config.json's {key} is {value!r}, not a number >= 0")
+        return value
+
     if config.get("model_type") != "detr":
         refuse(f"model_type is {config.get('model_type')!r}, not 'detr'")
-    architecture = (config.get("architectures") or ["DetrForObjectDetection"])[0]
+    architectures = config.get("architectures") or ["DetrForObjectDetection"]
+    architecture = architectures if isinstance(architectures, str) else architectures[0]
     if architecture != "DetrForObjectDetection":
         refuse(f"the model is a {architecture}")
     for key, paper in (("position_embedding_type", "sine"), ("activation_function", "relu"), ("num_channels", 3)):
         if config.get(key, paper) != paper:
             refuse(f"{key} is {config[key]!r}, not {paper!r}")
-    for a, b in (("encoder_attention_heads", "decoder_attention_heads"), ("encoder_ffn_dim", "decoder_ffn_dim")):
-        if config.get(a) != config.get(b):
-            refuse(f"{a} ({config.get(a)}) and {b} ({config.get(b)}) differ")
-    backbone_config = config.get("backbone_config") or {}
-    kind = backbone_config.get("model_type", "timm_backbone" if config.get("use_timm_backbone", True) else "resnet")
-    dilation = bool(config.get("dilation")) or backbone_config.get("output_stride") == 16
+    for a, b, default in (("encoder_attention_heads", "decoder_attention_heads", 8), ("encoder_ffn_dim", "decoder_ffn_dim", 2048)):
+        if config.get(a, default) != config.get(b, default):
+            refuse(f"{a} ({config.get(a, default)}) and {b} ({config.get(b, default)}) differ")
+    args = dict(hidden_dim=number("d_model", 256), num_heads=number("encoder_attention_heads", 8),
+                num_encoder_layers=number("encoder_layers", 6), num_decoder_layers=number("decoder_layers", 6),
+                dim_feedforward=number("encoder_ffn_dim", 2048), num_queries=number("num_queries", 100),
+                dropout=number("dropout", 0.1, (int, float)))  # transformers' attention and activation dropouts are not DETR's
+    if args["num_heads"] < 1 or args["hidden_dim"] % args["num_heads"]:
+        raise LoadError(f"{source}: config.json's d_model={args['hidden_dim']} is not a multiple of its "
+                        f"{args['num_heads']} attention heads")
+
+    # the backbone, as transformers builds it: a backbone_config decides alone, else the top-level keys
+    backbone_config = config.get("backbone_config")
+    if backbone_config is not None and not isinstance(backbone_config, dict):
+        refuse(f"backbone_config is {backbone_config!r}, not a dict")
+    if backbone_config:
+        kind, stride = backbone_config.get("model_type"), backbone_config.get("output_stride")
+    else:  # transformers 4's config.json (the hub's): timm unless use_timm_backbone is false
+        kind = "timm_backbone" if config.get("use_timm_backbone", True) else "resnet"
+        backbone_kwargs = config.get("backbone_kwargs") if isinstance(config.get("backbone_kwargs"), dict) else {}
+        stride = backbone_kwargs.get("output_stride") or (16 if config.get("dilation") else None)
+        backbone_config = {}
+    if stride not in (None, 32, 16):
+        refuse(f"its backbone has output_stride {stride}: DETR's stages end at stride 32, or 16 dilated (DC5)")
     if kind == "timm_backbone":  # a timm model name, e.g. 'resnet50' or 'timm/resnet50.a1_in1k'
         name = (backbone_config.get("backbone") or config.get("backbone") or "resnet50").split("/")[-1].split(".")[0]
         last_stage = (backbone_config.get("out_indices") or [4])[-1]
@@ -1099,11 +1128,12 @@ def hf_model_args(config, source):
         layer_type, depths = backbone_config.get("layer_type", "bottleneck"), backbone_config.get("depths", [3, 4, 6, 3])
         name = {("basic", (2, 2, 2, 2)): "resnet18", ("basic", (3, 4, 6, 3)): "resnet34", ("bottleneck", (3, 4, 6, 3)): "resnet50",
                 ("bottleneck", (3, 4, 23, 3)): "resnet101"}.get((layer_type, tuple(depths)), f"a {layer_type} ResNet of depths {depths}")
-        last_stage = int((backbone_config.get("out_features") or ["stage4"])[-1].removeprefix("stage"))
-        for key, torchvision_value in (("embedding_size", 64), ("downsample_in_bottleneck", False), ("hidden_act", "relu")):
+        last_stage = int(str((backbone_config.get("out_features") or ["stage4"])[-1]).removeprefix("stage"))
+        for key, torchvision_value in (("embedding_size", 64), ("downsample_in_bottleneck", False), ("hidden_act", "relu"),
+                                       ("downsample_in_first_stage", False), ("num_channels", 3)):
             if backbone_config.get(key, torchvision_value) != torchvision_value:
                 refuse(f"its ResNet has {key}={backbone_config[key]!r}, torchvision's {torchvision_value!r}")
-        if dilation:
+        if stride == 16:
             refuse("dilation with transformers' own ResNet")
     else:
         refuse(f"the backbone is a {kind!r}")
@@ -1111,37 +1141,50 @@ def hf_model_args(config, source):
         refuse(f"the backbone is {name!r}")
     if last_stage != 4:
         refuse(f"its features come from ResNet stage {last_stage}, not the last (4)")
-    id2label = config.get("id2label") or {str(i): f"LABEL_{i}" for i in range(config.get("num_labels", 91))}
-    if sorted(int(i) for i in id2label) != list(range(len(id2label))):
-        refuse("id2label does not number its classes 0, 1, 2, ...")
-    classes = [id2label[str(i)] for i in range(len(id2label))]
+    if stride == 16 and name in ("resnet18", "resnet34"):
+        refuse(f"dilation (DC5) with {name}, which torchvision's basic blocks cannot dilate")
+
+    # the classes: id2label's names in output order, else as many as the class head has rows
+    id2label = config.get("id2label") or {i: f"LABEL_{i}" for i in range(config.get("num_labels") or num_outputs - 1)}
+    try:
+        id2label = {int(i): str(name) for i, name in id2label.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise LoadError(f"{source}: config.json's id2label is not a mapping of class numbers to names") from None
+    if sorted(id2label) != list(range(len(id2label))):
+        raise LoadError(f"{source}: config.json's id2label does not number its classes 0, 1, 2, ...")
+    classes = [id2label[i] for i in range(len(id2label))]
     category_ids = config.get("category_ids")  # written by minidetr: a dataset's own ids of the classes
     if category_ids is not None and not (isinstance(category_ids, list) and len(category_ids) == len(classes)
-                                         and all(isinstance(i, int) for i in category_ids)):
-        refuse(f"category_ids should be {len(classes)} integers")
-    args = dict(num_classes=len(classes), backbone=name, dilation=dilation, hidden_dim=config.get("d_model", 256),
-                num_heads=config.get("encoder_attention_heads", 8), num_encoder_layers=config.get("encoder_layers", 6),
-                num_decoder_layers=config.get("decoder_layers", 6), dim_feedforward=config.get("encoder_ffn_dim", 2048),
-                dropout=config.get("dropout", 0.1), num_queries=config.get("num_queries", 100))
-    return args, classes, category_ids
+                                         and all(isinstance(i, int) and not isinstance(i, bool) for i in category_ids)):
+        raise LoadError(f"{source}: config.json's category_ids should be {len(classes)} integers, one per class")
+    return dict(num_classes=len(classes), backbone=name, dilation=stride == 16, **args), classes, category_ids
+
+
+def hf_cache_folder():
+    """The Hugging Face hub cache, where huggingface_hub would put a download."""
+    home = os.environ.get("HF_HOME", os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "huggingface"))
+    return os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+
+
+def has_transformers_weights(folder):
+    return any(os.path.isfile(os.path.join(folder, name)) for name in ("model.safetensors", "pytorch_model.bin"))
 
 
 def transformers_folder(name_or_path):
     """The local folder of a transformers model: the folder itself, or a hub id's snapshot from the
-    local Hugging Face cache, else downloaded with huggingface_hub when it is installed. None when
-    the name is a file (or looks like one): an official checkpoint."""
+    local Hugging Face cache (with its config and weights), else downloaded with huggingface_hub
+    when it is installed. None when the name is a file (or looks like one): an official checkpoint."""
     if os.path.isdir(name_or_path):
         return name_or_path
     if os.path.exists(name_or_path) or not re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path) \
             or name_or_path.endswith((".pt", ".pth", ".bin", ".safetensors")):
         return None
-    home = os.environ.get("HF_HOME", os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "huggingface"))
-    cache = os.environ.get("HF_HUB_CACHE", os.path.join(home, "hub"))
+    cache = hf_cache_folder()
     repo = os.path.join(cache, "models--" + name_or_path.replace("/", "--"))
     try:
         with open(os.path.join(repo, "refs", "main")) as f:
             snapshot = os.path.join(repo, "snapshots", f.read().strip())
-        if os.path.isfile(os.path.join(snapshot, "config.json")):
+        if os.path.isfile(os.path.join(snapshot, "config.json")) and has_transformers_weights(snapshot):
             return snapshot
     except OSError:
         pass
@@ -1151,9 +1194,13 @@ def transformers_folder(name_or_path):
         raise LoadError(f"'{name_or_path}' is no local file or folder, nor in the Hugging Face cache ({cache}): "
                         f"pip install huggingface_hub to download it, or give the folder that holds its config.json "
                         f"and model.safetensors") from None
+    weights = ["model.safetensors", "pytorch_model.bin"] if importlib.util.find_spec("safetensors") else ["pytorch_model.bin"]
     try:
-        return huggingface_hub.snapshot_download(name_or_path, allow_patterns=[
-            "config.json", "model.safetensors" if importlib.util.find_spec("safetensors") else "pytorch_model.bin"])
+        for name in weights:  # the first the repository has; older ones hold only pytorch_model.bin
+            folder = huggingface_hub.snapshot_download(name_or_path, allow_patterns=["*.json", name])
+            if has_transformers_weights(folder):
+                return folder
+        return folder
     except Exception as e:
         raise LoadError(f"could not download '{name_or_path}' from the Hugging Face hub ({first_line(e)})") from None
 
@@ -1164,17 +1211,36 @@ def from_transformers_folder(cls, folder, source, **kwargs):
         with open(os.path.join(folder, "config.json")) as f:
             config = json.load(f)
     except FileNotFoundError:
-        raise LoadError(f"{source}: no config.json in {folder} (a transformers model folder holds config.json and model.safetensors)") from None
+        hint = next((f"; for a training run's folder give its {n}" for n in ("best.pt", "ckpt.pt")
+                     if os.path.isfile(os.path.join(folder, n))), " (a transformers model folder holds config.json and model.safetensors)")
+        raise LoadError(f"{source}: no config.json in {folder}{hint}") from None
     except (OSError, ValueError) as e:
         raise LoadError(f"{source}: config.json is not readable json ({e})") from None
     if not isinstance(config, dict):
         raise LoadError(f"{source}: config.json holds no settings")
-    args, classes, category_ids = hf_model_args(config, source)
-    model = cls(**{**args, **kwargs})
-    model.load_named_state_dict(hf_to_minidetr(read_transformers_weights(folder, source), source), source,
-                                "transformers' DetrForObjectDetection", minidetr_to_hf_key)
+    weights = read_transformers_weights(folder, source)
+    head = weights.get("class_labels_classifier.bias")
+    args, classes, category_ids = hf_model_args(config, source, len(head) if torch.is_tensor(head) else 92)
+    try:
+        model = cls(**{**args, **kwargs})
+    except (TypeError, ValueError) as e:
+        raise LoadError(f"{source}: config.json describes no DETR minidetr can build ({e})") from None
+    model.load_named_state_dict(hf_to_minidetr(weights, source), source, "transformers' DetrForObjectDetection",
+                                minidetr_to_hf_key)
     model.classes, model.category_ids = classes, category_ids
     return model
+
+
+def transformers_image_size(folder):
+    """(shortest side, longest side) from a transformers folder's preprocessor_config.json, else DETR's (800, 1333)."""
+    try:
+        with open(os.path.join(folder, "preprocessor_config.json")) as f:
+            size = json.load(f).get("size") or {}
+        if isinstance(size.get("shortest_edge"), int) and isinstance(size.get("longest_edge"), int):
+            return size["shortest_edge"], size["longest_edge"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    return 800, 1333
 
 
 def read_transformers_weights(folder, source):
@@ -1221,6 +1287,8 @@ def write_transformers_folder(model, folder, val_scale=800, max_size=1333):
         activation_function="relu", position_embedding_type="sine", auxiliary_loss=False,
     )
     if model.category_ids is not None:
+        if len(model.category_ids) != model.num_classes:
+            raise LoadError(f"the model has {model.num_classes} classes but {len(model.category_ids)} category_ids")
         config["category_ids"] = list(model.category_ids)
     preprocessor = dict(  # DETR's own: resize the shorter side, ImageNet mean and std, pad
         image_processor_type="DetrImageProcessor", format="coco_detection", do_resize=True,

@@ -174,7 +174,7 @@ def main_transformers():
         raise SystemExit("error: give --ckpt=PATH (a minidetr or official checkpoint) with --hf=DIR")
     try:
         model, config = load_model(ckpt)
-        write_transformers_folder(model, hf, *((config["val_scale"], config["max_size"]) if config else (800, 1333)))
+        write_transformers_folder(model, hf, config["val_scale"], config["max_size"])
     except (LoadError, OSError) as e:
         raise SystemExit(f"error: {e}")
     print(f"wrote {hf}/ (config.json with {model.num_classes} classes, model.safetensors, preprocessor_config.json)")

@@ -56,11 +56,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 def load_model(path):
     """(model, class names, val_scale, max_size, val json or None) of any checkpoint detr.load_model
-    reads; pretrained weights get DETR's own sizes (800, at most 1333) and no val split."""
+    reads; only a minidetr checkpoint has a val split to sample from."""
     model, config = detr.load_model(path)
-    if config is None:
-        return model, model.classes, 800, 1333, None
-    val_json = os.path.join(train.dataset_dir(config["dataset"]), f"{config['val_split']}.json")
+    val_json = None
+    if "dataset" in config:
+        val_json = os.path.join(train.dataset_dir(config["dataset"]), f"{config['val_split']}.json")
     return model, model.classes, config["val_scale"], config["max_size"], val_json
 
 

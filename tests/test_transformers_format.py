@@ -116,8 +116,10 @@ def test_a_written_folder_has_the_recorded_names_and_round_trips(tmp_path):
     assert config["category_ids"] == [11, 22, 33, 44]
     size = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())["size"]
     assert size == {"shortest_edge": 512, "longest_edge": 853}
-    again = DETR.from_pretrained(str(tmp_path / "out")).eval()
+    again, sizes = detr.load_model(str(tmp_path / "out"))
+    again.eval()
     assert again.classes == model.classes and again.category_ids == [11, 22, 33, 44]
+    assert sizes == {"val_scale": 512, "max_size": 853}  # read back from preprocessor_config.json
     images, mask = torch.randn(2, 3, 64, 96), torch.zeros(2, 64, 96, dtype=torch.bool)
     mask[1, :, 64:] = True
     with torch.no_grad():
@@ -130,14 +132,22 @@ def test_the_older_hub_config_and_a_dc5_model_build_the_same_architecture(tmp_pa
     recorded = RECORDED["timm"]
     older = {k: v for k, v in recorded["config"].items() if k != "backbone_config"}
     older.update(backbone="resnet18", use_timm_backbone=True, dilation=False, backbone_config=None)
-    args, classes, _ = detr.hf_model_args(older, "older")
-    assert args == detr.hf_model_args(recorded["config"], "newer")[0] and classes[3] == "star"
+    args, classes, _ = detr.hf_model_args(older, "older", 5)
+    assert args == detr.hf_model_args(recorded["config"], "newer", 5)[0] and classes[3] == "star"
     older.update(backbone="resnet50", dilation=True)
-    assert detr.hf_model_args(older, "dc5")[0]["dilation"] is True
+    assert detr.hf_model_args(older, "dc5", 5)[0]["dilation"] is True
+    older.update(dilation=False, backbone_kwargs={"output_stride": 16, "out_indices": [1, 2, 3, 4]})
+    assert detr.hf_model_args(older, "dc5 by backbone_kwargs", 5)[0]["dilation"] is True
     newer_dc5 = json.loads(json.dumps(recorded["config"]))
     newer_dc5["backbone_config"].update(backbone="resnet101", output_stride=16)
-    args = detr.hf_model_args(newer_dc5, "dc5")[0]
+    args = detr.hf_model_args(newer_dc5, "dc5", 5)[0]
     assert args["backbone"] == "resnet101" and args["dilation"] is True
+    # a backbone_config decides alone, as in transformers: the top-level dilation does not dilate it
+    newer = json.loads(json.dumps(recorded["config"]))
+    newer["dilation"] = True
+    assert detr.hf_model_args(newer, "newer", 5)[0]["dilation"] is False
+    # no id2label and no num_labels: as many classes as the class head has rows, less "no object"
+    assert detr.hf_model_args({**recorded["config"], "id2label": None}, "unnamed", 7)[1] == [f"LABEL_{i}" for i in range(6)]
 
 
 def one_line_error(call):
@@ -163,9 +173,18 @@ def test_each_bad_folder_is_one_line(tmp_path):
         ({"position_embedding_type": "learned"}, "position_embedding_type is 'learned'"),
         ({"backbone_config": {**recorded["config"]["backbone_config"], "backbone": "resnet50d"}}, "the backbone is 'resnet50d'"),
         ({"backbone_config": {"model_type": "swin"}}, "the backbone is a 'swin'"),
+        ({"backbone_config": {**recorded["config"]["backbone_config"], "output_stride": 8}}, "output_stride 8"),
+        ({"backbone_config": "resnet18"}, "backbone_config is 'resnet18', not a dict"),
+        ({"id2label": ["circle", "square"]}, "id2label is not a mapping"),
+        ({"d_model": "32"}, "d_model is '32', not a number"),
+        ({"encoder_attention_heads": 5, "decoder_attention_heads": 5}, "not a multiple of its 5 attention heads"),
     ):
         folder = write_folder(tmp_path / message.split()[-1].strip("'"), {**recorded["config"], **change}, weights)
         assert message in one_line_error(lambda: DETR.from_pretrained(str(folder)))
+    resnet = RECORDED["resnet"]
+    stride_2_first = {**resnet["config"], "backbone_config": {**resnet["config"]["backbone_config"], "downsample_in_first_stage": True}}
+    folder = write_folder(tmp_path / "first_stage", stride_2_first, random_weights(resnet["weights"]))
+    assert "downsample_in_first_stage=True" in one_line_error(lambda: DETR.from_pretrained(str(folder)))
     del weights["model.decoder.layers.1.self_attn.v_proj.bias"]
     folder = write_folder(tmp_path / "missing", recorded["config"], weights)
     assert "missing key 'model.decoder.layers.1.self_attn.v_proj.bias'" in one_line_error(lambda: DETR.from_pretrained(str(folder)))
@@ -183,6 +202,22 @@ def test_a_hub_id_comes_from_the_local_cache_or_says_what_to_install(tmp_path, m
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
     message = one_line_error(lambda: DETR.from_pretrained("someone/other-detr"))
     assert "pip install huggingface_hub" in message and str(tmp_path / "hub") in message
+    only_config = tmp_path / "hub" / "models--someone--config-only"  # e.g. cached by AutoConfig alone
+    (only_config / "snapshots" / "def456").mkdir(parents=True)
+    (only_config / "snapshots" / "def456" / "config.json").write_text(json.dumps(recorded["config"]))
+    (only_config / "refs").mkdir()
+    (only_config / "refs" / "main").write_text("def456")
+    assert "pip install huggingface_hub" in one_line_error(lambda: DETR.from_pretrained("someone/config-only"))
+
+
+def test_fine_tuning_drops_the_pretrained_category_ids_and_the_writer_checks_them(tmp_path):
+    recorded = RECORDED["timm"]
+    model = DETR.from_pretrained(str(write_folder(tmp_path / "in", recorded["config"], random_weights(recorded["weights"]))))
+    model.category_ids = [1, 2, 3, 4]
+    detr.set_classes(model, ["square", "circle"])  # both named in the pretrained model: their rows kept
+    assert model.classes == ["square", "circle"] and model.category_ids is None
+    model.category_ids = [7, 8, 9]
+    assert "2 classes but 3 category_ids" in one_line_error(lambda: detr.write_transformers_folder(model, str(tmp_path / "x")))
 
 
 def test_a_model_with_additions_is_not_written(tmp_path):
