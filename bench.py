@@ -433,4 +433,6 @@ def speed_lines(impls, setting):
 
 if __name__ == "__main__":
     globals().update(configure({k: globals()[k] for k in FLAGS}, sys.argv[1:]))
+    if what not in ("speed", "memory", "gpu_check", "map") or compare not in ("", "hf"):
+        sys.exit(f"error: --what must be speed, memory, gpu_check or map, and --compare '' or hf (not {what!r}, {compare!r})")
     main()

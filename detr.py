@@ -42,7 +42,8 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")  # torchvision Res
 
 
 class Backbone(nn.Module):
-    """A torchvision ResNet up to its last stage: (B, 3, H, W) -> (B, C, H/32, W/32).
+    """A torchvision ResNet up to its last stage: (B, 3, H, W) -> (B, C, H/32, W/32) (H/16 with
+    dilation or feature_stride 16, H/8 with feature_stride 8).
 
     BatchNorm is frozen (its statistics and affine parameters are buffers), because detection
     batches are too small to estimate them (paper App. A.4 / official code). trainable_layers counts
@@ -87,6 +88,14 @@ class Backbone(nn.Module):
         for pname, p in self.named_parameters():
             if not pname.startswith(trainable):
                 p.requires_grad_(False)
+
+    def train(self, mode=True):
+        """A trained BatchNorm (frozen_bn=False) in a stage that does not learn keeps its statistics too."""
+        super().train(mode)
+        for bn in self.modules():
+            if isinstance(bn, nn.BatchNorm2d) and not any(p.requires_grad for p in bn.parameters()):
+                bn.eval()
+        return self
 
     def forward(self, x):
         """The ResNet's own computation, written out so that each frozen BatchNorm folds into its conv."""
@@ -310,7 +319,7 @@ class DETR(nn.Module):
             DecoderLayer(hidden_dim, num_heads, dim_feedforward, dropout) for _ in range(num_decoder_layers)
         )
         self.decoder_norm = nn.LayerNorm(hidden_dim)  # shared by every decoder layer's output
-        self.query_embed = nn.Embedding(num_queries * query_groups, hidden_dim)  # the object queries
+        self.query_embed = nn.Embedding(num_queries * query_groups, hidden_dim)  # the object queries (x query_groups: addition 4)
         self.class_head = nn.Linear(hidden_dim, num_classes + 1)  # the last class is "no object"
         self.box_head = mlp_layers(hidden_dim, hidden_dim, 4, 3)  # -> (cx, cy, w, h)
         # as the official code: Xavier for every transformer matrix, zero attention biases
@@ -355,12 +364,12 @@ class DETR(nn.Module):
         pos = sine_pos_embed(feature_mask, self.input_proj.out_channels).flatten(1, 2)  # (B, hw, C)
         pos = pos.to(features.dtype)
         src = self.input_proj(features).flatten(2).transpose(1, 2).contiguous()  # (B, hw, C), laid out as every layer's output
-        mask = None if mask is None else feature_mask.flatten(1)  # (B, hw) True on padding
+        token_mask = None if mask is None else feature_mask.flatten(1)  # (B, hw) True on padding
 
         enc_weights, dec_weights = [], []
         memory = src
         for layer in self.encoder:
-            memory, weights = layer(memory, pos, mask, need_weights)
+            memory, weights = layer(memory, pos, token_mask, need_weights)
             enc_weights.append(weights)
 
         out = {}
@@ -370,11 +379,12 @@ class DETR(nn.Module):
             query_pos = self.query_embed.weight[None].expand(B, -1, -1)  # (B, N, C)
             content, boxes, self_attn_mask = torch.zeros_like(query_pos), None, None
 
-        hs, start_boxes, layer_boxes, spatial = [], boxes, [], None
+        hs = []
+        start_boxes, layer_boxes, spatial = boxes, [], None  # the additions' state (boxes is None in the paper)
         for i, layer in enumerate(self.decoder):
             if boxes is not None:  # addition 1 (and 5): each layer's positions come from the current boxes
                 query_pos, spatial = box_positions(self, i, content, boxes, pos)
-            content, weights = layer(content, query_pos, memory, pos, mask, need_weights, self_attn_mask, spatial)
+            content, weights = layer(content, query_pos, memory, pos, token_mask, need_weights, self_attn_mask, spatial)
             hs.append(self.decoder_norm(content))
             dec_weights.append(weights)
             if boxes is not None:  # addition 1: ... and each layer moves the boxes
@@ -471,15 +481,6 @@ def mlp(linears, x):
     return x
 
 
-# =============================================================================
-# Additions beyond the paper
-#
-# Vanilla DETR learns slowly: 500 epochs for 42.0 AP on COCO (paper Table 1), and from scratch on a
-# small set it sits for thousands of steps where every query predicts the same thing. Each section
-# below is one follow-up paper's fix, switched on by one DETR argument (one config key in train.py)
-# and off by default: with all of them off, nothing below runs and the model above is the paper's.
-
-
 def compile_model(model, backend="inductor"):
     """torch.compile the backbone and each encoder and decoder layer, in place (the checkpoint's keys
     stay as they are). What runs between them (encoder proposals, the denoising queries made from each
@@ -488,6 +489,15 @@ def compile_model(model, backend="inductor"):
     first evaluation, and none after."""
     for part in [model.backbone, *model.encoder, *model.decoder]:
         part.compile(dynamic=True, backend=backend)
+
+
+# =============================================================================
+# Additions beyond the paper
+#
+# Vanilla DETR learns slowly: 500 epochs for 42.0 AP on COCO (paper Table 1), and from scratch on a
+# small set it sits for thousands of steps where every query predicts the same thing. Each section
+# below is one follow-up paper's fix, switched on by one DETR argument (one config key in train.py)
+# and off by default: with all of them off, nothing below runs and the model above is the paper's.
 
 
 # -----------------------------------------------------------------------------
@@ -525,11 +535,11 @@ def box_positions(model, i, content, boxes, pos):
     return query_pos, spatial
 
 
-def refine_boxes(model, hs, boxes, layer_boxes):
+def refine_boxes(model, layer_out, boxes, layer_boxes):
     """A decoder layer's boxes: its box head's offset (before the sigmoid) moves the boxes it was
     given; appended to layer_boxes. Returned detached: the next layer starts from them, but the
     refinement is not back-propagated through the layers (Deformable DETR, DAB-DETR)."""
-    layer_boxes.append((mlp(model.box_head, hs) + inverse_sigmoid(boxes)).sigmoid())
+    layer_boxes.append((mlp(model.box_head, layer_out) + inverse_sigmoid(boxes)).sigmoid())  # layer_out (B, Q, C)
     return layer_boxes[-1].detach()
 
 
@@ -554,8 +564,8 @@ def box_query_outputs(model, logits, layer_boxes, start_boxes, out):
 # position in every attention is an MLP of the box's sine encoding, and every decoder layer
 # predicts an offset (before the sigmoid) that moves the box for the next layer, so a query
 # attends around where it currently thinks its object is. The query embeddings become the
-# queries' content. DAB-DETR's modulated cross-attention (its §4.3-4.4) is left out: the attention
-# stays DETR's own.
+# queries' content. DAB-DETR's width/height-modulated cross-attention (its §4.3) is addition 5,
+# conditional_cross_attn.
 
 
 def inverse_sigmoid(x, eps=1e-5):
@@ -723,9 +733,9 @@ def denoising_losses(criterion, outputs, targets, num_boxes):
     logits, boxes = dn["pred_logits"].float(), dn["pred_boxes"].float()  # (L, B, groups * n, ...)
     L, B, D = logits.shape[:3]
     groups = dn["groups"]
-    no_padding = torch.zeros(B, D, device=logits.device)  # every real query is matched: the rest is padding
+    padding_weight = torch.zeros(B, D, device=logits.device)  # every real query is matched: the rest, padding, weighs 0
     pairs = denoising_pairs(targets, groups, D // groups)
-    sums = criterion.summed_losses(logits, boxes, targets, [pairs] * L, no_padding)
+    sums = criterion.summed_losses(logits, boxes, targets, [pairs] * L, padding_weight)
     return tuple(s / (groups * num_boxes) for s in sums)
 
 
@@ -773,6 +783,9 @@ def spatial_query_and_key(model, i, content, boxes, box_sine, pos):
     return model.spatial_query_proj[i](torch.cat([y, x], dim=-1)), model.spatial_key_proj[i](pos)
 
 
+# =============================================================================
+# Checkpoints: the official ones, minidetr's own and Hugging Face transformers' (not additions:
+# whatever is switched on above, these read and write the weights)
 # -----------------------------------------------------------------------------
 # Official checkpoints: key names and architecture
 
@@ -902,6 +915,8 @@ def save_checkpoint(checkpoint, path):
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         if os.path.exists(tmp):
             os.remove(tmp)
+        if "DataLoader worker" in str(e):  # a data worker killed meanwhile (SIGCHLD), not a failed write
+            raise
         folder = os.path.dirname(os.path.abspath(path))
         needed = sum(t.nbytes for t in torch.utils._pytree.tree_leaves(checkpoint) if isinstance(t, torch.Tensor))
         free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0

@@ -4,7 +4,7 @@ or write it as a Hugging Face transformers folder.
 
     python export.py --ckpt=out-shapes/ckpt.pt --out=shapes.onnx
     python export.py --ckpt=detr-r50 --out=detr-r50.onnx
-    python export.py --ckpt=out-voc/best.pt --hf=detr-voc      # a folder for DetrForObjectDetection.from_pretrained
+    python export.py --ckpt=out-custom/best.pt --hf=detr-mine  # a folder for DetrForObjectDetection.from_pretrained
 
 The graph takes `images` (B, 3, H, W) float32, ImageNet-normalised and padded bottom/right, and
 `mask` (B, H, W) bool, True on padding (all False when nothing is padded), with B, H and W dynamic;
@@ -12,8 +12,8 @@ it returns `pred_logits` (B, Q, K+1) and `pred_boxes` (B, Q, 4) exactly as detr.
 (detr.postprocess turns them into scored boxes in pixels). Each side must be at least the backbone's
 stride (32, or the model's feature_stride).
 
-After exporting, the file is run with onnxruntime on two batches of different sizes, the first with
-a padded image, and the largest differences from PyTorch are printed (the aim: <= 1e-4).
+After exporting, the file is run with onnxruntime on two batches of different sizes, each with a
+second, padded image, and the largest differences from PyTorch are printed (the aim: <= 1e-4).
 The exporter is torch.onnx's dynamo exporter (torch.export), the one PyTorch develops; the older
 TorchScript exporter is not used. Needs the optional export packages:
     pip install -r requirements-export.txt
@@ -37,9 +37,9 @@ from configurator import configure
 from detr import LoadError, load_model, write_transformers_folder
 
 # defaults, each overridable as --key=value
-ckpt = ""  # a minidetr checkpoint (out_dir/ckpt.pt or best.pt), an official file, or an official name
+ckpt = ""  # a minidetr checkpoint (out_dir/ckpt.pt or best.pt), an official file or name, or a transformers folder / hub id
 out = "model.onnx"
-sizes = "480x640,400x320"  # HxW of the two check batches (the first gets a second, padded image)
+sizes = "480x640,400x320"  # HxW of the two check batches (each gets a second, padded image)
 opset = 18
 hf = ""  # a folder: write a transformers DetrForObjectDetection there instead of an ONNX file
 
@@ -145,7 +145,7 @@ def main():
         raise SystemExit(f"error: export needs onnx, onnxscript and onnxruntime ({e.name} is missing): "
                          "pip install -r requirements-export.txt")
     if not ckpt:
-        raise SystemExit("error: give --ckpt=PATH (a minidetr or official checkpoint) or --ckpt=detr-r50")
+        raise SystemExit("error: give --ckpt=PATH (a minidetr, official or transformers checkpoint) or --ckpt=detr-r50")
     try:
         check_sizes = [tuple(int(v) for v in s.split("x")) for s in sizes.split(",")]
         assert all(len(s) == 2 for s in check_sizes)
@@ -171,7 +171,7 @@ def main():
 
 def main_transformers():
     if not ckpt:
-        raise SystemExit("error: give --ckpt=PATH (a minidetr or official checkpoint) with --hf=DIR")
+        raise SystemExit("error: give --ckpt=PATH (a minidetr, official or transformers checkpoint) with --hf=DIR")
     try:
         model, config = load_model(ckpt)
         write_transformers_folder(model, hf, config["val_scale"], config["max_size"])

@@ -76,7 +76,7 @@ encoder_proposals = False  # two-stage: the encoder's best tokens start the quer
 denoising_groups = 0  # DN-DETR: this many noised copies of the ground truth as extra queries (needs anchor_queries)
 query_groups = 1  # Group DETR: this many groups of queries in training, each matched one-to-one
 conditional_cross_attn = False  # Conditional DETR / DAB-DETR: a spatial query from each box in cross-attention (needs anchor_queries)
-# loss (paper §3.1 and App. A.1): matching costs and loss weights are the same numbers
+# loss (paper §3.1 and App. A.1): matching costs; the box costs are the box losses' weights too (the class loss weighs 1)
 cost_class = 1.0
 cost_bbox = 5.0
 cost_giou = 2.0
@@ -176,8 +176,7 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def __init__(self, json_path, transform, keep_difficult=False):
         data = read_dataset_json(json_path)
-        self.classes, self.records = data["classes"], data["images"]
-        self.category_ids = data.get("category_ids")
+        self.classes, self.records, self.category_ids = data["classes"], data["images"], data.get("category_ids")
         root = os.path.dirname(os.path.abspath(json_path))
         self.paths = [os.path.join(root, r["file"]) for r in self.records]  # join keeps absolute paths
         self.transform, self.keep_difficult = transform, keep_difficult
@@ -227,9 +226,8 @@ class DetectionDataset(torch.utils.data.Dataset):
 
 
 def worker_ignores_sigusr1(worker_id):
-    """A data worker leaves SIGUSR1 to the main process, which finishes its step, saves and then
-    closes the workers. A scheduler (SLURM's --signal) may signal every process of the job, and the
-    default action would kill the worker. SIGTERM stays as torch sets it: the loader's own shutdown uses it."""
+    """A data worker leaves SIGUSR1, which SLURM's --signal may send to every process of a job, to the main
+    process: it finishes its step, saves, then closes the workers. SIGTERM stays torch's (its shutdown uses it)."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
@@ -347,7 +345,7 @@ class SetCriterion(nn.Module):
     num_boxes (the batch's target count; under DDP the mean over processes, at least 1), the
     cross-entropy by the sum of its class weights, as a weighted mean does. Both may be local counts
     of a whole accumulated batch: accumulation then gives exactly the gradients of one big batch.
-    The additions enter at three marked lines: query groups (each matched on its own, their losses
+    The additions enter at marked lines: query groups (each matched on its own, their losses
     averaged), and the terms loss_*_enc and loss_*_dn, written in their sections of detr.py."""
 
     def __init__(self, num_classes, matcher, eos_coef=0.1, weight_ce=1.0, weight_bbox=5.0, weight_giou=2.0,
@@ -374,7 +372,7 @@ class SetCriterion(nn.Module):
             dist.all_reduce(num_boxes)
             num_boxes /= dist.get_world_size()
         num_boxes = num_boxes.clamp(min=1)
-        if class_weight_sum is None:  # of one group
+        if class_weight_sum is None:  # of one group (addition 4)
             matched = sum(min(len(t["labels"]), Q // groups) for t in targets)
             class_weight_sum = matched + self.eos_coef * (B * Q // groups - matched)
         decoder = {"pred_logits": logits, "pred_boxes": boxes}
@@ -434,7 +432,7 @@ class SetCriterion(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# config, checkpoints, evaluation
+# config, model, evaluation
 
 
 def get_config(argv):
@@ -461,7 +459,10 @@ def check_config(c):
         ("crop_scales", positive_ints(c["crop_scales"]), "a list of sizes > 0"),
         ("crop_size", len(c["crop_size"]) == 2 and positive_ints(c["crop_size"]) and c["crop_size"][0] <= c["crop_size"][1],
          "(min, max) sizes with 0 < min <= max"),
-        ("max_size", c["max_size"] > max([*c["train_scales"], c["val_scale"]]), "larger than every train_scale and val_scale"),
+        ("max_size", positive_ints(c["train_scales"]) and c["max_size"] > max([*c["train_scales"], c["val_scale"]]),
+         "larger than every train_scale and val_scale"),
+        ("dilation", not c["dilation"] or (c["backbone"] in ("resnet50", "resnet101") and c["feature_stride"] == 32),
+         "False with resnet18/34 or feature_stride < 32 (DC5 dilates a bottleneck ResNet's last stage)"),
         ("backbone", c["backbone"] in BACKBONES, ", ".join(BACKBONES)),
         ("trainable_layers", 0 <= c["trainable_layers"] <= 5, "0 to 5"),
         ("hidden_dim", c["hidden_dim"] >= 1 and c["num_heads"] >= 1 and c["hidden_dim"] % c["num_heads"] == 0,
@@ -502,9 +503,22 @@ def dataset_dir(dataset):
 
 def lr_factor(it, cfg):
     """Linear warm-up, then the paper's single step drop by 10x at lr_drop."""
-    if it < cfg.warmup_iters:
-        return (it + 1) / cfg.warmup_iters
-    return 0.1 if it >= cfg.lr_drop else 1.0
+    return (it + 1) / cfg.warmup_iters if it < cfg.warmup_iters else 0.1 if it >= cfg.lr_drop else 1.0
+
+
+def autocast(device, dtype):
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast("cuda" if "cuda" in str(device) else "cpu", dtype=getattr(torch, dtype))
+
+
+def gather(obj, world_size):
+    """[obj of every process], in rank order (a collective under DDP)."""
+    if world_size == 1:
+        return [obj]
+    objs = [None] * world_size
+    dist.all_gather_object(objs, obj)
+    return objs
 
 
 @torch.no_grad()
@@ -535,12 +549,6 @@ def evaluate(model, dataset, cfg, device, rank=0, world_size=1, results_path="")
     return compute_map(detections, ground_truths, len(dataset.classes))
 
 
-def autocast(device, dtype):
-    if dtype == "float32":
-        return nullcontext()
-    return torch.autocast("cuda" if "cuda" in str(device) else "cpu", dtype=getattr(torch, dtype))
-
-
 def setup_process(cfg):
     """(ddp, rank, world_size, device): under torchrun one process per GPU (DDP), else one on cfg.device."""
     if "RANK" not in os.environ:
@@ -558,7 +566,8 @@ def load_datasets(cfg):
     json_paths = [os.path.join(dataset_dir(cfg.dataset), f"{split}.json") for split in splits]
     for path in json_paths:
         if not os.path.isfile(path):
-            how = f"python data/{cfg.dataset}/prepare.py" if os.sep not in cfg.dataset else "see data/*/prepare.py"
+            prepare = os.path.join(dataset_dir(cfg.dataset), "prepare.py")
+            how = f"python {os.path.relpath(prepare)}" if os.path.isfile(prepare) else "see data/*/prepare.py and data/format.py"
             raise SystemExit(f"error: no {path}: prepare the dataset first ({how})")
     val_set = DetectionDataset(json_paths[-1], val_transform(cfg.val_scale, cfg.max_size))
     augment = make_transforms(True, cfg.train_scales, cfg.max_size, cfg.crop_scales, cfg.crop_size, cfg.val_scale)
@@ -590,15 +599,6 @@ def initial_model(cfg, config, classes):
         raise SystemExit(f"error: {ckpt_path} is already at iteration {checkpoint['iter_num']}; raise "
                          f"max_iters={cfg.max_iters} to go on")
     return model_from_checkpoint(checkpoint, ckpt_path), checkpoint
-
-
-def gather(obj, world_size):
-    """[obj of every process], in rank order (a collective under DDP)."""
-    if world_size == 1:
-        return [obj]
-    objs = [None] * world_size
-    dist.all_gather_object(objs, obj)
-    return objs
 
 
 def append_log(out_dir, record):

@@ -18,7 +18,7 @@ max_size = 1333
 # 3 days); here 4 images x 16 accumulated steps make the same batch on one GPU, for weeks
 batch_size = 4
 gradient_accumulation_steps = 16
-max_iters = 554_500  # 300 epochs of 1,848 steps
+max_iters = 554_500  # 300 epochs of 118,287 images at batch 64 (1,848.2 steps each), rounded
 lr_drop = 369_700
 eval_interval = 18_480  # every 10 epochs
 log_interval = 100

@@ -40,4 +40,4 @@ log_interval = 50
 best_metric = "mAP50"  # VOC's metric (mAP50_07, the 11-point VOC2007 one, is logged too)
 pad_to = 64  # fewer distinct shapes: kinder to cuDNN autotuning and to torch.compile
 dtype = "bfloat16"
-compile = False  # compiles once now (train.compile_model), but its gain on a GPU is not yet measured: bench.py --what=gpu_check
+compile = False  # compiles once now (detr.compile_model), but its gain on a GPU is not yet measured: bench.py --what=gpu_check

@@ -80,6 +80,8 @@ def inputs(tmp_path_factory):
         "dropout above 1": [*run, "--dropout=1.5"],
         "heads do not divide width": [*run, "--num_heads=5"],
         "box additions without anchor queries": [*run, "--conditional_cross_attn=True"],
+        "dilation with resnet18": [*run, "--dilation=True"],
+        "train scale not a number": [*run, "--train_scales=[64, 'a']"],
         "wrong type": [*run, "--batch_size=two"],
         "unknown key": [*run, "--batch_sise=2"],
         "missing config file": [*run[:2], "config/nope.py"],
@@ -122,12 +124,14 @@ def inputs(tmp_path_factory):
         "export images too small": [sys.executable, "export.py", f"--ckpt={real}", "--sizes=16x16", f"--out={t}/m.onnx"],
         "export not a DETR": [sys.executable, "export.py", f"--ckpt={t}/not_detr.pt", f"--out={t}/m.onnx"],
         "export garbage": [sys.executable, "export.py", f"--ckpt={t}/garbage.pt", f"--out={t}/m.onnx"],
+        "bench unknown what": [sys.executable, "bench.py", "--what=memroy"],
     }
 
 
 CASES = [
     "batch_size 0", "negative learning rate", "max_iters 0", "zero scale", "crop range reversed", "unknown backbone",
-    "dropout above 1", "heads do not divide width", "box additions without anchor queries", "wrong type", "unknown key", "missing config file",
+    "dropout above 1", "heads do not divide width", "box additions without anchor queries", "dilation with resnet18",
+    "train scale not a number", "wrong type", "unknown key", "missing config file",
     "config file that fails", "save_detections without eval_only", "unknown dataset", "truncated dataset json",
     "dataset json not a dict", "label outside the classes", "empty box", "box far outside", "labels and boxes differ",
     "other classes in train", "resume garbage", "resume truncated", "resume another model", "resume other classes",
@@ -135,7 +139,7 @@ CASES = [
     "sample garbage checkpoint", "sample truncated checkpoint", "sample nothing readable", "sample no images there",
     "sample bad threshold", "coco truncated json", "coco json not COCO", "coco missing json", "coco no flags",
     "voc not a devkit", "shapes bad count", "json of nothing readable", "json into no folder", "export images too small",
-    "export not a DETR", "export garbage",
+    "export not a DETR", "export garbage", "bench unknown what",
 ]
 
 

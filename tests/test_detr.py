@@ -195,6 +195,16 @@ def test_output_shapes_and_postprocess():
     assert result["scores"][0] == pytest.approx(math.exp(5) / (math.exp(5) + 3))
 
 
+def test_a_stage_that_does_not_learn_keeps_its_batchnorm_statistics():
+    """With a trained BatchNorm (frozen_bn=False), lr_backbone=0 (trainable_layers=0) must freeze the
+    statistics too, not only the weights; a learning stage updates them."""
+    backbone = Backbone("resnet18", frozen_bn=False, trainable_layers=1).train()
+    before = {n: b.clone() for n, b in backbone.named_buffers() if n.endswith("running_mean")}
+    backbone(torch.randn(2, 3, 64, 64))
+    changed = {n.split(".")[0] for n, b in backbone.named_buffers() if n in before and not torch.equal(b, before[n])}
+    assert changed == {"layer4"}
+
+
 @pytest.mark.parametrize("feature_stride, trainable_layers, learning", [
     (32, 3, {"layer2", "layer3", "layer4"}),  # the paper: the stem and layer1 frozen
     (32, 5, {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4"}),

@@ -86,6 +86,21 @@ def test_a_failed_write_is_one_error_line_and_keeps_the_last_checkpoint(tmp_path
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["iter_num"] == 2
 
 
+def test_a_data_worker_dying_during_a_write_is_not_called_a_full_disk(tmp_path, monkeypatch):
+    """torch reports a killed data worker from its SIGCHLD handler, wherever the main process is: also
+    inside torch.save. That is re-raised as it is, with the temporary file removed."""
+    (tmp_path / "ckpt.pt").write_bytes(b"the last checkpoint")
+
+    def worker_killed(obj, path, *args, **kwargs):
+        open(path, "wb").close()
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Terminated. ")
+
+    monkeypatch.setattr(torch, "save", worker_killed)
+    with pytest.raises(RuntimeError, match="DataLoader worker"):
+        train.save_checkpoint({"model": {}}, str(tmp_path / "ckpt.pt"))
+    assert not (tmp_path / "ckpt.pt.tmp").exists() and (tmp_path / "ckpt.pt").read_bytes() == b"the last checkpoint"
+
+
 def test_an_out_dir_that_cannot_be_written_stops_before_training(tmp_path, monkeypatch):
     make_shapes(tmp_path / "data", 4, 2)
     (tmp_path / "a_file").write_text("")
