@@ -430,9 +430,14 @@ class DETR(nn.Module):
             if folder is not None:
                 return from_transformers_folder(cls, folder, name_or_path, **kwargs)
             ckpt = load_checkpoint_file(name_or_path)
+        return cls.from_official_checkpoint(ckpt, name_or_path, **kwargs)
+
+    @classmethod
+    def from_official_checkpoint(cls, ckpt, source, **kwargs):
+        """from_pretrained for an official checkpoint already read: {'model': state dict}, or the state dict."""
         state_dict = ckpt.get("model", ckpt)
-        model = cls(**{**official_model_args(state_dict, name_or_path), **kwargs})
-        model.load_official_state_dict(state_dict, name_or_path)
+        model = cls(**{**official_model_args(state_dict, source), **kwargs})
+        model.load_official_state_dict(state_dict, source)
         model.classes = COCO_CLASSES if model.num_classes == len(COCO_CLASSES) else None
         return model
 
@@ -558,7 +563,6 @@ def box_query_outputs(model, logits, layer_boxes, start_boxes, out):
 
 # -----------------------------------------------------------------------------
 # Addition 1: anchor-box queries, refined layer by layer (anchor_queries=True)
-
 # DAB-DETR (Liu et al., "DAB-DETR: Dynamic Anchor Boxes are Better Queries for DETR", ICLR 2022;
 # R50, 50 epochs: 42.2 AP, against 42.0 for DETR after 500, Table 2). Each query carries a box; its
 # position in every attention is an MLP of the box's sine encoding, and every decoder layer
@@ -646,10 +650,10 @@ def proposal_set(outputs):
             "valid": enc["valid"]}, 1
 
 
-def proposal_losses(criterion, outputs, targets, indices, num_boxes):
+def proposal_losses(criterion, enc, targets, indices, num_boxes):
     """Every token matched to an object learns its class and box; the others say "no object", an
-    image's background tokens together weighing a fixed multiple of its objects, padding nothing."""
-    enc, _ = proposal_set(outputs)
+    image's background tokens together weighing a fixed multiple of its objects, padding nothing.
+    enc: the proposals as proposal_set gives them to the matcher."""
     weight = proposal_background_weight(targets, enc["valid"])
     sums = criterion.summed_losses(enc["pred_logits"], enc["pred_boxes"], targets, indices, weight)
     return tuple(s / num_boxes for s in sums)
@@ -897,7 +901,6 @@ def load_checkpoint_file(path):
     return ckpt
 
 
-
 def first_line(error):
     """An exception as one short line: its type and the first line of its message."""
     lines = str(error).strip().splitlines()
@@ -936,8 +939,8 @@ def load_model(path):
         val_scale, max_size = transformers_image_size(folder)
         return from_transformers_folder(DETR, folder, path), {"val_scale": val_scale, "max_size": max_size}
     checkpoint = None if path in OFFICIAL_CHECKPOINTS else load_checkpoint_file(path)
-    if checkpoint is None or "model_args" not in checkpoint:  # an official checkpoint
-        model = DETR.from_pretrained(path)
+    if checkpoint is None or "model_args" not in checkpoint:  # an official checkpoint, read once
+        model = DETR.from_pretrained(path) if checkpoint is None else DETR.from_official_checkpoint(checkpoint, path)
         if model.classes is None:
             raise LoadError(f"{path}: an official-format checkpoint with {model.num_classes} classes; only "
                             f"COCO's {len(COCO_CLASSES)} have names here")

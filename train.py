@@ -377,13 +377,14 @@ class SetCriterion(nn.Module):
             class_weight_sum = matched + self.eos_coef * (B * Q // groups - matched)
         decoder = {"pred_logits": logits, "pred_boxes": boxes}
         if "enc_outputs" in outputs:  # addition 2: the proposals are matched too, in the same copy to the host
-            indices, enc_indices = self.matcher.match_sets([(decoder, groups), proposal_set(outputs)], targets)
+            proposals = proposal_set(outputs)
+            indices, enc_indices = self.matcher.match_sets([(decoder, groups), proposals], targets)
         else:
             indices = self.matcher(decoder, targets, groups)
         ce, l1, giou = self.summed_losses(logits, boxes, targets, indices)  # (L,) each
         terms = {"": (ce / (groups * class_weight_sum), l1 / (groups * num_boxes), giou / (groups * num_boxes))}
         if "enc_outputs" in outputs:  # addition 2
-            terms["_enc"] = proposal_losses(self, outputs, targets, enc_indices, num_boxes)
+            terms["_enc"] = proposal_losses(self, proposals[0], targets, enc_indices, num_boxes)
         if "dn_outputs" in outputs:  # addition 3
             terms["_dn"] = denoising_losses(self, outputs, targets, num_boxes)
 
@@ -507,9 +508,8 @@ def lr_factor(it, cfg):
 
 
 def autocast(device, dtype):
-    if dtype == "float32":
-        return nullcontext()
-    return torch.autocast("cuda" if "cuda" in str(device) else "cpu", dtype=getattr(torch, dtype))
+    device_type = "cuda" if "cuda" in str(device) else "cpu"
+    return nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
 
 
 def gather(obj, world_size):

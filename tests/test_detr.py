@@ -48,7 +48,7 @@ def test_official_keys_and_shapes_map_exactly(detr_r50):
     assert detr.official_to_minidetr_key("backbone.0.body.layer4.2.bn3.running_var") == "backbone.layer4.2.bn3.running_var"
 
 
-def test_official_r50_checkpoint_round_trip(detr_r50, tmp_path):
+def test_official_r50_checkpoint_round_trip(detr_r50, tmp_path, monkeypatch):
     sd = {detr.minidetr_to_official_key(k): v for k, v in detr_r50.state_dict().items()}
     sd["backbone.0.body.bn1.num_batches_tracked"] = torch.tensor(0)  # plain BatchNorm leftovers are ignored
     torch.save({"model": sd}, tmp_path / "detr.pth")
@@ -56,6 +56,11 @@ def test_official_r50_checkpoint_round_trip(detr_r50, tmp_path):
     assert loaded.num_classes == 91 and loaded.num_queries == 100
     for key, value in detr_r50.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+    reads, real_read = [], detr.load_checkpoint_file
+    monkeypatch.setattr(detr, "load_checkpoint_file", lambda path: reads.append(path) or real_read(path))
+    model, sizes = detr.load_model(str(tmp_path / "detr.pth"))  # as sample.py and export.py load: the file read once
+    assert len(reads) == 1 and model.classes == detr.COCO_CLASSES and sizes == {"val_scale": 800, "max_size": 1333}
 
 
 def test_round_trip_reproduces_outputs(tmp_path):
