@@ -12,7 +12,7 @@ import torch
 
 import train
 from conftest import ROOT
-from test_train import TINY, make_shapes, run
+from test_train import TINY, make_shapes, run, run_ddp
 
 
 def test_sigterm_finishes_the_step_saves_and_the_resume_is_exact(tmp_path):
@@ -132,12 +132,7 @@ torch.save(model.state_dict(), {out!r} + "/weights_" + os.environ["RANK"] + ".pt
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     make_shapes(tmp_path / "data", 8, 4)
     config = dict(TINY, dataset=str(tmp_path / "data"), out_dir=str(tmp_path / "out"), max_iters=1000)
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_SIGNAL_SCRIPT.format(root=str(ROOT), config=config, out=str(tmp_path)))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script)], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_ddp(DDP_SIGNAL_SCRIPT, tmp_path, config)
     assert "a signal on another rank: stopped at iteration 4;" in result.stdout
     a, b = (torch.load(tmp_path / f"weights_{r}.pt") for r in (0, 1))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -251,15 +251,21 @@ torch.save(model.state_dict(), {out!r} + f"/weights_{{__import__('os').environ['
 """
 
 
-def test_ddp_two_processes_agree(tmp_path):
-    make_shapes(tmp_path / "data", 8, 5)  # 5 val images: the two processes evaluate 2 and 1 batches
-    config = dict(TINY, dataset=str(tmp_path / "data"), out_dir=str(tmp_path / "out"), max_iters=3)
+def run_ddp(script_text, tmp_path, config):
+    """Two processes under torchrun running script_text (formatted with root, config, out), each
+    saving its final weights as out/weights_<rank>.pt. Returns the finished process."""
     script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT.format(root=str(ROOT), config=config, out=str(tmp_path)))
+    script.write_text(script_text.format(root=str(ROOT), config=config, out=str(tmp_path)))
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(script)], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_ddp_two_processes_agree(tmp_path):
+    make_shapes(tmp_path / "data", 8, 5)  # 5 val images: the two processes evaluate 2 and 1 batches
+    run_ddp(DDP_SCRIPT, tmp_path, dict(TINY, dataset=str(tmp_path / "data"), out_dir=str(tmp_path / "out"), max_iters=3))
     a, b = (torch.load(tmp_path / f"weights_{r}.pt") for r in (0, 1))
     for key in a:
         assert torch.equal(a[key], b[key]), key
