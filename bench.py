@@ -21,6 +21,7 @@ import sys
 import time
 import warnings
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -111,13 +112,13 @@ class MiniDETR:
 
     name = "minidetr"
 
-    def __init__(self):
+    def __init__(self, with_additions=False):
         self.model = DETR(num_classes, backbone=backbone, hidden_dim=hidden_dim, num_encoder_layers=num_encoder_layers,
                           num_decoder_layers=num_decoder_layers, dim_feedforward=dim_feedforward,
-                          num_queries=num_queries, **(ADDITIONS if additions else {})).to(device)
+                          num_queries=num_queries, **(ADDITIONS if with_additions else {})).to(device)
         if channels_last:
             self.model.backbone.to(memory_format=torch.channels_last)
-        self.criterion = train.SetCriterion(num_classes, train.HungarianMatcher(), query_groups=self.model.query_groups).to(device)
+        self.criterion = train.SetCriterion(train.HungarianMatcher(), query_groups=self.model.query_groups).to(device)
         self.optimizer = make_optimizer(self.model)
 
     def compile(self):
@@ -257,14 +258,11 @@ def additions_run():
     the graphs compiled after its first 5 steps (0 is the goal) and the host syncs of a step."""
     from torch._dynamo.utils import counters
 
-    global additions
     torch._dynamo.reset()  # the graphs counted are this run's own
     counters.clear()
     torch._dynamo.config.fail_on_recompile_limit_hit = True  # never a silent fall back to eager
-    additions, before = True, additions
     torch.manual_seed(0)
-    impl = MiniDETR()
-    additions = before
+    impl = MiniDETR(with_additions=True)
     impl.compile()
     autocast = torch.autocast(device, dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(0)
@@ -302,7 +300,7 @@ def gpu_check(path="gpu_check.json"):
     minidetr and Hugging Face's DETR (timed in turns), then additions_run. Writes path, prints rows."""
     from importlib.util import find_spec
 
-    impls = [MiniDETR]
+    impls = [partial(MiniDETR, additions)]
     if find_spec("transformers") and find_spec("timm"):
         impls.append(HFDETR)
     else:
@@ -353,7 +351,7 @@ def step_memory(overrides, dtype):
     before the model was built (GiB): weights, gradients, optimizer state and activations."""
     globals().update(overrides)
     before = resident_gib("VmRSS")
-    impl = MiniDETR()
+    impl = MiniDETR(additions)
     images, mask, targets = random_batch(torch.Generator().manual_seed(0))
     autocast = nullcontext() if dtype == "fp32" else torch.autocast(device, dtype=torch.bfloat16)
     for _ in range(2):
@@ -416,7 +414,7 @@ def main():
         return bench_memory()
     if what == "gpu_check":
         return gpu_check()
-    impls = [MiniDETR] + ([HFDETR] if compare == "hf" else [])
+    impls = [partial(MiniDETR, additions)] + ([HFDETR] if compare == "hf" else [])
     for setting in settings.split(","):
         for line in speed_lines(impls, setting):
             print(json.dumps(line), flush=True)

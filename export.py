@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from configurator import configure
-from detr import LoadError, load_model, write_transformers_folder
+from weights import LoadError, load_model, write_transformers_folder
 
 # defaults, each overridable as --key=value
 ckpt = ""  # a minidetr checkpoint (out_dir/ckpt.pt or best.pt), an official file or name, or a transformers folder / hub id

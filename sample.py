@@ -18,7 +18,6 @@ file_name (relative to --images), category_id (the dataset's own ids where the c
 COCO's for the official models), bbox [x, y, w, h] in the original image's pixels, and score.
 """
 
-import json
 import math
 import os
 import sys
@@ -29,12 +28,14 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torchvision.utils import draw_bounding_boxes
 
+from json import dump, loads  # the name json is the --json flag's
+
 import metrics
-import train
 from configurator import configure
 from data.format import read_dataset_json
-import detr
-from detr import LoadError, parameters_by_part, postprocess
+from data.pipeline import collate, dataset_dir, read_image, val_transform
+from detr import parameters_by_part, postprocess
+from weights import LoadError, load_model
 
 # defaults, each overridable as --key=value
 ckpt = "out-shapes/ckpt.pt"  # a minidetr checkpoint, an official one (file, or 'detr-r50' ...), or a transformers folder / hub id
@@ -43,7 +44,7 @@ out_dir = "samples"
 device = "cpu"
 threshold = 0.7  # keep detections whose class probability is above this
 max_images = 8
-json_path = ""  # --json=PATH: write the detections of every image of --images to PATH instead of drawing
+json = ""  # --json=PATH: write the detections of every image of --images to PATH instead of drawing
 top_k = 0  # with --json: keep the top_k detections per image instead of those above threshold
 batch_size = 8  # with --json: images per forward pass
 attention = False  # also draw the attention maps of every kept detection
@@ -54,14 +55,12 @@ weights = False  # draw the checkpoint's weight histograms, one per part of the 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-def load_model(path):
-    """(model, class names, val_scale, max_size, val json or None) of any checkpoint detr.load_model
-    reads; only a minidetr checkpoint has a val split to sample from."""
-    model, config = detr.load_model(path)
-    val_json = None
-    if "dataset" in config:
-        val_json = os.path.join(train.dataset_dir(config["dataset"]), f"{config['val_split']}.json")
-    return model, model.classes, config["val_scale"], config["max_size"], val_json
+def val_split_json(config):
+    """The val split json of a minidetr checkpoint's training config (weights.load_model's), else None:
+    only a minidetr checkpoint has a val split to sample from."""
+    if "dataset" not in config:
+        return None
+    return os.path.join(dataset_dir(config["dataset"]), f"{config['val_split']}.json")
 
 
 def image_paths(images, val_json, classes):
@@ -94,16 +93,16 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        pixels = train.read_image(self.paths[i])
+        pixels = read_image(self.paths[i])
         if pixels is None:
             return None
         return self.transform(pixels).float(), {"orig_size": torch.tensor(pixels.shape[-2:]), "index": i}
 
 
 def collate_readable(batch):
-    """train.collate over the images that could be read; None when none could."""
+    """collate over the images that could be read; None when none could."""
     batch = [b for b in batch if b is not None]
-    return train.collate(batch) if batch else None
+    return collate(batch) if batch else None
 
 
 def detect(model, category_ids, val_scale, max_size, paths, root, out_path):
@@ -111,7 +110,7 @@ def detect(model, category_ids, val_scale, max_size, paths, root, out_path):
     docstring) to out_path and returns them."""
     from tqdm import tqdm
 
-    transform = train.val_transform(val_scale, max_size)
+    transform = val_transform(val_scale, max_size)
     loader = torch.utils.data.DataLoader(
         ImageFiles(paths, transform), batch_size=batch_size, num_workers=min(4, os.cpu_count() or 1),
         collate_fn=collate_readable)
@@ -134,7 +133,7 @@ def detect(model, category_ids, val_scale, max_size, paths, root, out_path):
     if not read:
         raise SystemExit(f"error: none of the {len(paths)} images could be read")
     with open(out_path, "w") as f:
-        json.dump(records, f)
+        dump(records, f)
     print(f"{len(records)} detections of {read} images ({read / (time.perf_counter() - start):.1f} images/s) -> {out_path}")
     return records
 
@@ -186,13 +185,13 @@ def grid(panels, titles, columns=4):
     return sheet
 
 
-def sample(model, classes, val_scale, max_size, paths):
-    transform = train.val_transform(val_scale, max_size)
+def sample(model, val_scale, max_size, paths):
+    transform = val_transform(val_scale, max_size)
     model.to(device).eval()
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for path in paths[:max_images]:
-        pixels = train.read_image(path)  # (3, H, W) uint8
+        pixels = read_image(path)  # (3, H, W) uint8
         if pixels is None:
             continue
         x = transform(pixels)
@@ -200,13 +199,13 @@ def sample(model, classes, val_scale, max_size, paths):
             outputs = model(x[None].float().to(device), need_weights=attention)
         (result,) = postprocess(outputs, [pixels.shape[-2:]])
         result = {k: v.cpu() for k, v in result.items()}
-        drawn, keep = draw_detections(pixels, result, classes, threshold)
+        drawn, keep = draw_detections(pixels, result, model.classes, threshold)
         name = os.path.splitext(os.path.basename(path))[0]
         Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(os.path.join(out_dir, f"{name}.png"))
         written.append(os.path.join(out_dir, f"{name}.png"))
         print(f"{path}: {len(keep)} detections above {threshold} -> {written[-1]}")
         if attention:
-            written.append(draw_attention(pixels, outputs, result, keep, classes, name))
+            written.append(draw_attention(pixels, outputs, result, keep, model.classes, name))
     if not written:
         raise SystemExit(f"error: none of the {len(paths[:max_images])} images could be read")
     return written
@@ -264,7 +263,7 @@ def plot_log(log_path, out_path):
     if not os.path.isfile(log_path):
         raise SystemExit(f"error: no log file {log_path}")
     with open(log_path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        records = [loads(line) for line in f if line.strip()]
     model_parts = list(dict.fromkeys(k.removeprefix("grad_norm_") for r in records for k in r if k.startswith("grad_norm_")))
     panels = [("loss", ["loss"], False), ("classification", ["loss_ce", "loss_ce_enc", "loss_ce_dn"], False),
               ("L1 box", ["loss_bbox", "loss_bbox_enc", "loss_bbox_dn"], False),
@@ -328,29 +327,31 @@ def main():
         plot_log(log, os.path.join(out_dir, "curves.png"))
         return
     try:
-        model, classes, val_scale, max_size, val_json = load_model(ckpt)
+        model, config = load_model(ckpt)
     except LoadError as e:
         raise SystemExit(f"error: {e}")
+    if model.classes is None:  # an official-format file of a model fine-tuned elsewhere: its outputs by number
+        model.classes = [f"class {i}" for i in range(model.num_classes)]
+    val_scale, max_size = config["val_scale"], config["max_size"]
     if weights:
         plot_weights(model, os.path.join(out_dir, "weights.png"))
         return
-    if json_path:
+    if json:
         if not images:
             raise SystemExit("error: --json needs --images=DIR (or one image file)")
-        paths = image_paths(images, None, classes)
+        paths = image_paths(images, None, model.classes)
         root = images if os.path.isdir(images) else os.path.dirname(images)
-        detect(model, model.category_ids, val_scale, max_size, paths, root, json_path)
+        detect(model, model.category_ids, val_scale, max_size, paths, root, json)
         return
-    sample(model, classes, val_scale, max_size, image_paths(images, val_json, classes))
+    sample(model, val_scale, max_size, image_paths(images, val_split_json(config), model.classes))
 
 
 if __name__ == "__main__":
     flags = ("ckpt", "images", "out_dir", "device", "threshold", "max_images", "attention", "num_pixels", "log",
-             "weights", "json_path", "top_k", "batch_size")
-    argv = ["--json_path" + a[len("--json"):] if a.startswith("--json=") else a for a in sys.argv[1:]]  # the json module keeps its name
-    globals().update(configure({k: globals()[k] for k in flags}, argv))
+             "weights", "json", "top_k", "batch_size")
+    globals().update(configure({k: globals()[k] for k in flags}, sys.argv[1:]))
     if not 0 <= threshold <= 1 or max_images < 1 or num_pixels < 1 or top_k < 0 or batch_size < 1:
         sys.exit("error: --threshold must be in [0, 1], --max_images, --num_pixels and --batch_size >= 1, --top_k >= 0")
-    if json_path and not os.path.isdir(os.path.dirname(os.path.abspath(json_path))):
-        sys.exit(f"error: no folder for --json={json_path}")
+    if json and not os.path.isdir(os.path.dirname(os.path.abspath(json))):
+        sys.exit(f"error: no folder for --json={json}")
     main()

@@ -6,9 +6,9 @@ Train DETR on a prepared dataset (data/<name>/<split>.json, see data/*/prepare.p
     torchrun --standalone --nproc_per_node=4 train.py config/voc.py        # DDP
 
 Defaults sit below as globals; a config file (plain Python) overrides them, then --key=value.
-The file goes in the order the data flows: dataset and augmentation, batching, Hungarian matcher
-and set loss, then the training loop (mAP comes from metrics.py). Everything above `train()` is
-importable on its own.
+The file goes in the order the data flows: the config, the data (data/pipeline.py), the Hungarian
+matcher and set loss (each addition's terms beside it), then the training loop (mAP comes from
+metrics.py, every weight file from weights.py). Everything above `train()` is importable on its own.
 """
 
 import inspect
@@ -26,21 +26,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import torchvision.transforms.v2 as v2
-from PIL import Image
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torchvision import tv_tensors
-from torchvision.ops import box_convert, generalized_box_iou, generalized_box_iou_loss
+from torchvision.ops import box_convert, box_iou, generalized_box_iou, generalized_box_iou_loss
 from tqdm import tqdm
 
 from configurator import VALUE_TYPES, configure
-from data.format import read_dataset_json
-from detr import (BACKBONES, DETR, LoadError, check_checkpoint_dir, compile_model, denoising_losses,
-                  load_training_checkpoint, model_from_checkpoint, postprocess, proposal_losses, proposal_set,
-                  save_checkpoint, set_classes)
-from metrics import coco_results, compute_map, ground_truth, training_diagnostics
+from data.pipeline import (DetectionDataset, ResumableSampler, collate, dataset_dir, make_transforms, val_transform,
+                           worker_ignores_sigusr1)
+from detr import DETR, argument_problem, parameters_by_part, postprocess
+from metrics import coco_results, compute_map, ground_truth
+from weights import (LoadError, check_checkpoint_dir, load_imagenet_backbone, load_model, load_training_checkpoint,
+                     model_from_checkpoint, save_checkpoint, set_classes)
 
 # -----------------------------------------------------------------------------
 # default config: the paper's DETR-R50 recipe (§4, App. A.4); config/*.py and --key=value override it
@@ -49,7 +47,7 @@ out_dir = "out"  # ckpt.pt, best.pt and log.jsonl go here
 dataset = "shapes"  # reads data/<dataset>/<train_split>.json and <val_split>.json (or <dataset>/... if it is a path)
 train_split = "train"
 val_split = "val"
-init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), an official checkpoint ('detr-r50' or a .pth) or a transformers folder / hub id
+init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), or pretrained weights: an official checkpoint ('detr-r50' or a .pth) or a transformers folder / hub id
 eval_interval = 1000  # evaluate (and checkpoint) every this many iterations, and at the end
 checkpoint_minutes = 0.0  # also write ckpt.pt this often, without evaluating (0: only at evaluations)
 log_interval = 10  # print and log the losses every this many iterations
@@ -103,168 +101,9 @@ warmup_iters = 0  # linear warm-up from 0
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; float32 turns AMP off
-compile = False  # torch.compile the backbone and the transformer layers (compile_model)
+compile = False  # torch.compile the backbone and the transformer layers (compile_model below)
 seed = 1337
 CONFIG_KEYS = [k for k, v in globals().items() if k.islower() and not k.startswith("_") and isinstance(v, VALUE_TYPES)]
-
-# -----------------------------------------------------------------------------
-# data: a prepared json (data/format.py) -> (image, target) pairs
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-NORMALIZE = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
-def read_image(path):
-    """(3, H, W) uint8 pixels, or None (with one logged line) for a file that cannot be decoded: a
-    truncated or corrupt file, or a missing one."""
-    try:
-        with Image.open(path) as im:
-            return v2.functional.pil_to_tensor(im.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as e:
-        print(f"skip: cannot decode {path} ({type(e).__name__})", file=sys.stderr)
-        return None
-
-
-class RandomSizeCrop(v2.Transform):
-    """Crop a window whose height and width are drawn uniformly from [min_size, max_size], within
-    the image (the official DETR crop; torchvision has no twin of it)."""
-
-    def __init__(self, min_size, max_size):
-        super().__init__()
-        self.min_size, self.max_size = min_size, max_size
-
-    def make_params(self, flat_inputs):
-        H, W = v2.query_size(flat_inputs)
-        h = int(torch.randint(min(self.min_size, H), min(H, self.max_size) + 1, ()))
-        w = int(torch.randint(min(self.min_size, W), min(W, self.max_size) + 1, ()))
-        top, left = int(torch.randint(0, H - h + 1, ())), int(torch.randint(0, W - w + 1, ()))
-        return dict(top=top, left=left, height=h, width=w)
-
-    def transform(self, inpt, params):
-        return self._call_kernel(v2.functional.crop, inpt, **params)
-
-
-def val_transform(val_scale, max_size):
-    """Validation and inference: the shorter side resized to val_scale (the longer at most max_size)."""
-    return v2.Compose([v2.Resize(val_scale, max_size=max_size), NORMALIZE])
-
-
-def make_transforms(train, scales, max_size, crop_scales, crop_size, val_scale):
-    """The paper's augmentation (§4, App. A.4): horizontal flip, then the shorter side resized to one
-    of `scales` (longer side <= max_size), or with probability 0.5 first resized to one of
-    `crop_scales` and cropped to a random window of crop_size[0]..crop_size[1] pixels (train=False:
-    val_transform). Boxes follow the image through every step."""
-    if not train:
-        return val_transform(val_scale, max_size)
-    resize = v2.RandomShortestSize(scales, max_size)
-    crop_then_resize = v2.Compose([v2.RandomShortestSize(crop_scales), RandomSizeCrop(*crop_size), resize])
-    return v2.Compose([
-        v2.RandomHorizontalFlip(),
-        v2.RandomChoice([resize, crop_then_resize]),
-        v2.SanitizeBoundingBoxes(),  # drops boxes that the crop left with no area, and their labels
-        NORMALIZE,
-    ])
-
-
-class DetectionDataset(torch.utils.data.Dataset):
-    """Reads a prepared json. Returns (image (3, h, w) normalised float, target) with the target as
-    the model and the loss take it: labels (N,) int64 class indices, boxes (N, 4) (cx, cy, w, h) in
-    [0, 1] of the transformed image (N may be 0), plus image_id (the index in the json) and
-    orig_size (H, W) for evaluation. Difficult objects are
-    left out unless keep_difficult, crowds always. An image that cannot be decoded is skipped with one logged
-    line and the next one is returned, so a batch keeps its size."""
-
-    def __init__(self, json_path, transform, keep_difficult=False):
-        data = read_dataset_json(json_path)
-        self.classes, self.records, self.category_ids = data["classes"], data["images"], data.get("category_ids")
-        root = os.path.dirname(os.path.abspath(json_path))
-        self.paths = [os.path.join(root, r["file"]) for r in self.records]  # join keeps absolute paths
-        self.transform, self.keep_difficult = transform, keep_difficult
-        self.unreadable = set()
-
-    def __len__(self):
-        return len(self.records)
-
-    def __getitem__(self, key):
-        """key: an index, or (index, seed) to draw the augmentation from its own seed (so that a
-        sample's augmentation does not depend on worker processes or on where a run resumed)."""
-        index, aug_seed = key if isinstance(key, tuple) else (key, None)
-        with torch.random.fork_rng(devices=[], enabled=aug_seed is not None):
-            if aug_seed is not None:
-                torch.manual_seed(aug_seed)
-            return self.load(index)
-
-    def load(self, index):
-        for i in range(index, index + len(self)):
-            i %= len(self)
-            image = None if i in self.unreadable else read_image(self.paths[i])  # (3, H, W) uint8
-            if image is not None:
-                return self.make_sample(i, image)
-            self.unreadable.add(i)  # logged once, then passed over
-        raise RuntimeError(f"no image of {len(self)} could be decoded")
-
-    def make_sample(self, i, image):
-        record = self.records[i]
-        boxes = torch.tensor(record["boxes"], dtype=torch.float32).reshape(-1, 4)  # xyxy pixels
-        labels = torch.tensor(record["labels"], dtype=torch.int64)
-        keep = ~torch.tensor(record.get("iscrowd", [0] * len(labels)), dtype=torch.bool)  # crowds never train
-        if not self.keep_difficult:
-            keep &= ~torch.tensor(record.get("difficult", [0] * len(labels)), dtype=torch.bool)
-        boxes, labels = boxes[keep], labels[keep]
-        H, W = image.shape[-2:]
-        sample = self.transform({
-            "image": tv_tensors.Image(image),
-            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(H, W)),
-            "labels": labels,
-        })
-        image = sample["image"].as_subclass(torch.Tensor)
-        h, w = image.shape[-2:]
-        boxes = box_convert(sample["boxes"].as_subclass(torch.Tensor), "xyxy", "cxcywh")
-        boxes = boxes / torch.tensor([w, h, w, h], dtype=torch.float32)
-        target = {"labels": sample["labels"], "boxes": boxes, "image_id": i, "orig_size": torch.tensor([H, W])}
-        return image, target
-
-
-def worker_ignores_sigusr1(worker_id):
-    """A data worker leaves SIGUSR1, which SLURM's --signal may send to every process of a job, to the main
-    process: it finishes its step, saves, then closes the workers. SIGTERM stays torch's (its shutdown uses it)."""
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-
-
-def collate(batch, pad_to=1):
-    """Pad images bottom/right to the batch's largest size, rounded up to a multiple of pad_to (fixed
-    multiples let torch.compile reuse kernels). Returns images (B, 3, H, W), mask (B, H, W) True on
-    padding, or None when nothing is padded, and the list of targets."""
-    images, targets = zip(*batch)
-    H = math.ceil(max(im.shape[1] for im in images) / pad_to) * pad_to
-    W = math.ceil(max(im.shape[2] for im in images) / pad_to) * pad_to
-    padded = images[0].new_zeros(len(images), 3, H, W)
-    mask = torch.ones(len(images), H, W, dtype=torch.bool)
-    for im, pad, m in zip(images, padded, mask):
-        pad[:, : im.shape[1], : im.shape[2]].copy_(im)
-        m[: im.shape[1], : im.shape[2]] = False
-    return padded, (mask if mask.any() else None), list(targets)
-
-
-class ResumableSampler(torch.utils.data.Sampler):
-    """Endless training order that a resumed run can re-enter at any point: epoch e is a permutation
-    drawn from seed + e, split across processes as DistributedSampler does (padded to a multiple of
-    world_size, then every world_size-th index), and each index comes with its augmentation seed.
-    start: how many samples this process has already consumed."""
-
-    def __init__(self, num_samples, seed, start=0, rank=0, world_size=1):
-        self.num_samples, self.seed, self.start, self.rank, self.world_size = num_samples, seed, start, rank, world_size
-
-    def __iter__(self):
-        per_rank = math.ceil(self.num_samples / self.world_size)
-        epoch, offset = divmod(self.start, per_rank)
-        while True:
-            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
-            order = torch.cat([order, order[: per_rank * self.world_size - self.num_samples]])
-            for i in order[self.rank :: self.world_size][offset:].tolist():
-                yield i, (self.seed * 1_000_003 + epoch * self.num_samples + i) % 2**62
-            epoch, offset = epoch + 1, 0
-
 
 # -----------------------------------------------------------------------------
 # Hungarian matcher and set loss (paper §3.1, App. A.1)
@@ -343,28 +182,23 @@ class SetCriterion(nn.Module):
     and each auxiliary one. Returns loss_ce, loss_bbox, loss_giou (last layer), loss_ce_0 ...
     loss_giou_{L-2} (auxiliary layers) and `loss`, their weighted sum. Box losses are divided by
     num_boxes (the batch's target count; under DDP the mean over processes, at least 1), the
-    cross-entropy by the sum of its class weights, as a weighted mean does. Both may be local counts
-    of a whole accumulated batch: accumulation then gives exactly the gradients of one big batch.
-    The additions enter at marked lines: query groups (each matched on its own, their losses
-    averaged), and the terms loss_*_enc and loss_*_dn, written in their sections of detr.py."""
+    cross-entropy by the sum of its class weights (class_weight_sum), as a weighted mean does. Both
+    may be counts of a whole accumulated batch: accumulation then gives exactly the gradients of
+    one big batch. The additions enter at marked lines: query groups (each matched on its own, their
+    losses averaged), and the terms loss_*_enc and loss_*_dn, written in their sections below."""
 
-    def __init__(self, num_classes, matcher, eos_coef=0.1, weight_ce=1.0, weight_bbox=5.0, weight_giou=2.0,
-                 query_groups=1):
+    def __init__(self, matcher, eos_coef=0.1, weight_ce=1.0, weight_bbox=5.0, weight_giou=2.0, query_groups=1):
         super().__init__()
-        self.num_classes, self.matcher, self.eos_coef = num_classes, matcher, eos_coef
+        self.matcher, self.eos_coef = matcher, eos_coef
         self.weight_ce, self.weight_bbox, self.weight_giou = weight_ce, weight_bbox, weight_giou
         self.query_groups = query_groups
-        class_weight = torch.ones(num_classes + 1)
-        class_weight[-1] = eos_coef
-        self.register_buffer("class_weight", class_weight)
 
     def forward(self, outputs, targets, num_boxes=None, class_weight_sum=None):
         # every decoder layer at once: (L, B, Q, ...), the last layer last
         layers = outputs.get("aux_outputs", []) + [outputs]
         logits = torch.stack([o["pred_logits"] for o in layers]).float()
         boxes = torch.stack([o["pred_boxes"] for o in layers]).float()
-        L, B, Q = logits.shape[:3]
-        groups = self.query_groups  # addition 4: Q is that many groups of queries (1 in the paper)
+        groups = self.query_groups  # addition 4: the queries are that many groups (1 in the paper)
         if num_boxes is None:
             num_boxes = sum(len(t["labels"]) for t in targets)
         num_boxes = torch.as_tensor(num_boxes, dtype=torch.float32, device=logits.device)
@@ -372,21 +206,20 @@ class SetCriterion(nn.Module):
             dist.all_reduce(num_boxes)
             num_boxes /= dist.get_world_size()
         num_boxes = num_boxes.clamp(min=1)
-        if class_weight_sum is None:  # of one group (addition 4)
-            matched = sum(min(len(t["labels"]), Q // groups) for t in targets)
-            class_weight_sum = matched + self.eos_coef * (B * Q // groups - matched)
+        if class_weight_sum is None:
+            class_weight_sum = cross_entropy_normaliser(targets, logits.shape[2] // groups, self.eos_coef)
         decoder = {"pred_logits": logits, "pred_boxes": boxes}
         if "enc_outputs" in outputs:  # addition 2: the proposals are matched too, in the same copy to the host
-            proposals = proposal_set(outputs)
-            indices, enc_indices = self.matcher.match_sets([(decoder, groups), proposals], targets)
+            proposals = proposal_set(outputs["enc_outputs"])
+            indices, enc_indices = self.matcher.match_sets([(decoder, groups), (proposals, 1)], targets)
         else:
             indices = self.matcher(decoder, targets, groups)
-        ce, l1, giou = self.summed_losses(logits, boxes, targets, indices)  # (L,) each
+        ce, l1, giou = summed_losses(logits, boxes, targets, indices, self.eos_coef)  # (L,) each
         terms = {"": (ce / (groups * class_weight_sum), l1 / (groups * num_boxes), giou / (groups * num_boxes))}
         if "enc_outputs" in outputs:  # addition 2
-            terms["_enc"] = proposal_losses(self, proposals[0], targets, enc_indices, num_boxes)
+            terms["_enc"] = proposal_losses(proposals, targets, enc_indices, num_boxes)
         if "dn_outputs" in outputs:  # addition 3
-            terms["_dn"] = denoising_losses(self, outputs, targets, num_boxes)
+            terms["_dn"] = denoising_losses(outputs["dn_outputs"], targets, num_boxes)
 
         total = sum((self.weight_ce * ce + self.weight_bbox * l1 + self.weight_giou * giou).sum()
                     for ce, l1, giou in terms.values())
@@ -399,37 +232,102 @@ class SetCriterion(nn.Module):
                                "loss_giou" + suffix: loss_giou[layer]})
         return losses
 
-    def summed_losses(self, logits, boxes, targets, indices, no_object_weight=None):
-        """Per layer (L,): the class-weighted cross-entropy summed over every query (the unmatched ones
-        target "no object"), and L1 and GIoU summed over the matched pairs. logits (L, B, Q, K+1),
-        boxes (L, B, Q, 4); indices: per layer, per image, a (pred_idx, tgt_idx) pair.
-        no_object_weight (B, Q): the additions' own weight of each unmatched query's cross-entropy
-        (0 for padding) in place of eos_coef."""
-        L, B, Q = logits.shape[:3]
-        # which (layer, image, query) is matched to which of the batch's targets: built on the host, one copy
-        device = logits.device
-        first = np.cumsum([0] + [len(t["labels"]) for t in targets]).tolist()  # each image's first target
-        index = torch.cat([torch.stack([torch.full_like(p, layer), torch.full_like(p, b), p, j + first[b]])
-                           for layer, per_image in enumerate(indices) for b, (p, j) in enumerate(per_image)], dim=1)
-        index = (index.pin_memory() if device.type == "cuda" else index).to(device, non_blocking=True)
-        layer_idx, image_idx, query_idx, target_idx = index  # (M,) each
-        tgt_labels = torch.cat([t["labels"] for t in targets]).to(device)[target_idx]
-        tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(device)[target_idx]
 
-        target_classes = torch.full((L, B, Q), self.num_classes, dtype=torch.int64, device=device)  # "no object"
-        target_classes[layer_idx, image_idx, query_idx] = tgt_labels
-        if no_object_weight is None:
-            ce = F.cross_entropy(logits.flatten(0, 2), target_classes.flatten(), self.class_weight, reduction="none")
-        else:
-            ce = F.cross_entropy(logits.flatten(0, 2), target_classes.flatten(), reduction="none").view(L, B, Q)
-            ce = ce * torch.where(target_classes == self.num_classes, no_object_weight.to(ce.dtype), 1.0)
+def cross_entropy_normaliser(targets, num_queries, eos_coef):
+    """The sum of the cross-entropy's class weights over num_queries queries an image (one group): 1 for
+    each matched query, eos_coef for each "no object". The loop computes it once over a whole accumulated batch."""
+    matched = sum(min(len(t["labels"]), num_queries) for t in targets)
+    return matched + eos_coef * (len(targets) * num_queries - matched)
 
-        src_boxes = boxes[layer_idx, image_idx, query_idx]  # (M, 4)
-        tgt_boxes = tgt_boxes.float()
-        l1 = F.l1_loss(src_boxes, tgt_boxes, reduction="none").sum(1)  # (M,)
-        giou = generalized_box_iou_loss(box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"))
-        zeros = torch.zeros(L, device=device)
-        return ce.view(L, -1).sum(1), zeros.index_add(0, layer_idx, l1), zeros.index_add(0, layer_idx, giou)
+
+def summed_losses(logits, boxes, targets, indices, no_object_weight):
+    """Per layer (L,): the cross-entropy summed over every query (the unmatched ones target "no
+    object", weighted by no_object_weight), and L1 and GIoU summed over the matched pairs.
+    logits (L, B, Q, K+1), boxes (L, B, Q, 4); indices: per layer, per image, a (pred_idx, tgt_idx)
+    pair. no_object_weight: eos_coef, or (B, Q) the additions' own weight of each query (0 for padding)."""
+    L, B, Q = logits.shape[:3]
+    no_object = logits.shape[-1] - 1
+    # which (layer, image, query) is matched to which of the batch's targets: built on the host, one copy
+    device = logits.device
+    first = np.cumsum([0] + [len(t["labels"]) for t in targets]).tolist()  # each image's first target
+    index = torch.cat([torch.stack([torch.full_like(p, layer), torch.full_like(p, b), p, j + first[b]])
+                       for layer, per_image in enumerate(indices) for b, (p, j) in enumerate(per_image)], dim=1)
+    index = (index.pin_memory() if device.type == "cuda" else index).to(device, non_blocking=True)
+    layer_idx, image_idx, query_idx, target_idx = index  # (M,) each
+    tgt_labels = torch.cat([t["labels"] for t in targets]).to(device)[target_idx]
+    tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(device)[target_idx]
+
+    target_classes = torch.full((L, B, Q), no_object, dtype=torch.int64, device=device)
+    target_classes[layer_idx, image_idx, query_idx] = tgt_labels
+    ce = F.cross_entropy(logits.flatten(0, 2), target_classes.flatten(), reduction="none").view(L, B, Q)
+    if torch.is_tensor(no_object_weight):
+        no_object_weight = no_object_weight.to(ce.dtype)
+    ce = ce * torch.where(target_classes == no_object, no_object_weight, 1.0)
+
+    src_boxes = boxes[layer_idx, image_idx, query_idx]  # (M, 4)
+    tgt_boxes = tgt_boxes.float()
+    l1 = F.l1_loss(src_boxes, tgt_boxes, reduction="none").sum(1)  # (M,)
+    giou = generalized_box_iou_loss(box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"))
+    zeros = torch.zeros(L, device=device)
+    return ce.view(L, -1).sum(1), zeros.index_add(0, layer_idx, l1), zeros.index_add(0, layer_idx, giou)
+
+
+# -----------------------------------------------------------------------------
+# Addition 2's loss: encoder proposals (detr.py, "Addition 2")
+# Each term is a sum divided by num_boxes, as the set loss's boxes are, so that gradient
+# accumulation stays exact and no term grows with the image. Every token that no object is matched
+# to is trained to say "no object". Summed over the tokens that background would grow with the
+# image (64 tokens at 64 px and stride 8, ~850 at 800 px and stride 32) and drown the objects;
+# Deformable DETR and DINO tame it with the sigmoid focal loss. Here an image's background tokens
+# together weigh a fixed multiple of its objects at any size, and padding weighs nothing: measured
+# against the focal loss (EXPERIMENTS.md), this keeps the dense signal that lets a backbone trained
+# from scratch leave DETR's plateau.
+PROPOSAL_BACKGROUND_WEIGHT = 2.0  # an image's background tokens weigh as this many of its objects (2 to 8 alike, EXPERIMENTS.md)
+
+
+def proposal_background_weight(targets, valid):
+    """(B, hw) the weight of each token's "no object" cross-entropy: an image's background tokens
+    together weigh PROPOSAL_BACKGROUND_WEIGHT times its objects (at least one), padding nothing."""
+    objects = torch.tensor([len(t["labels"]) for t in targets], device=valid.device)
+    background = (valid.sum(1) - objects).clamp(min=1)  # the tokens that no object is matched to
+    return valid * (PROPOSAL_BACKGROUND_WEIGHT * objects.clamp(min=1) / background)[:, None]
+
+
+def proposal_set(enc_outputs):
+    """The encoder proposals as the matcher takes them: every valid token is a query, one layer."""
+    return {"pred_logits": enc_outputs["pred_logits"][None].float(), "pred_boxes": enc_outputs["pred_boxes"][None].float(),
+            "valid": enc_outputs["valid"]}
+
+
+def proposal_losses(proposals, targets, indices, num_boxes):
+    """Every token matched to an object learns its class and box; the others say "no object", an
+    image's background tokens together weighing a fixed multiple of its objects, padding nothing.
+    proposals: as proposal_set gives them to the matcher."""
+    weight = proposal_background_weight(targets, proposals["valid"])
+    sums = summed_losses(proposals["pred_logits"], proposals["pred_boxes"], targets, indices, weight)
+    return tuple(s / num_boxes for s in sums)
+
+
+# -----------------------------------------------------------------------------
+# Addition 3's loss: denoising queries (detr.py, "Addition 3")
+
+
+def denoising_pairs(targets, groups, n):
+    """Per image, (query_idx, tgt_idx): denoising query g * n + j is the noised copy of target j."""
+    return [(torch.cat([torch.arange(len(t["labels"])) + g * n for g in range(groups)]),
+             torch.arange(len(t["labels"])).repeat(groups)) for t in targets]
+
+
+def denoising_losses(dn_outputs, targets, num_boxes):
+    """Denoising query g * n + j reconstructs target j at every decoder layer, with no matching;
+    padded queries are in no loss. Averaged over the groups."""
+    logits, boxes = dn_outputs["pred_logits"].float(), dn_outputs["pred_boxes"].float()  # (L, B, groups * n, ...)
+    L, B, D = logits.shape[:3]
+    groups = dn_outputs["groups"]
+    padding_weight = torch.zeros(B, D, device=logits.device)  # every real query is matched: the rest, padding, weighs 0
+    pairs = denoising_pairs(targets, groups, D // groups)
+    sums = summed_losses(logits, boxes, targets, [pairs] * L, padding_weight)
+    return tuple(s / (groups * num_boxes) for s in sums)
 
 
 # -----------------------------------------------------------------------------
@@ -443,34 +341,24 @@ def get_config(argv):
 
 
 def check_config(c):
-    """One error line for the first value out of its range (the types are already right)."""
+    """One error line for the first value out of its range (the types are already right): the training
+    keys' rules here, then the model's, which detr.argument_problem holds for DETR and this config alike."""
     def positive_ints(v):
         return len(v) > 0 and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
 
     rules = [
         *((k, c[k] >= 1, ">= 1") for k in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval",
-                                           "log_interval", "val_scale", "pad_to", "num_decoder_layers",
-                                           "dim_feedforward", "num_queries", "query_groups")),
-        *((k, c[k] >= 0, ">= 0") for k in ("num_workers", "warmup_iters", "lr_drop", "num_encoder_layers", "denoising_groups")),
+                                           "log_interval", "val_scale", "pad_to")),
+        *((k, c[k] >= 0, ">= 0") for k in ("num_workers", "warmup_iters", "lr_drop")),
         *((k, math.isfinite(c[k]) and c[k] >= 0, "a number >= 0") for k in (
             "learning_rate", "lr_backbone", "weight_decay", "grad_clip", "cost_class", "cost_bbox", "cost_giou")),
         ("eos_coef", 0 < c["eos_coef"] <= 1, "in (0, 1]"),
-        ("dropout", 0 <= c["dropout"] < 1, "in [0, 1)"),
         ("train_scales", positive_ints(c["train_scales"]), "a list of sizes > 0"),
         ("crop_scales", positive_ints(c["crop_scales"]), "a list of sizes > 0"),
         ("crop_size", len(c["crop_size"]) == 2 and positive_ints(c["crop_size"]) and c["crop_size"][0] <= c["crop_size"][1],
          "(min, max) sizes with 0 < min <= max"),
         ("max_size", positive_ints(c["train_scales"]) and c["max_size"] > max([*c["train_scales"], c["val_scale"]]),
          "larger than every train_scale and val_scale"),
-        ("dilation", not c["dilation"] or (c["backbone"] in ("resnet50", "resnet101") and c["feature_stride"] == 32),
-         "False with resnet18/34 or feature_stride < 32 (DC5 dilates a bottleneck ResNet's last stage)"),
-        ("backbone", c["backbone"] in BACKBONES, ", ".join(BACKBONES)),
-        ("trainable_layers", 0 <= c["trainable_layers"] <= 5, "0 to 5"),
-        ("hidden_dim", c["hidden_dim"] >= 1 and c["num_heads"] >= 1 and c["hidden_dim"] % c["num_heads"] == 0,
-         f"a multiple of num_heads={c['num_heads']} (>= 1)"),
-        ("feature_stride", c["feature_stride"] in (8, 16, 32), "8, 16 or 32"),
-        ("anchor_queries", c["anchor_queries"] or not (c["encoder_proposals"] or c["denoising_groups"] or c["conditional_cross_attn"]),
-         "True for encoder_proposals, denoising_groups or conditional_cross_attn (their queries are boxes)"),
         ("dtype", c["dtype"] in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
         ("best_metric", c["best_metric"] in ("mAP50", "mAP50_07", "mAP", "mAP75"), "mAP50, mAP50_07, mAP or mAP75"),
         ("dataset", c["dataset"] != "", "a prepared dataset's name or folder"),
@@ -479,27 +367,36 @@ def check_config(c):
         ("device", c["device"] == "cpu" or (c["device"].startswith("cuda") and torch.cuda.is_available()),
          "cpu, or cuda on a machine with a GPU"),
     ]
-    for key, ok, want in rules:
-        if not ok:
-            raise SystemExit(f"error: {key}={c[key]!r} must be {want}")
+    problem = next(((key, want) for key, ok, want in rules if not ok), None) or argument_problem(c)
+    if problem:
+        raise SystemExit(f"error: {problem[0]}={c[problem[0]]!r} must be {problem[1]}")
     return c
 
 
 def new_model(config, num_classes, trainable_layers):
-    """A DETR from scratch with the config's model keys (they are named as DETR's arguments)."""
+    """A new DETR with the config's model keys (they are named as DETR's arguments), its backbone
+    from ImageNet's weights with pretrained_backbone."""
     args = {k: config[k] for k in inspect.signature(DETR).parameters if k in config}
-    return DETR(num_classes, **{**args, "trainable_layers": trainable_layers})
+    model = DETR(num_classes, **{**args, "trainable_layers": trainable_layers})
+    if config["pretrained_backbone"]:
+        load_imagenet_backbone(model)
+    return model
 
 
-def new_criterion(config, num_classes, query_groups):
+def new_criterion(config, query_groups):
     """The set loss with the config's costs, which are also the loss weights (paper App. A.1)."""
     matcher = HungarianMatcher(config["cost_class"], config["cost_bbox"], config["cost_giou"])
-    return SetCriterion(num_classes, matcher, config["eos_coef"], 1.0, config["cost_bbox"], config["cost_giou"], query_groups)
+    return SetCriterion(matcher, config["eos_coef"], 1.0, config["cost_bbox"], config["cost_giou"], query_groups)
 
 
-def dataset_dir(dataset):
-    """A prepared dataset's folder: data/<dataset> beside this file, or the path itself if it is one."""
-    return dataset if os.sep in dataset else os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
+def compile_model(model, backend="inductor"):
+    """torch.compile the backbone and each encoder and decoder layer, in place (the checkpoint's keys
+    stay as they are). What runs between them (encoder proposals, the denoising queries made from each
+    image's targets) stays eager, so that no object count reaches a graph, and image sizes are dynamic:
+    a run compiles a few graphs in its first steps (again at the first non-square batch) and at its
+    first evaluation, and none after."""
+    for part in [model.backbone, *model.encoder, *model.decoder]:
+        part.compile(dynamic=True, backend=backend)
 
 
 def lr_factor(it, cfg):
@@ -579,15 +476,16 @@ def load_datasets(cfg):
 
 def initial_model(cfg, config, classes):
     """(model, checkpoint or None), as init_from says: resumed from out_dir/ckpt.pt, new, or pretrained
-    weights (official or transformers) with a new class head for the dataset's classes."""
+    weights (any that weights.load_model reads) with a new class head for the dataset's classes."""
     trainable_layers = cfg.trainable_layers if cfg.lr_backbone > 0 else 0  # lr_backbone=0 freezes the backbone
     if cfg.init_from == "scratch":
         return new_model(config, len(classes), trainable_layers), None
     if cfg.init_from != "resume":
-        model = DETR.from_pretrained(cfg.init_from, dropout=cfg.dropout, trainable_layers=trainable_layers)
-        if cfg.anchor_queries or cfg.query_groups > 1 or cfg.feature_stride != 32:
-            print("note: the pretrained model is the paper's DETR: anchor_queries, encoder_proposals, denoising_groups, "
-                  "query_groups, conditional_cross_attn and feature_stride are not used when fine-tuning it")
+        model = load_model(cfg.init_from, dropout=cfg.dropout, trainable_layers=trainable_layers)[0]
+        differ = [k for k in ("feature_stride", "anchor_queries", "encoder_proposals", "denoising_groups", "query_groups",
+                              "conditional_cross_attn") if model.config[k] != config[k]]
+        if differ:
+            print(f"note: the pretrained model's own {', '.join(differ)} are used when fine-tuning it, not the config's")
         if set_classes(model, classes):
             print(f"class head: the pretrained model's rows for its {len(classes)} classes of the same names")
         return model, None
@@ -604,6 +502,46 @@ def initial_model(cfg, config, classes):
 def append_log(out_dir, record):
     with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def training_diagnostics(model, outputs, targets, matcher):
+    """What shows DETR's early plateau (logged every log_interval, drawn by sample.py --log):
+    - grad_norm_<part> and weight_norm_<part> for each part of the model (detr.parameters_by_part), the gradient
+      before clipping;
+    - query_classes: how many distinct classes ("no object" included) the queries of an image
+      predict, averaged over the batch: 1 while every query says the same thing;
+    - query_box_spread: the standard deviation of the predicted box centres across the queries of
+      an image (in image widths), averaged over the batch: near 0 while every query gives one box;
+    - iou_start, iou_layer_0 ... iou_layer_{L-1}: the mean IoU with their matched objects (the last
+      layer's matching) of the boxes the queries start from (anchors or encoder proposals) and of
+      each decoder layer's boxes: whether each layer improves on the one before;
+    - iou_dn_start, iou_dn_layer_*: the same for the denoising queries and the objects they copy.
+    Only the first num_queries queries count (one group, no denoising queries) except in iou_dn_*."""
+    record = {}
+    for name, params in parameters_by_part(model).items():
+        grads = [p.grad.float().norm() for p in params if p.grad is not None]
+        record[f"grad_norm_{name}"] = torch.stack(grads).norm().item() if grads else 0.0
+        record[f"weight_norm_{name}"] = torch.stack([p.float().norm() for p in params]).norm().item()
+    Q = model.num_queries
+    classes = outputs["pred_logits"][:, :Q].argmax(-1)  # (B, Q)
+    record["query_classes"] = float(np.mean([len(c.unique()) for c in classes]))
+    centres = outputs["pred_boxes"][:, :Q, :2].float()  # (B, Q, 2)
+    record["query_box_spread"] = centres.var(1, unbiased=False).sum(-1).sqrt().mean().item()
+    layers = [o["pred_boxes"][:, :Q] for o in outputs["aux_outputs"] + [outputs]]
+    matched = matcher({"pred_logits": outputs["pred_logits"][:, :Q], "pred_boxes": layers[-1]}, targets)
+    boxes = {"start": outputs.get("start_boxes"), **{f"layer_{l}": b for l, b in enumerate(layers)}}
+    if "dn_outputs" in outputs:
+        dn = outputs["dn_outputs"]
+        dn_pairs = denoising_pairs(targets, dn["groups"], dn["pred_boxes"].shape[2] // dn["groups"])
+        boxes.update({"dn_start": dn["start_boxes"], **{f"dn_layer_{l}": b for l, b in enumerate(dn["pred_boxes"])}})
+    for name, b in boxes.items():
+        if b is not None:
+            pairs = dn_pairs if name.startswith("dn") else matched
+            pred = torch.cat([b[i, p.to(b.device)] for i, (p, _) in enumerate(pairs)]).float()
+            truth = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, pairs)]).float()
+            iou = box_iou(box_convert(pred, "cxcywh", "xyxy"), box_convert(truth, "cxcywh", "xyxy")).diagonal()
+            record[f"iou_{name}"] = iou.mean().item() if len(iou) else math.nan
+    return record
 
 
 # -----------------------------------------------------------------------------
@@ -644,7 +582,7 @@ def train(config):
     eval_model = model  # not the DDP wrapper: its forward is a collective, and shards may differ by a batch
     if ddp:
         model = DDP(model, device_ids=[device] if "cuda" in device else None)
-    criterion = new_criterion(config, len(classes), raw_model.query_groups).to(device)
+    criterion = new_criterion(config, raw_model.query_groups).to(device)
 
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if master:
@@ -680,13 +618,17 @@ def train(config):
 
     first_bad_iter = torch.tensor(-1, device=device)  # where the loss first went non-finite, kept on the device
 
-    def stop_if_not_finite(it=None):
-        bad = first_bad_iter.item()  # a host sync, so only at log intervals (or when the matcher already saw it)
-        if bad >= 0 or it is not None:
-            if master:
-                tqdm.write(f"error: the loss is not finite at iteration {bad if bad >= 0 else it}; stopping. "
-                           f"The last good checkpoint ({ckpt_path}) is left as it was.")
-            raise SystemExit(1)
+    def not_finite(it):
+        """The exit for a loss that went non-finite at iteration it, with one line from the master."""
+        if master:
+            tqdm.write(f"error: the loss is not finite at iteration {it}; stopping. "
+                       f"The last good checkpoint ({ckpt_path}) is left as it was.")
+        return SystemExit(1)
+
+    def stop_if_not_finite():
+        bad = first_bad_iter.item()  # a host sync, so only at log intervals
+        if bad >= 0:
+            raise not_finite(bad)
 
     metrics, sums, iters_since_log, images_since_log = {}, {}, 0, 0
     progress = tqdm(range(iter_num, cfg.max_iters), initial=iter_num, total=cfg.max_iters, disable=not master,
@@ -707,8 +649,7 @@ def train(config):
             # normalisers for the whole accumulated batch (local counts; the criterion averages boxes over processes)
             all_targets = [t for _, _, targets in micro_batches for t in targets]
             num_boxes = sum(len(t["labels"]) for t in all_targets)
-            matched = sum(min(len(t["labels"]), raw_model.num_queries) for t in all_targets)
-            class_weight_sum = matched + cfg.eos_coef * (len(all_targets) * raw_model.num_queries - matched)
+            class_weight_sum = cross_entropy_normaliser(all_targets, raw_model.num_queries, cfg.eos_coef)
             for micro_step, (images, mask, targets) in enumerate(micro_batches):
                 images = images.to(device, non_blocking=True)
                 if "cuda" in device:
@@ -724,7 +665,8 @@ def train(config):
                     try:
                         losses = criterion(outputs, targets, num_boxes, class_weight_sum)
                     except FloatingPointError:  # the matcher found non-finite outputs
-                        stop_if_not_finite(it)
+                        bad = first_bad_iter.item()  # an earlier step's loss may have gone first
+                        raise not_finite(bad if bad >= 0 else it) from None
                     losses["loss"].backward()
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v.detach()

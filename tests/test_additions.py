@@ -104,7 +104,7 @@ def test_encoder_proposals_start_the_queries_at_the_best_tokens():
 
 
 def test_encoder_proposals_are_matched_and_padding_never_is():
-    criterion = train.SetCriterion(3, train.HungarianMatcher())
+    criterion = train.SetCriterion(train.HungarianMatcher())
     logits, boxes = torch.zeros(1, 4, 4), torch.tensor([[[0.5, 0.5, 0.2, 0.2]] * 4])
     valid = torch.tensor([[False, True, True, False]])
     targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]] * 2)}]
@@ -124,21 +124,21 @@ def test_proposal_background_weighs_as_its_objects_at_any_token_count():
     """The tokens that match no object target "no object"; together they weigh PROPOSAL_BACKGROUND_WEIGHT
     times the image's objects, however many tokens the image has, so the encoder's class loss does
     not grow with the image (a cross-entropy summed over the tokens would)."""
-    criterion = train.SetCriterion(3, train.HungarianMatcher())
+    criterion = train.SetCriterion(train.HungarianMatcher())
     targets = targets_of(2, 0)
     for tokens in (16, 400):
         valid = torch.ones(2, tokens, dtype=torch.bool)
         valid[1, tokens // 2 :] = False  # the second image half padding
-        weight = detr.proposal_background_weight(targets, valid)
-        assert weight[0].sum() == pytest.approx(detr.PROPOSAL_BACKGROUND_WEIGHT * 2 * tokens / (tokens - 2))
-        assert weight[1].sum() == pytest.approx(detr.PROPOSAL_BACKGROUND_WEIGHT * 1)  # no objects: as one
+        weight = train.proposal_background_weight(targets, valid)
+        assert weight[0].sum() == pytest.approx(train.PROPOSAL_BACKGROUND_WEIGHT * 2 * tokens / (tokens - 2))
+        assert weight[1].sum() == pytest.approx(train.PROPOSAL_BACKGROUND_WEIGHT * 1)  # no objects: as one
         assert (weight[~valid] == 0).all()
         # every token unsure between the 3 classes and "no object": the loss is the same at both token counts
         outputs = {"pred_logits": torch.zeros(2, 4, 4), "pred_boxes": torch.rand(2, 4, 4),
                    "enc_outputs": {"pred_logits": torch.zeros(2, tokens, 4), "valid": valid,
                                    "pred_boxes": torch.rand(2, tokens, 4, generator=torch.Generator().manual_seed(0))}}
         ln4 = torch.log(torch.tensor(4.0)).item()
-        expected = (2 * ln4 + detr.PROPOSAL_BACKGROUND_WEIGHT * (2 + 1) * ln4) / 2  # objects + background, over 2 boxes
+        expected = (2 * ln4 + train.PROPOSAL_BACKGROUND_WEIGHT * (2 + 1) * ln4) / 2  # objects + background, over 2 boxes
         assert criterion(outputs, targets)["loss_ce_enc"].item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -192,7 +192,7 @@ def test_denoising_noise_stays_within_the_paper_bounds():
 
 
 def test_denoising_loss_needs_no_matching():
-    criterion = train.SetCriterion(3, train.HungarianMatcher())
+    criterion = train.SetCriterion(train.HungarianMatcher())
     targets = targets_of(2, 1)
     # two groups of 2 slots; each slot predicts its own target exactly (the second image's second slot is padding)
     boxes = torch.zeros(1, 2, 4, 4)
@@ -237,8 +237,8 @@ def test_each_group_is_matched_one_to_one_on_its_own():
     (p1, t1), = single
     assert pred.tolist() == p1.tolist() + (p1 + 4).tolist() and tgt.tolist() == t1.tolist() * 2
     # identical groups: the groups' losses are averaged, so the loss is the single group's
-    criterion = train.SetCriterion(3, matcher, query_groups=2)
-    one = train.SetCriterion(3, matcher)({"pred_logits": logits, "pred_boxes": boxes}, targets)
+    criterion = train.SetCriterion(matcher, query_groups=2)
+    one = train.SetCriterion(matcher)({"pred_logits": logits, "pred_boxes": boxes}, targets)
     both = criterion({"pred_logits": two[0], "pred_boxes": two[1]}, targets)
     for key in ("loss", "loss_ce", "loss_bbox", "loss_giou"):
         assert both[key].item() == pytest.approx(one[key].item(), rel=1e-6)
@@ -246,7 +246,7 @@ def test_each_group_is_matched_one_to_one_on_its_own():
 
 def test_additions_need_box_queries():
     for kwargs in (dict(encoder_proposals=True), dict(denoising_groups=2)):
-        with pytest.raises(ValueError, match="need anchor_queries=True"):
+        with pytest.raises(ValueError, match="anchor_queries=False must be True"):
             tiny(**kwargs)
 
 
@@ -301,7 +301,7 @@ def test_loss_parts_keep_their_balance_at_every_image_size(config_file, sizes, s
     for size in sizes:
         torch.manual_seed(0)
         model = train.new_model(config, 10, config["trainable_layers"]).train()
-        criterion = train.new_criterion(config, 10, model.query_groups)
+        criterion = train.new_criterion(config, model.query_groups)
         # the same smooth picture at each size; the second image a quarter padding (at its right)
         images = torch.nn.functional.interpolate(torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)),
                                                  size=(size, size), mode="bilinear")

@@ -64,7 +64,7 @@ def test_step_memory_holds_at_least_weights_gradients_and_adam_state(monkeypatch
         gib = pool.apply(bench.step_memory, (settings, "fp32"))
     for key, value in settings.items():
         monkeypatch.setattr(bench, key, value)
-    model = bench.MiniDETR().model
+    model = bench.MiniDETR(with_additions=True).model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert model.encoder_proposals and 16 * trainable / 2**30 <= gib < 4
 

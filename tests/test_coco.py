@@ -10,8 +10,11 @@ from PIL import Image
 
 import metrics
 import train
+from data.format import read_dataset_json
+import weights
 from conftest import load_script
-from detr import COCO_CLASSES, DETR
+from detr import DETR
+from weights import COCO_CLASSES
 from test_metrics import coco_export
 
 
@@ -50,7 +53,7 @@ def test_prepare_converts_ids_boxes_crowds_and_logs_skips(tmp_path):
     assert sum(line.startswith("skip image") for line in lines) == 1
     assert sum(line.startswith("skip object") for line in lines) == 4  # the one on a skipped image is not counted twice
     assert lines[-1].startswith("val: 2 images (1 without objects), 3 objects (1 crowds), 3 classes; skipped 1 images, 4 objects")
-    train.read_dataset_json(tmp_path / "out" / "val.json")  # train.py reads it
+    read_dataset_json(tmp_path / "out" / "val.json")  # train.py reads it
 
 
 def test_detections_written_back_are_scored_by_pycocotools_as_by_compute_map(tmp_path):
@@ -62,7 +65,7 @@ def test_detections_written_back_are_scored_by_pycocotools_as_by_compute_map(tmp
     (tmp_path / "ann.json").write_text(json.dumps(ground_truth))
     load_script("data/coco/prepare.py").prepare(str(tmp_path / "ann.json"), str(tmp_path / "img"),
                                                 str(tmp_path), "val", lambda line: None)
-    data = train.read_dataset_json(tmp_path / "val.json")
+    data = read_dataset_json(tmp_path / "val.json")
     # the results as a model would give them: per record, in label space, through coco_results back to ids
     label = {c: k for k, c in enumerate(data["category_ids"])}
     detections = []
@@ -86,8 +89,6 @@ def test_detections_written_back_are_scored_by_pycocotools_as_by_compute_map(tmp
 
 
 def test_official_model_keeps_its_rows_for_coco_classes(tmp_path):
-    import detr
-
     images = [{"id": i, "file_name": f"{i}.png", "width": 64, "height": 64} for i in (1, 2)]
     write_images(tmp_path / "img", images)
     annotations = [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [4, 4, 30, 30], "iscrowd": 0},
@@ -99,7 +100,7 @@ def test_official_model_keeps_its_rows_for_coco_classes(tmp_path):
         prepare.prepare(str(tmp_path / "ann.json"), str(tmp_path / "img"), str(tmp_path / "data"), split, lambda line: None)
     official = DETR(num_classes=91, backbone="resnet18", hidden_dim=32, num_heads=8, num_encoder_layers=1,
                     num_decoder_layers=1, dim_feedforward=64, num_queries=8)
-    torch.save({"model": {detr.minidetr_to_official_key(k): v for k, v in official.state_dict().items()}},
+    torch.save({"model": {weights.minidetr_to_official_key(k): v for k, v in official.state_dict().items()}},
                tmp_path / "official.pth")
     config = train.get_config([])
     config.update(dataset=str(tmp_path / "data"), out_dir=str(tmp_path / "out"), init_from=str(tmp_path / "official.pth"),

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-import train
+from data import pipeline
 from conftest import ROOT, load_script
 
 VOC_XML = """<annotation><filename>{id}.jpg</filename><size><width>{w}</width><height>{h}</height><depth>3</depth></size>
@@ -101,10 +101,10 @@ def test_augmented_box_stays_on_its_pixels(tmp_path):
     image = np.zeros((120, 160, 3), np.uint8)
     image[30:70, 50:110] = (255, 0, 0)  # the object: a red rectangle
     path = write_dataset(tmp_path, [image], [[[50, 30, 110, 70]]], [[1]])
-    transform = train.make_transforms(True, scales=[96, 128, 144], max_size=200, crop_scales=[100, 120],
+    transform = pipeline.make_transforms(True, scales=[96, 128, 144], max_size=200, crop_scales=[100, 120],
                                       crop_size=(60, 100), val_scale=128)
-    dataset = train.DetectionDataset(path, transform)
-    mean, std = torch.tensor(train.IMAGENET_MEAN)[:, None, None], torch.tensor(train.IMAGENET_STD)[:, None, None]
+    dataset = pipeline.DetectionDataset(path, transform)
+    mean, std = torch.tensor(pipeline.IMAGENET_MEAN)[:, None, None], torch.tensor(pipeline.IMAGENET_STD)[:, None, None]
     seen_boxes = set()
     for seed in range(30):
         torch.manual_seed(seed)
@@ -128,14 +128,14 @@ def test_augmented_box_stays_on_its_pixels(tmp_path):
 def test_validation_transform_and_difficult(tmp_path):
     image = np.zeros((100, 200, 3), np.uint8)
     path = write_dataset(tmp_path, [image], [[[10, 20, 30, 60], [0, 0, 50, 50]]], [[0, 1]], difficult=[[0, 1]])
-    transform = train.make_transforms(False, scales=[96], max_size=1000, crop_scales=[96], crop_size=(50, 60),
+    transform = pipeline.make_transforms(False, scales=[96], max_size=1000, crop_scales=[96], crop_size=(50, 60),
                                       val_scale=50)
-    x, target = train.DetectionDataset(path, transform)[0]
+    x, target = pipeline.DetectionDataset(path, transform)[0]
     assert x.shape == (3, 50, 100)
     assert target["labels"].tolist() == [0]  # the difficult box is left out of training targets
     assert torch.allclose(target["boxes"], torch.tensor([[0.1, 0.4, 0.1, 0.4]]))
     assert target["orig_size"].tolist() == [100, 200]
-    _, target = train.DetectionDataset(path, transform, keep_difficult=True)[0]
+    _, target = pipeline.DetectionDataset(path, transform, keep_difficult=True)[0]
     assert target["labels"].tolist() == [0, 1]
 
 
@@ -143,9 +143,9 @@ def test_corrupt_image_is_skipped_with_one_line(tmp_path, capsys):
     images = [np.full((40, 40, 3), v, np.uint8) for v in (10, 200)]
     path = write_dataset(tmp_path, images, [[[1, 1, 9, 9]], [[2, 2, 8, 8]]], [[0], [1]])
     (tmp_path / "0.png").write_bytes(b"\x89PNG truncated")
-    transform = train.make_transforms(False, [40], 1000, [40], (10, 20), 40)
-    dataset = train.DetectionDataset(path, transform)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=train.collate)
+    transform = pipeline.make_transforms(False, [40], 1000, [40], (10, 20), 40)
+    dataset = pipeline.DetectionDataset(path, transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=pipeline.collate)
     images, mask, targets = next(iter(loader))
     assert images.shape[0] == 2 and [t["image_id"] for t in targets] == [1, 1]
     err = capsys.readouterr().err.strip().splitlines()
@@ -154,16 +154,16 @@ def test_corrupt_image_is_skipped_with_one_line(tmp_path, capsys):
 
 def test_collate_mask_is_exactly_the_padding():
     a, b = torch.ones(3, 5, 7), torch.ones(3, 8, 4)
-    images, mask, targets = train.collate([(a, {"id": 0}), (b, {"id": 1})])
+    images, mask, targets = pipeline.collate([(a, {"id": 0}), (b, {"id": 1})])
     assert images.shape == (2, 3, 8, 7) and targets == [{"id": 0}, {"id": 1}]
     expected = torch.ones(2, 8, 7, dtype=torch.bool)
     expected[0, :5, :7] = False
     expected[1, :8, :4] = False
     assert torch.equal(mask, expected)
     assert torch.equal(images[:, 0] == 1, ~expected)  # images sit top-left, zeros on the padding
-    images, mask, _ = train.collate([(a, {}), (b, {})], pad_to=32)
+    images, mask, _ = pipeline.collate([(a, {}), (b, {})], pad_to=32)
     assert images.shape == (2, 3, 32, 32) and mask[0, :5, :7].logical_not().all() and mask.sum() == 2 * 1024 - 35 - 32
-    _, mask, _ = train.collate([(a, {}), (a.clone(), {})])
+    _, mask, _ = pipeline.collate([(a, {}), (a.clone(), {})])
     assert mask is None  # nothing padded: the model may take its fast path
 
 

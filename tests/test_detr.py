@@ -8,7 +8,9 @@ import torchvision
 from torch import nn
 
 import detr
-from detr import DETR, Backbone, LoadError
+import weights
+from detr import DETR, Backbone
+from weights import LoadError
 
 DATA = __import__("pathlib").Path(__file__).parent / "data"
 
@@ -39,17 +41,17 @@ def test_detr_r50_counts_match_the_reference(detr_r50):
 
 
 def test_official_keys_and_shapes_map_exactly(detr_r50):
-    ours = {detr.minidetr_to_official_key(k): tuple(v.shape) for k, v in detr_r50.state_dict().items()}
+    ours = {weights.minidetr_to_official_key(k): tuple(v.shape) for k, v in detr_r50.state_dict().items()}
     assert ours == official_keys()
     for key in detr_r50.state_dict():
-        assert detr.official_to_minidetr_key(detr.minidetr_to_official_key(key)) == key
-    assert detr.official_to_minidetr_key("transformer.decoder.layers.3.multihead_attn.out_proj.weight") == \
+        assert weights.official_to_minidetr_key(weights.minidetr_to_official_key(key)) == key
+    assert weights.official_to_minidetr_key("transformer.decoder.layers.3.multihead_attn.out_proj.weight") == \
         "decoder.3.cross_attn.out_proj.weight"
-    assert detr.official_to_minidetr_key("backbone.0.body.layer4.2.bn3.running_var") == "backbone.layer4.2.bn3.running_var"
+    assert weights.official_to_minidetr_key("backbone.0.body.layer4.2.bn3.running_var") == "backbone.layer4.2.bn3.running_var"
 
 
 def test_official_r50_checkpoint_round_trip(detr_r50, tmp_path, monkeypatch):
-    sd = {detr.minidetr_to_official_key(k): v for k, v in detr_r50.state_dict().items()}
+    sd = {weights.minidetr_to_official_key(k): v for k, v in detr_r50.state_dict().items()}
     sd["backbone.0.body.bn1.num_batches_tracked"] = torch.tensor(0)  # plain BatchNorm leftovers are ignored
     torch.save({"model": sd}, tmp_path / "detr.pth")
     loaded = DETR.from_pretrained(str(tmp_path / "detr.pth"))
@@ -57,16 +59,16 @@ def test_official_r50_checkpoint_round_trip(detr_r50, tmp_path, monkeypatch):
     for key, value in detr_r50.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
 
-    reads, real_read = [], detr.load_checkpoint_file
-    monkeypatch.setattr(detr, "load_checkpoint_file", lambda path: reads.append(path) or real_read(path))
-    model, sizes = detr.load_model(str(tmp_path / "detr.pth"))  # as sample.py and export.py load: the file read once
-    assert len(reads) == 1 and model.classes == detr.COCO_CLASSES and sizes == {"val_scale": 800, "max_size": 1333}
+    reads, real_read = [], weights.load_checkpoint_file
+    monkeypatch.setattr(weights, "load_checkpoint_file", lambda path: reads.append(path) or real_read(path))
+    model, sizes = weights.load_model(str(tmp_path / "detr.pth"))  # as sample.py and export.py load: the file read once
+    assert len(reads) == 1 and model.classes == weights.COCO_CLASSES and sizes == {"val_scale": 800, "max_size": 1333}
 
 
 def test_round_trip_reproduces_outputs(tmp_path):
     torch.manual_seed(0)
     model = tiny_detr().eval()
-    sd = {detr.minidetr_to_official_key(k): v for k, v in model.state_dict().items()}
+    sd = {weights.minidetr_to_official_key(k): v for k, v in model.state_dict().items()}
     torch.save({"model": sd, "args": "ignored"}, tmp_path / "tiny.pth")
     loaded = DETR.from_pretrained(str(tmp_path / "tiny.pth"), num_heads=4).eval()
     x = torch.randn(2, 3, 64, 96)
@@ -83,7 +85,7 @@ def test_round_trip_reproduces_outputs(tmp_path):
 ])
 def test_bad_checkpoints_fail_with_one_line_naming_the_key(tmp_path, corrupt, message):
     model = tiny_detr()
-    sd = {detr.minidetr_to_official_key(k): v for k, v in model.state_dict().items()}
+    sd = {weights.minidetr_to_official_key(k): v for k, v in model.state_dict().items()}
     corrupt(sd)
     torch.save({"model": sd}, tmp_path / "bad.pth")
     with pytest.raises(LoadError) as e:
@@ -107,10 +109,24 @@ def test_pretrained_backbone_offline_is_one_clear_line(monkeypatch, tmp_path):
     monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(LoadError) as e:
-        DETR(num_classes=3, backbone="resnet18", pretrained_backbone=True)
+        weights.load_imagenet_backbone(DETR(num_classes=3, backbone="resnet18"))
     msg = str(e.value)
     assert "\n" not in msg and str(tmp_path / "checkpoints" / "resnet18-f37072fd.pth") in msg
     assert "pretrained_backbone=False" in msg
+
+
+@pytest.mark.parametrize("feature_stride", [32, 8])
+def test_imagenet_weights_load_into_every_stage_the_backbone_keeps(monkeypatch, feature_stride):
+    """weights.load_imagenet_backbone gives the backbone torchvision's tensors (here a random ResNet's, as the
+    download would): every stage it keeps, frozen BatchNorm statistics included; the classifier is left out."""
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet18()
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", lambda self, *a, **k: resnet.state_dict())
+    model = DETR(num_classes=3, backbone="resnet18", feature_stride=feature_stride, num_encoder_layers=1, num_decoder_layers=1)
+    weights.load_imagenet_backbone(model)
+    kept = model.backbone.state_dict()
+    assert kept.keys() <= resnet.state_dict().keys() and ("backbone.layer4.0.conv1.weight" in model.state_dict()) == (feature_stride == 32)
+    assert all(torch.equal(v, resnet.state_dict()[k]) for k, v in kept.items())
 
 
 def test_attention_equals_multihead_attention():

@@ -78,7 +78,7 @@ def test_the_loss_moves_its_costs_to_the_host_once_per_step(monkeypatch):
     targets = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2]])},
                {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
     outputs = model(torch.randn(2, 3, 64, 64), None, targets)
-    criterion = train.SetCriterion(3, train.HungarianMatcher(), query_groups=2)
+    criterion = train.SetCriterion(train.HungarianMatcher(), query_groups=2)
     reads = []
     numpy = torch.Tensor.numpy
     monkeypatch.setattr(torch.Tensor, "numpy", lambda self, *a, **k: reads.append(self.numel()) or numpy(self, *a, **k))
@@ -112,7 +112,7 @@ def test_compiled_training_and_evaluation_compile_in_their_first_steps_only(monk
     model = DETR(3, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=2, num_decoder_layers=2,
                  dim_feedforward=64, num_queries=5, dropout=0.1, feature_stride=8, **ALL_ADDITIONS).train()
     train.compile_model(model, backend="eager")
-    criterion = train.SetCriterion(3, train.HungarianMatcher(), query_groups=2)
+    criterion = train.SetCriterion(train.HungarianMatcher(), query_groups=2)
     g = torch.Generator().manual_seed(0)
     first = [(64, 64, (2, 1)), (96, 64, (0, 5)), (64, 128, (12, 3))]  # square, not, more objects than 8
     later = [(int(h), int(w), tuple(c.tolist())) for h, w, c in zip(torch.randint(2, 6, (8,), generator=g) * 32,

@@ -8,7 +8,7 @@ Needs the bench-only extras (pip install transformers timm); skipped without the
 import pytest
 import torch
 
-import detr
+import weights
 from detr import DETR
 
 transformers = pytest.importorskip("transformers")
@@ -60,8 +60,8 @@ def test_same_outputs_as_transformers_detr(tmp_path, name):
     assert model.config["dilation"] == name.endswith("dc5") and len(model.classes) == 91
     assert_same_outputs(model, reference)
     in_memory = DETR(**model.config)  # transformers 5's own state_dict() names
-    in_memory.load_named_state_dict(detr.hf_to_minidetr(reference.state_dict(), "state_dict"), "state_dict",
-                                    "DetrForObjectDetection", detr.minidetr_to_hf_key)
+    weights.load_named_state_dict(in_memory, weights.hf_to_minidetr(reference.state_dict(), "state_dict"), "state_dict",
+                                  "DetrForObjectDetection", weights.minidetr_to_hf_key)
     assert_same_outputs(in_memory, reference)
 
 
@@ -70,7 +70,7 @@ def test_a_folder_written_here_loads_in_transformers_with_the_same_outputs(tmp_p
     model = DETR(num_classes=5, backbone="resnet50")
     model.load_state_dict(with_batchnorm_statistics(model.state_dict()))
     model.classes, model.category_ids = ["a", "b", "c", "d", "e"], [2, 4, 6, 8, 10]
-    detr.write_transformers_folder(model, str(tmp_path))
+    weights.write_transformers_folder(model, str(tmp_path))
     reference = transformers.DetrForObjectDetection.from_pretrained(str(tmp_path))
     assert reference.config.id2label[4] == "e" and reference.config.category_ids == [2, 4, 6, 8, 10]
     assert_same_outputs(model, reference)

@@ -9,6 +9,7 @@ from PIL import Image
 
 from conftest import load_script
 from detr import DETR
+from weights import load_model
 
 
 @pytest.fixture
@@ -40,8 +41,8 @@ def save_checkpoint(model, path, classes):
 def test_drawn_box_is_exactly_the_predicted_rectangle(sample, tmp_path):
     save_checkpoint(fixed_box_model(), tmp_path / "ckpt.pt", ["a", "b", "c"])
     Image.new("RGB", (96, 64), (0, 0, 0)).save(tmp_path / "black.png")
-    model, classes, val_scale, max_size, _ = sample.load_model(str(tmp_path / "ckpt.pt"))
-    written = sample.sample(model, classes, val_scale, max_size, [str(tmp_path / "black.png")])
+    model, config = load_model(str(tmp_path / "ckpt.pt"))
+    written = sample.sample(model, config["val_scale"], config["max_size"], [str(tmp_path / "black.png")])
     pixels = np.asarray(Image.open(written[0]).convert("RGB"))
     colour = np.array(sample.class_colour(1))
     is_colour = (pixels == colour).all(-1)  # (64, 96)
@@ -68,7 +69,7 @@ def test_attention_maps_are_distributions_over_the_feature_map(sample, tmp_path)
     save_checkpoint(model, tmp_path / "ckpt.pt", ["a", "b", "c"])
     Image.new("RGB", (96, 64), (40, 40, 40)).save(tmp_path / "grey.jpg")
     sample.attention = True
-    written = sample.sample(*sample.load_model(str(tmp_path / "ckpt.pt"))[:4], [str(tmp_path / "grey.jpg")])
+    written = sample.sample(load_model(str(tmp_path / "ckpt.pt"))[0], 64, 200, [str(tmp_path / "grey.jpg")])
     assert [p.rsplit("/", 1)[1] for p in written] == ["grey.png", "grey_attention.png"]
     # detections panel, 3 query panels, 3 encoder panels: a 4-column grid of two rows
     assert Image.open(written[1]).size == (4 * 96, 2 * (64 + 14))
@@ -102,7 +103,7 @@ def test_weight_histograms_one_panel_per_part(sample, tmp_path, capsys):
     model = DETR(num_classes=3, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1,
                  num_decoder_layers=1, dim_feedforward=64, num_queries=3, anchor_queries=True)
     save_checkpoint(model, tmp_path / "ckpt.pt", ["a", "b", "c"])
-    path = sample.plot_weights(sample.load_model(str(tmp_path / "ckpt.pt"))[0], str(tmp_path / "weights.png"))
+    path = sample.plot_weights(load_model(str(tmp_path / "ckpt.pt"))[0], str(tmp_path / "weights.png"))
     assert capsys.readouterr().out.startswith("8 parts")  # the paper's 7 and the anchors
     image = np.asarray(Image.open(path).convert("RGB"))
     assert image.shape[1] > 600 and image.std() > 10
@@ -111,7 +112,7 @@ def test_weight_histograms_one_panel_per_part(sample, tmp_path, capsys):
 def test_bad_input_gives_one_line(sample, tmp_path, capsys):
     save_checkpoint(fixed_box_model(), tmp_path / "ckpt.pt", ["a", "b", "c"])
     with pytest.raises(Exception, match="no checkpoint file at"):
-        sample.load_model(str(tmp_path / "missing.pt"))
+        load_model(str(tmp_path / "missing.pt"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no images"):
         sample.image_paths(str(tmp_path / "empty"), None, [])
@@ -121,11 +122,11 @@ def test_bad_input_gives_one_line(sample, tmp_path, capsys):
     bad["classes"] = ["a", "b"]
     torch.save(bad, tmp_path / "bad.pt")
     with pytest.raises(Exception, match="the model has 3 classes but the checkpoint names 2"):
-        sample.load_model(str(tmp_path / "bad.pt"))
+        load_model(str(tmp_path / "bad.pt"))
     # an undecodable image is skipped with one line, the others are still drawn
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     Image.new("RGB", (64, 64)).save(tmp_path / "fine.png")
-    written = sample.sample(*sample.load_model(str(tmp_path / "ckpt.pt"))[:4],
+    written = sample.sample(load_model(str(tmp_path / "ckpt.pt"))[0], 64, 200,
                             [str(tmp_path / "broken.jpg"), str(tmp_path / "fine.png")])
     assert [p.rsplit("/", 1)[1] for p in written] == ["fine.png"]
     err = capsys.readouterr().err.strip().splitlines()
@@ -142,8 +143,9 @@ def test_json_boxes_are_the_drawn_ones_in_original_pixels(sample, tmp_path, capf
     Image.new("RGB", (96, 64)).save(folder / "a.png")  # batched with the next: padded, as in a real folder
     Image.new("RGB", (80, 50)).save(folder / "b.png")
     (folder / "c.jpg").write_bytes(b"no image")
-    model, classes, val_scale, max_size, _ = sample.load_model(str(tmp_path / "ckpt.pt"))
-    paths = sample.image_paths(str(folder), None, classes)
+    model, config = load_model(str(tmp_path / "ckpt.pt"))
+    val_scale, max_size = config["val_scale"], config["max_size"]
+    paths = sample.image_paths(str(folder), None, model.classes)
     sample.batch_size, sample.top_k = 2, 0
     records = sample.detect(model, model.category_ids, val_scale, max_size, paths, str(folder), str(tmp_path / "d.json"))
     assert records == json.loads((tmp_path / "d.json").read_text())

@@ -14,6 +14,8 @@ from torchvision.ops import box_convert, generalized_box_iou
 
 import metrics
 import train
+from data import pipeline
+import weights
 from conftest import ROOT, load_script
 from detr import DETR, postprocess
 
@@ -76,7 +78,7 @@ def test_criterion_by_hand_two_queries_one_target():
     boxes = torch.tensor([[box(0.3), box(0.8)]])
     target = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.32, 0.5, 0.12, 0.1]])}]
     for eos in (0.1, 1.0):
-        criterion = train.SetCriterion(2, train.HungarianMatcher(), eos_coef=eos)
+        criterion = train.SetCriterion(train.HungarianMatcher(), eos_coef=eos)
         losses = criterion({"pred_logits": logits, "pred_boxes": boxes}, target)
         # query 0 is the match: class 0; query 1 is "no object" (class 2) weighted by eos
         ce0 = -F.log_softmax(logits[0, 0], -1)[0]
@@ -91,7 +93,7 @@ def test_criterion_by_hand_two_queries_one_target():
 
 def test_criterion_aux_layers_and_zero_targets():
     torch.manual_seed(0)
-    criterion = train.SetCriterion(3, train.HungarianMatcher())
+    criterion = train.SetCriterion(train.HungarianMatcher())
     aux = [{"pred_logits": torch.randn(2, 4, 4), "pred_boxes": torch.rand(2, 4, 4)} for _ in range(2)]
     logits = torch.randn(2, 4, 4, requires_grad=True)
     outputs = {"pred_logits": logits, "pred_boxes": torch.rand(2, 4, 4), "aux_outputs": aux}
@@ -120,7 +122,7 @@ def tiny_model(**kwargs):
 def test_gradient_accumulation_equals_one_big_batch():
     torch.manual_seed(0)
     model = tiny_model()
-    criterion = train.SetCriterion(3, train.HungarianMatcher())
+    criterion = train.SetCriterion(train.HungarianMatcher())
     images = torch.randn(4, 3, 64, 64)
     g = torch.Generator().manual_seed(1)
     targets = [{"labels": torch.randint(0, 3, (n,), generator=g), "boxes": random_boxes(n, g)} for n in (1, 3, 0, 2)]
@@ -218,13 +220,13 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch, c
 
 def test_overfits_two_images_to_perfect_map(tmp_path):
     make_shapes(tmp_path, 2, 0, image_size=64, min_objects=1, max_objects=2)
-    transform = train.make_transforms(False, [64], 65, [64], (64, 64), val_scale=64)
-    dataset = train.DetectionDataset(tmp_path / "train.json", transform)
-    images, mask, targets = train.collate([dataset[0], dataset[1]])
+    transform = pipeline.make_transforms(False, [64], 65, [64], (64, 64), val_scale=64)
+    dataset = pipeline.DetectionDataset(tmp_path / "train.json", transform)
+    images, mask, targets = pipeline.collate([dataset[0], dataset[1]])
     torch.manual_seed(0)
     model = tiny_model(num_classes=4, num_queries=4, num_encoder_layers=1, num_decoder_layers=1, hidden_dim=64,
                        frozen_bn=False, trainable_layers=5)
-    criterion = train.SetCriterion(4, train.HungarianMatcher())
+    criterion = train.SetCriterion(train.HungarianMatcher())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-4)
     losses = []
     for step in range(300):
@@ -276,12 +278,10 @@ def test_ddp_two_processes_agree(tmp_path):
 
 
 def test_fine_tune_from_an_official_checkpoint_gets_a_new_class_head(tmp_path):
-    import detr
-
     make_shapes(tmp_path / "data", 4, 2)
     official = DETR(num_classes=7, backbone="resnet18", hidden_dim=32, num_heads=8, num_encoder_layers=1,
                     num_decoder_layers=2, dim_feedforward=64, num_queries=8)
-    torch.save({"model": {detr.minidetr_to_official_key(k): v for k, v in official.state_dict().items()}},
+    torch.save({"model": {weights.minidetr_to_official_key(k): v for k, v in official.state_dict().items()}},
                tmp_path / "official.pth")
     run(tmp_path / "out", tmp_path / "data", max_iters=1, init_from=str(tmp_path / "official.pth"))
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)

@@ -11,9 +11,10 @@ import sys
 import pytest
 import torch
 
-import detr
+import weights
 from conftest import ROOT
-from detr import DETR, LoadError
+from detr import DETR
+from weights import LoadError
 from test_train import make_shapes, run
 
 RECORDED = json.loads((ROOT / "tests" / "data" / "transformers_detr_names.json").read_text())
@@ -108,7 +109,7 @@ def test_a_written_folder_has_the_recorded_names_and_round_trips(tmp_path):
     recorded = RECORDED["timm"]
     model = DETR.from_pretrained(str(write_folder(tmp_path / "in", recorded["config"], random_weights(recorded["weights"]))))
     model.category_ids = [11, 22, 33, 44]
-    detr.write_transformers_folder(model, str(tmp_path / "out"), val_scale=512, max_size=853)
+    weights.write_transformers_folder(model, str(tmp_path / "out"), val_scale=512, max_size=853)
     written = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert {k: list(v.shape) for k, v in written.items()} == recorded["weights"]
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -116,7 +117,7 @@ def test_a_written_folder_has_the_recorded_names_and_round_trips(tmp_path):
     assert config["category_ids"] == [11, 22, 33, 44]
     size = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())["size"]
     assert size == {"shortest_edge": 512, "longest_edge": 853}
-    again, sizes = detr.load_model(str(tmp_path / "out"))
+    again, sizes = weights.load_model(str(tmp_path / "out"))
     again.eval()
     assert again.classes == model.classes and again.category_ids == [11, 22, 33, 44]
     assert sizes == {"val_scale": 512, "max_size": 853}  # read back from preprocessor_config.json
@@ -132,22 +133,22 @@ def test_the_older_hub_config_and_a_dc5_model_build_the_same_architecture(tmp_pa
     recorded = RECORDED["timm"]
     older = {k: v for k, v in recorded["config"].items() if k != "backbone_config"}
     older.update(backbone="resnet18", use_timm_backbone=True, dilation=False, backbone_config=None)
-    args, classes, _ = detr.hf_model_args(older, "older", 5)
-    assert args == detr.hf_model_args(recorded["config"], "newer", 5)[0] and classes[3] == "star"
+    args, classes, _ = weights.hf_model_args(older, "older", 5)
+    assert args == weights.hf_model_args(recorded["config"], "newer", 5)[0] and classes[3] == "star"
     older.update(backbone="resnet50", dilation=True)
-    assert detr.hf_model_args(older, "dc5", 5)[0]["dilation"] is True
+    assert weights.hf_model_args(older, "dc5", 5)[0]["dilation"] is True
     older.update(dilation=False, backbone_kwargs={"output_stride": 16, "out_indices": [1, 2, 3, 4]})
-    assert detr.hf_model_args(older, "dc5 by backbone_kwargs", 5)[0]["dilation"] is True
+    assert weights.hf_model_args(older, "dc5 by backbone_kwargs", 5)[0]["dilation"] is True
     newer_dc5 = json.loads(json.dumps(recorded["config"]))
     newer_dc5["backbone_config"].update(backbone="resnet101", output_stride=16)
-    args = detr.hf_model_args(newer_dc5, "dc5", 5)[0]
+    args = weights.hf_model_args(newer_dc5, "dc5", 5)[0]
     assert args["backbone"] == "resnet101" and args["dilation"] is True
     # a backbone_config decides alone, as in transformers: the top-level dilation does not dilate it
     newer = json.loads(json.dumps(recorded["config"]))
     newer["dilation"] = True
-    assert detr.hf_model_args(newer, "newer", 5)[0]["dilation"] is False
+    assert weights.hf_model_args(newer, "newer", 5)[0]["dilation"] is False
     # no id2label and no num_labels: as many classes as the class head has rows, less "no object"
-    assert detr.hf_model_args({**recorded["config"], "id2label": None}, "unnamed", 7)[1] == [f"LABEL_{i}" for i in range(6)]
+    assert weights.hf_model_args({**recorded["config"], "id2label": None}, "unnamed", 7)[1] == [f"LABEL_{i}" for i in range(6)]
 
 
 def one_line_error(call):
@@ -214,16 +215,16 @@ def test_fine_tuning_drops_the_pretrained_category_ids_and_the_writer_checks_the
     recorded = RECORDED["timm"]
     model = DETR.from_pretrained(str(write_folder(tmp_path / "in", recorded["config"], random_weights(recorded["weights"]))))
     model.category_ids = [1, 2, 3, 4]
-    detr.set_classes(model, ["square", "circle"])  # both named in the pretrained model: their rows kept
+    weights.set_classes(model, ["square", "circle"])  # both named in the pretrained model: their rows kept
     assert model.classes == ["square", "circle"] and model.category_ids is None
     model.category_ids = [7, 8, 9]
-    assert "2 classes but 3 category_ids" in one_line_error(lambda: detr.write_transformers_folder(model, str(tmp_path / "x")))
+    assert "2 classes but 3 category_ids" in one_line_error(lambda: weights.write_transformers_folder(model, str(tmp_path / "x")))
 
 
 def test_a_model_with_additions_is_not_written(tmp_path):
     model = DETR(num_classes=2, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1,
                  num_decoder_layers=1, dim_feedforward=64, num_queries=4, anchor_queries=True, denoising_groups=2)
-    message = one_line_error(lambda: detr.write_transformers_folder(model, str(tmp_path / "out")))
+    message = one_line_error(lambda: weights.write_transformers_folder(model, str(tmp_path / "out")))
     assert "anchor_queries, denoising_groups" in message and not (tmp_path / "out").exists()
 
 

@@ -1,0 +1,182 @@
+"""
+The data pipeline from a prepared dataset json (data/format.py) to padded batches, as train.py,
+sample.py and bench.py use it: images read as displayed, the paper's augmentation, a dataset of
+(image, target) pairs, the padded batch and a training order that a resumed run can re-enter.
+
+    from data.pipeline import DetectionDataset, collate, make_transforms
+    train_set = DetectionDataset("data/shapes/train.json", make_transforms(True, [64], 96, [64], (48, 64), 64))
+"""
+
+import math
+import os
+import signal
+import sys
+
+import torch
+import torchvision.transforms.v2 as v2
+from PIL import Image
+from torchvision import tv_tensors
+from torchvision.ops import box_convert
+
+from data.format import read_dataset_json
+
+
+def dataset_dir(dataset):
+    """A prepared dataset's folder: data/<dataset> beside this file, or the path itself if it is one."""
+    return dataset if os.sep in dataset else os.path.join(os.path.dirname(os.path.abspath(__file__)), dataset)
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+NORMALIZE = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def read_image(path):
+    """(3, H, W) uint8 pixels, or None (with one logged line) for a file that cannot be decoded: a
+    truncated or corrupt file, or a missing one."""
+    try:
+        with Image.open(path) as im:
+            return v2.functional.pil_to_tensor(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:
+        print(f"skip: cannot decode {path} ({type(e).__name__})", file=sys.stderr)
+        return None
+
+
+class RandomSizeCrop(v2.Transform):
+    """Crop a window whose height and width are drawn uniformly from [min_size, max_size], within
+    the image (the official DETR crop; torchvision has no twin of it)."""
+
+    def __init__(self, min_size, max_size):
+        super().__init__()
+        self.min_size, self.max_size = min_size, max_size
+
+    def make_params(self, flat_inputs):
+        H, W = v2.query_size(flat_inputs)
+        h = int(torch.randint(min(self.min_size, H), min(H, self.max_size) + 1, ()))
+        w = int(torch.randint(min(self.min_size, W), min(W, self.max_size) + 1, ()))
+        top, left = int(torch.randint(0, H - h + 1, ())), int(torch.randint(0, W - w + 1, ()))
+        return dict(top=top, left=left, height=h, width=w)
+
+    def transform(self, inpt, params):
+        return self._call_kernel(v2.functional.crop, inpt, **params)
+
+
+def val_transform(val_scale, max_size):
+    """Validation and inference: the shorter side resized to val_scale (the longer at most max_size)."""
+    return v2.Compose([v2.Resize(val_scale, max_size=max_size), NORMALIZE])
+
+
+def make_transforms(train, scales, max_size, crop_scales, crop_size, val_scale):
+    """The paper's augmentation (§4, App. A.4): horizontal flip, then the shorter side resized to one
+    of `scales` (longer side <= max_size), or with probability 0.5 first resized to one of
+    `crop_scales` and cropped to a random window of crop_size[0]..crop_size[1] pixels (train=False:
+    val_transform). Boxes follow the image through every step."""
+    if not train:
+        return val_transform(val_scale, max_size)
+    resize = v2.RandomShortestSize(scales, max_size)
+    crop_then_resize = v2.Compose([v2.RandomShortestSize(crop_scales), RandomSizeCrop(*crop_size), resize])
+    return v2.Compose([
+        v2.RandomHorizontalFlip(),
+        v2.RandomChoice([resize, crop_then_resize]),
+        v2.SanitizeBoundingBoxes(),  # drops boxes that the crop left with no area, and their labels
+        NORMALIZE,
+    ])
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """Reads a prepared json. Returns (image (3, h, w) normalised float, target) with the target as
+    the model and the loss take it: labels (N,) int64 class indices, boxes (N, 4) (cx, cy, w, h) in
+    [0, 1] of the transformed image (N may be 0), plus image_id (the index in the json) and
+    orig_size (H, W) for evaluation. Difficult objects are
+    left out unless keep_difficult, crowds always. An image that cannot be decoded is skipped with one logged
+    line and the next one is returned, so a batch keeps its size."""
+
+    def __init__(self, json_path, transform, keep_difficult=False):
+        data = read_dataset_json(json_path)
+        self.classes, self.records, self.category_ids = data["classes"], data["images"], data.get("category_ids")
+        root = os.path.dirname(os.path.abspath(json_path))
+        self.paths = [os.path.join(root, r["file"]) for r in self.records]  # join keeps absolute paths
+        self.transform, self.keep_difficult = transform, keep_difficult
+        self.unreadable = set()
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, key):
+        """key: an index, or (index, seed) to draw the augmentation from its own seed (so that a
+        sample's augmentation does not depend on worker processes or on where a run resumed)."""
+        index, aug_seed = key if isinstance(key, tuple) else (key, None)
+        with torch.random.fork_rng(devices=[], enabled=aug_seed is not None):
+            if aug_seed is not None:
+                torch.manual_seed(aug_seed)
+            return self.load(index)
+
+    def load(self, index):
+        for i in range(index, index + len(self)):
+            i %= len(self)
+            image = None if i in self.unreadable else read_image(self.paths[i])  # (3, H, W) uint8
+            if image is not None:
+                return self.make_sample(i, image)
+            self.unreadable.add(i)  # logged once, then passed over
+        raise RuntimeError(f"no image of {len(self)} could be decoded")
+
+    def make_sample(self, i, image):
+        record = self.records[i]
+        boxes = torch.tensor(record["boxes"], dtype=torch.float32).reshape(-1, 4)  # xyxy pixels
+        labels = torch.tensor(record["labels"], dtype=torch.int64)
+        keep = ~torch.tensor(record.get("iscrowd", [0] * len(labels)), dtype=torch.bool)  # crowds never train
+        if not self.keep_difficult:
+            keep &= ~torch.tensor(record.get("difficult", [0] * len(labels)), dtype=torch.bool)
+        boxes, labels = boxes[keep], labels[keep]
+        H, W = image.shape[-2:]
+        sample = self.transform({
+            "image": tv_tensors.Image(image),
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(H, W)),
+            "labels": labels,
+        })
+        image = sample["image"].as_subclass(torch.Tensor)
+        h, w = image.shape[-2:]
+        boxes = box_convert(sample["boxes"].as_subclass(torch.Tensor), "xyxy", "cxcywh")
+        boxes = boxes / torch.tensor([w, h, w, h], dtype=torch.float32)
+        target = {"labels": sample["labels"], "boxes": boxes, "image_id": i, "orig_size": torch.tensor([H, W])}
+        return image, target
+
+
+def worker_ignores_sigusr1(worker_id):
+    """A data worker leaves SIGUSR1, which SLURM's --signal may send to every process of a job, to the main
+    process: it finishes its step, saves, then closes the workers. SIGTERM stays torch's (its shutdown uses it)."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def collate(batch, pad_to=1):
+    """Pad images bottom/right to the batch's largest size, rounded up to a multiple of pad_to (fixed
+    multiples let torch.compile reuse kernels). Returns images (B, 3, H, W), mask (B, H, W) True on
+    padding, or None when nothing is padded, and the list of targets."""
+    images, targets = zip(*batch)
+    H = math.ceil(max(im.shape[1] for im in images) / pad_to) * pad_to
+    W = math.ceil(max(im.shape[2] for im in images) / pad_to) * pad_to
+    padded = images[0].new_zeros(len(images), 3, H, W)
+    mask = torch.ones(len(images), H, W, dtype=torch.bool)
+    for im, pad, m in zip(images, padded, mask):
+        pad[:, : im.shape[1], : im.shape[2]].copy_(im)
+        m[: im.shape[1], : im.shape[2]] = False
+    return padded, (mask if mask.any() else None), list(targets)
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Endless training order that a resumed run can re-enter at any point: epoch e is a permutation
+    drawn from seed + e, split across processes as DistributedSampler does (padded to a multiple of
+    world_size, then every world_size-th index), and each index comes with its augmentation seed.
+    start: how many samples this process has already consumed."""
+
+    def __init__(self, num_samples, seed, start=0, rank=0, world_size=1):
+        self.num_samples, self.seed, self.start, self.rank, self.world_size = num_samples, seed, start, rank, world_size
+
+    def __iter__(self):
+        per_rank = math.ceil(self.num_samples / self.world_size)
+        epoch, offset = divmod(self.start, per_rank)
+        while True:
+            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
+            order = torch.cat([order, order[: per_rank * self.world_size - self.num_samples]])
+            for i in order[self.rank :: self.world_size][offset:].tolist():
+                yield i, (self.seed * 1_000_003 + epoch * self.num_samples + i) % 2**62
+            epoch, offset = epoch + 1, 0

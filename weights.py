@@ -1,0 +1,626 @@
+"""
+Every weight format minidetr reads and writes, in one file (detr.py holds the model alone):
+
+    - the official facebookresearch/detr checkpoints: a known name ('detr-r50', ...) or a .pth file;
+    - minidetr's own checkpoints (train.py's out_dir/ckpt.pt and best.pt): atomic save, load, resume;
+    - Hugging Face transformers DETRs: a folder (config.json and model.safetensors) or a hub id, in and out;
+    - torchvision's ImageNet weights for the backbone (the paper starts from them).
+
+One function loads any of them: `model, config = load_model(path)` (`DETR.from_pretrained(path)`
+calls it). Every file is read with weights_only=True: a checkpoint runs no code.
+
+    from weights import load_model
+    model, config = load_model("detr-r50")        # the official COCO model, with model.classes
+"""
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+
+import torch
+import torchvision
+from torch import nn
+
+from detr import BACKBONES, DETR
+
+class LoadError(RuntimeError):
+    """A checkpoint or weights file could not be loaded; the message is one line meant for the user."""
+
+
+def load_model(path, **overrides):
+    """Any model minidetr reads, with its classes (model.classes, None where the file names none) and
+    dataset ids (model.category_ids): a minidetr checkpoint (train.py's ckpt.pt / best.pt), an official
+    one (a name or a .pth file) or a transformers DETR (a folder or a hub id). Returns (model, config):
+    a minidetr checkpoint's training config (its dataset, val_scale, max_size), else {"val_scale",
+    "max_size"}: the sizes in a transformers folder's preprocessor_config.json, or DETR's own 800 and
+    1333. overrides: DETR arguments the weights leave open (dropout, trainable_layers; num_heads and
+    dilation for an official .pth, which does not say them)."""
+    paper_sizes = {"val_scale": 800, "max_size": 1333}
+    if path in OFFICIAL_CHECKPOINTS:
+        checkpoint = download_official_checkpoint(path)
+        return model_from_official_checkpoint(checkpoint, path, **{"dilation": "-dc5" in path, **overrides}), paper_sizes
+    folder = fetch_transformers_folder(path)
+    if folder is not None:
+        val_scale, max_size = transformers_image_size(folder)
+        return model_from_transformers_folder(folder, path, **overrides), {"val_scale": val_scale, "max_size": max_size}
+    checkpoint = load_checkpoint_file(path)
+    if "model_args" not in checkpoint:  # an official-format file, read once
+        return model_from_official_checkpoint(checkpoint, path, **overrides), paper_sizes
+    missing = [k for k in ("model", "classes", "config") if k not in checkpoint]
+    if missing:
+        raise LoadError(f"{path}: not a minidetr checkpoint (no '{missing[0]}')")
+    if checkpoint["model_args"].get("num_classes") != len(checkpoint["classes"]):
+        raise LoadError(f"{path}: the model has {checkpoint['model_args'].get('num_classes')} classes but the "
+                        f"checkpoint names {len(checkpoint['classes'])}")
+    return model_from_checkpoint(checkpoint, path, **overrides), checkpoint["config"]
+
+
+def load_named_state_dict(model, named, source, kind, their_key):
+    """Load {our key: (the file's key, tensor)} into model after checking every key and shape, so that a
+    wrong file fails with one line naming the first bad key as the file names it (their_key: ours -> theirs)."""
+    expected = model.state_dict()
+    for ours, (theirs, value) in named.items():
+        if ours not in expected:
+            raise LoadError(f"{source}: unexpected key '{theirs}' (not part of {kind})")
+        if not torch.is_tensor(value) or value.shape != expected[ours].shape:
+            shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise LoadError(f"{source}: key '{theirs}' has shape {shape}, expected {tuple(expected[ours].shape)}")
+    missing = [their_key(k) for k in expected if k not in named and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise LoadError(f"{source}: missing key '{missing[0]}' ({len(missing)} missing in all)")
+    model.load_state_dict({ours: value for ours, (_, value) in named.items()}, strict=False)
+
+
+# -----------------------------------------------------------------------------
+# torchvision's ImageNet weights for the backbone (train.py's pretrained_backbone)
+
+
+def load_imagenet_backbone(model):
+    """Load the ImageNet weights the paper starts from (torchvision's IMAGENET1K_V1) into model.backbone:
+    every stage it keeps (feature_stride may stop it early), or one clear error."""
+    name = model.config["backbone"]
+    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+    try:
+        state_dict = weights.get_state_dict(progress=True)
+    except Exception as e:  # no network, a proxy, a truncated file: all end here
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+        raise LoadError(
+            f"could not get ImageNet weights for {name} ({type(e).__name__}); download {weights.url} "
+            f"to {path}, or train without them (pretrained_backbone=False)"
+        ) from None
+    own = model.backbone.state_dict()
+    model.backbone.load_state_dict({k: v for k, v in state_dict.items() if k in own})
+
+
+# -----------------------------------------------------------------------------
+# Official facebookresearch/detr checkpoints: key names and architecture
+# The module names differ from the official code's, and official_to_minidetr_key maps its keys onto
+# detr.py's, so that the official COCO models load as they are and reproduce their outputs.
+
+# the official models' 91 outputs: output i is COCO category id i (N/A: ids that COCO leaves unused)
+COCO_CLASSES = [
+    "N/A", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "N/A", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "N/A", "backpack", "umbrella", "N/A", "N/A", "handbag", "tie",
+    "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
+    "skateboard", "surfboard", "tennis racket", "bottle", "N/A", "wine glass", "cup", "fork", "knife", "spoon",
+    "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake",
+    "chair", "couch", "potted plant", "bed", "N/A", "dining table", "N/A", "N/A", "toilet", "N/A", "tv", "laptop",
+    "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "N/A",
+    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+]
+OFFICIAL_CHECKPOINTS = {
+    "detr-r50": "https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth",
+    "detr-r50-dc5": "https://dl.fbaipublicfiles.com/detr/detr-r50-dc5-f0fb7ef5.pth",
+    "detr-r101": "https://dl.fbaipublicfiles.com/detr/detr-r101-2c7b67e5.pth",
+    "detr-r101-dc5": "https://dl.fbaipublicfiles.com/detr/detr-r101-dc5-a2e86def.pth",
+}
+
+# official key prefix -> ours; and whole dotted parts renamed anywhere in a key
+KEY_PREFIXES = [
+    ("backbone.0.body.", "backbone."),
+    ("transformer.encoder.layers.", "encoder."),
+    ("transformer.decoder.layers.", "decoder."),
+    ("transformer.decoder.norm.", "decoder_norm."),
+    ("class_embed.", "class_head."),
+    ("bbox_embed.layers.", "box_head."),
+]
+KEY_PARTS = {"multihead_attn": "cross_attn"}
+
+
+def official_to_minidetr_key(key):
+    for official, ours in KEY_PREFIXES:
+        if key.startswith(official):
+            key = ours + key[len(official) :]
+            break
+    return ".".join(KEY_PARTS.get(part, part) for part in key.split("."))
+
+
+def minidetr_to_official_key(key):
+    for official, ours in KEY_PREFIXES:
+        if key.startswith(ours):
+            key = official + key[len(ours) :]
+            break
+    renamed = {ours: official for official, ours in KEY_PARTS.items()}
+    return ".".join(renamed.get(part, part) for part in key.split("."))
+
+
+def official_model_args(state_dict, source):
+    """Read the architecture off an official state dict (the number of heads is not in the weights:
+    the official models all use 8)."""
+    try:
+        num_queries, hidden_dim = state_dict["query_embed.weight"].shape
+        blocks = {k.split(".")[4] for k in state_dict if k.startswith("backbone.0.body.layer3.")}
+        bottleneck = "backbone.0.body.layer1.0.conv3.weight" in state_dict
+        backbone = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50", (True, 23): "resnet101"}
+        return dict(
+            num_classes=state_dict["class_embed.weight"].shape[0] - 1,
+            backbone=backbone[(bottleneck, len(blocks))],
+            hidden_dim=hidden_dim,
+            num_queries=num_queries,
+            num_encoder_layers=len({k.split(".")[3] for k in state_dict if k.startswith("transformer.encoder.layers.")}),
+            num_decoder_layers=len({k.split(".")[3] for k in state_dict if k.startswith("transformer.decoder.layers.")}),
+            dim_feedforward=state_dict["transformer.encoder.layers.0.linear1.weight"].shape[0],
+        )
+    except (KeyError, AttributeError, ValueError, TypeError) as e:
+        raise LoadError(f"{source}: not an official DETR checkpoint (cannot read the architecture: {e!r})") from None
+
+
+def download_official_checkpoint(name):
+    """An official checkpoint by name, downloaded (and cached) by torch.hub, or one line saying where to put it."""
+    url = OFFICIAL_CHECKPOINTS[name]
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True)
+    except Exception as e:
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+        raise LoadError(f"could not download {url} ({type(e).__name__}); put the file at {path}") from None
+
+
+def model_from_official_checkpoint(checkpoint, source, **overrides):
+    """The DETR of an official checkpoint already read ({'model': state dict}, or the state dict), with
+    COCO's class names when it has COCO's 91 outputs."""
+    state_dict = checkpoint.get("model", checkpoint)
+    model = DETR(**{**official_model_args(state_dict, source), **overrides})
+    load_official_state_dict(model, state_dict, source)
+    model.classes = COCO_CLASSES if model.num_classes == len(COCO_CLASSES) else None
+    return model
+
+
+def load_official_state_dict(model, state_dict, source="checkpoint"):
+    """Load a state dict with the official key names into model (see load_named_state_dict)."""
+    named = {official_to_minidetr_key(k): (k, v) for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+    load_named_state_dict(model, named, source, "an official DETR checkpoint", minidetr_to_official_key)
+
+
+# -----------------------------------------------------------------------------
+# minidetr checkpoints: what train.py writes (out_dir/ckpt.pt and best.pt)
+# A checkpoint is a dict: model (the state dict), model_args (DETR's arguments, enough to rebuild it),
+# classes (the names of its outputs), category_ids (the dataset's own id of each class, or None),
+# config (train.py's whole config), and for an exact resume optimizer (its state dict), iter_num,
+# best_val (the best val metric so far) and rng (every process's CPU and CUDA generator states).
+# Every file is read with weights_only=True: a checkpoint runs no code.
+
+
+def model_from_checkpoint(checkpoint, source, **overrides):
+    """The model of a minidetr checkpoint (train.py's ckpt.pt / best.pt: model_args and model), or one
+    line (LoadError) saying why its weights do not make one."""
+    missing = [k for k in ("model", "model_args") if k not in checkpoint]
+    if missing:
+        raise LoadError(f"{source}: not a minidetr checkpoint (no '{missing[0]}')")
+    try:
+        model = DETR(**{**checkpoint["model_args"], **overrides})
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        detail = [line.strip() for line in str(e).strip().splitlines()][-1][:300]
+        raise LoadError(f"{source}: its weights do not make a model ({detail})") from None
+    model.classes, model.category_ids = checkpoint.get("classes"), checkpoint.get("category_ids")
+    return model
+
+
+def load_checkpoint_file(path):
+    """torch.load that fails with one line: a missing file, or a file that is no checkpoint."""
+    if not os.path.isfile(path):
+        known = ", ".join(OFFICIAL_CHECKPOINTS)
+        raise LoadError(f"no checkpoint file at '{path}' (known names: {known})")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise LoadError(f"{path}: not a PyTorch checkpoint ({first_line(e)})") from None
+    if not isinstance(ckpt, dict):
+        raise LoadError(f"{path}: not a checkpoint (holds a {type(ckpt).__name__}, expected a dict)")
+    return ckpt
+
+
+def first_line(error):
+    """An exception as one short line: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+
+
+def save_checkpoint(checkpoint, path):
+    """Write to a temporary file, then rename: a run killed mid-write leaves the old file whole. A
+    failed write (a full disk, no permission, a vanished folder) removes the temporary file and
+    stops with one error line; the previous checkpoint is left as it was."""
+    tmp = path + ".tmp"
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if "DataLoader worker" in str(e):  # a data worker killed meanwhile (SIGCHLD), not a failed write
+            raise
+        folder = os.path.dirname(os.path.abspath(path))
+        needed = sum(t.nbytes for t in torch.utils._pytree.tree_leaves(checkpoint) if isinstance(t, torch.Tensor))
+        free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
+        raise SystemExit(f"error: could not write {path} ({str(e).splitlines()[0]}); it needs about "
+                         f"{needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free there. The last checkpoint is "
+                         f"left as it was") from None
+
+
+def load_training_checkpoint(path, classes):
+    """train.py's out_dir/ckpt.pt for a resume: every key an exact resume needs, and the dataset's classes."""
+    checkpoint = load_checkpoint_file(path)
+    missing = [k for k in ("model", "optimizer", "model_args", "iter_num", "best_val", "classes", "rng") if k not in checkpoint]
+    if missing:
+        raise LoadError(f"{path} is not a minidetr training checkpoint (no '{missing[0]}')")
+    if checkpoint["classes"] != classes:
+        raise LoadError(f"{path} was trained on classes {checkpoint['classes']}, not {classes}")
+    return checkpoint
+
+
+def check_checkpoint_dir(out_dir):
+    """One error line before any training when out_dir cannot be written: a run must be able to save what it learns."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, ".writable"), "w"):
+            pass
+        os.remove(os.path.join(out_dir, ".writable"))
+    except OSError as e:
+        raise SystemExit(f"error: out_dir={out_dir!r} is not writable ({e.strerror or e})") from None
+
+
+def set_classes(model, classes):
+    """Give a pretrained model a new class head for these classes (fine-tuning). When every class has
+    a name of the pretrained model's classes, each keeps that row and "no object" its own, so that
+    the official model evaluates on COCO exactly as published; returns whether it did."""
+    class_head = nn.Linear(model.class_head.in_features, len(classes) + 1)
+    pretrained_names = [name.lower() for name in model.classes or []]
+    kept = all(c.lower() in pretrained_names for c in classes)
+    if kept:
+        rows = torch.tensor([pretrained_names.index(c.lower()) for c in classes] + [model.num_classes])
+        class_head.load_state_dict({"weight": model.class_head.weight[rows], "bias": model.class_head.bias[rows]})
+    model.class_head = class_head
+    model.num_classes = model.config["num_classes"] = len(classes)
+    model.classes, model.category_ids = list(classes), None  # the pretrained model's ids are not the dataset's
+    return kept
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face transformers checkpoints: folders and hub ids, in and out
+# transformers' DetrForObjectDetection is a port of the official model under other names. Its files
+# (save_pretrained, the hub) call the backbone model.backbone.conv_encoder.model.* (timm's ResNet,
+# whose names are torchvision's, or transformers' own ResNet: embedder / encoder.stages), the
+# feed-forward layers fc1 / fc2, and split each attention's input projection into q_proj, k_proj
+# and v_proj. transformers 5's in-memory state dict says backbone.model, mlp.fc1 and o_proj instead.
+# Both load; folders are written with the file names, which every transformers version reads.
+
+HF_NEWER_NAMES = [(".backbone.model.", ".backbone.conv_encoder.model."), (".mlp.fc", ".fc"), (".o_proj.", ".out_proj.")]
+HF_PREFIXES = [  # transformers' prefix -> ours
+    ("model.backbone.conv_encoder.model.", "backbone."),
+    ("model.input_projection.", "input_proj."),
+    ("model.query_position_embeddings.", "query_embed."),
+    ("model.encoder.layers.", "encoder."),
+    ("model.decoder.layers.", "decoder."),
+    ("model.decoder.layernorm.", "decoder_norm."),
+    ("class_labels_classifier.", "class_head."),
+    ("bbox_predictor.layers.", "box_head."),
+]
+HF_LAYER_PARTS = {  # inside our encoder.i / decoder.i: transformers' module name -> ours
+    "encoder": {"self_attn_layer_norm": "norm1", "final_layer_norm": "norm2", "fc1": "linear1", "fc2": "linear2"},
+    "decoder": {"self_attn_layer_norm": "norm1", "encoder_attn": "cross_attn", "encoder_attn_layer_norm": "norm2",
+                "final_layer_norm": "norm3", "fc1": "linear1", "fc2": "linear2"},
+}
+HF_RESNET_NAMES = [  # transformers' own ResNet -> torchvision's names
+    (r"^embedder\.embedder\.convolution\.", "conv1."),
+    (r"^embedder\.embedder\.normalization\.", "bn1."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.convolution\.", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.downsample.0."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.normalization\.", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.downsample.1."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.convolution\.", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.conv{int(m[3]) + 1}."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.normalization\.", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.bn{int(m[3]) + 1}."),
+]
+
+
+def hf_to_minidetr_key(key):
+    """A transformers key (either generation) -> ours; q/k/v projections keep their own names here.
+    None for a key that is not part of DetrForObjectDetection."""
+    for newer, older in HF_NEWER_NAMES:
+        key = key.replace(newer, older)
+    prefix = next((p for p in HF_PREFIXES if key.startswith(p[0])), None)
+    if prefix is None:
+        return None
+    key = prefix[1] + key[len(prefix[0]):]
+    names = key.split(".")
+    if names[0] in HF_LAYER_PARTS and len(names) > 2:
+        names[2] = HF_LAYER_PARTS[names[0]].get(names[2], names[2])
+    if names[0] == "backbone":
+        rest = ".".join(names[1:])
+        for pattern, ours in HF_RESNET_NAMES:
+            rest = re.sub(pattern, ours, rest)
+        names = ["backbone", rest]
+    return ".".join(names)
+
+
+def minidetr_to_hf_key(key):
+    """Our key -> the name transformers writes to disk (timm's backbone names, as the hub's models)."""
+    names = key.split(".")
+    if names[0] in HF_LAYER_PARTS and len(names) > 2:
+        names[2] = {ours: theirs for theirs, ours in HF_LAYER_PARTS[names[0]].items()}.get(names[2], names[2])
+    key = ".".join(names)
+    theirs, ours = next(p for p in HF_PREFIXES if key.startswith(p[1]))
+    return theirs + key[len(ours):]
+
+
+def hf_to_minidetr(state_dict, source):
+    """A transformers state dict -> {our key: (its key, tensor)}, q/k/v joined into one in_proj."""
+    named = {}
+    for key, value in state_dict.items():
+        if key.endswith("num_batches_tracked"):  # written by plain BatchNorm, unused when frozen
+            continue
+        ours = hf_to_minidetr_key(key)
+        if ours is None:
+            raise LoadError(f"{source}: unexpected key '{key}' (not part of transformers' DetrForObjectDetection)")
+        named[ours] = (key, value)
+    for q in [k for k in named if ".q_proj." in k]:
+        attn, kind = q.split(".q_proj.")
+        keys = [f"{attn}.{p}_proj.{kind}" for p in "qkv"]
+        if not all(k in named for k in keys):
+            missing = next(named[q][0].replace(".q_proj.", f".{k.split('.')[-2]}.") for k in keys if k not in named)
+            raise LoadError(f"{source}: missing key '{missing}'")
+        named[f"{attn}.in_proj_{kind}"] = (named[q][0], torch.cat([named.pop(k)[1] for k in keys]))
+    return named
+
+
+def minidetr_to_hf(state_dict):
+    """Our state dict -> transformers' on-disk names, each in_proj split into q_proj, k_proj, v_proj."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        if ".in_proj_" in key:
+            attn, kind = key.split(".in_proj_")
+            for p, part in zip("qkv", value.chunk(3)):
+                out[minidetr_to_hf_key(f"{attn}.{p}_proj.{kind}")] = part.clone()
+        else:
+            out[minidetr_to_hf_key(key)] = value.clone()
+    return out
+
+
+def hf_model_args(config, source, num_outputs):
+    """DETR's arguments, the class names and category_ids from a transformers config.json (DetrConfig's
+    defaults where a key is absent), or one line saying what minidetr cannot build. num_outputs: the
+    class head's rows in the weights (the class count when config.json names none)."""
+    def refuse(what):
+        raise LoadError(f"{source}: {what}; minidetr builds transformers' DetrForObjectDetection with a "
+                        f"sine position encoding and a ResNet-18/34/50/101 backbone")
+
+    def number(key, default, kind=int):
+        value = config.get(key, default)
+        if not isinstance(value, kind) or isinstance(value, bool) or value < 0:
+            raise LoadError(f"{source}: config.json's {key} is {value!r}, not a number >= 0")
+        return value
+
+    if config.get("model_type") != "detr":
+        refuse(f"model_type is {config.get('model_type')!r}, not 'detr'")
+    architectures = config.get("architectures") or ["DetrForObjectDetection"]
+    architecture = architectures if isinstance(architectures, str) else architectures[0]
+    if architecture != "DetrForObjectDetection":
+        refuse(f"the model is a {architecture}")
+    for key, paper in (("position_embedding_type", "sine"), ("activation_function", "relu"), ("num_channels", 3)):
+        if config.get(key, paper) != paper:
+            refuse(f"{key} is {config[key]!r}, not {paper!r}")
+    for a, b, default in (("encoder_attention_heads", "decoder_attention_heads", 8), ("encoder_ffn_dim", "decoder_ffn_dim", 2048)):
+        if config.get(a, default) != config.get(b, default):
+            refuse(f"{a} ({config.get(a, default)}) and {b} ({config.get(b, default)}) differ")
+    args = dict(hidden_dim=number("d_model", 256), num_heads=number("encoder_attention_heads", 8),
+                num_encoder_layers=number("encoder_layers", 6), num_decoder_layers=number("decoder_layers", 6),
+                dim_feedforward=number("encoder_ffn_dim", 2048), num_queries=number("num_queries", 100),
+                dropout=number("dropout", 0.1, (int, float)))  # transformers' attention and activation dropouts are not DETR's
+    if args["num_heads"] < 1 or args["hidden_dim"] % args["num_heads"]:
+        raise LoadError(f"{source}: config.json's d_model={args['hidden_dim']} is not a multiple of its "
+                        f"{args['num_heads']} attention heads")
+
+    # the backbone, as transformers builds it: a backbone_config decides alone, else the top-level keys
+    backbone_config = config.get("backbone_config")
+    if backbone_config is not None and not isinstance(backbone_config, dict):
+        refuse(f"backbone_config is {backbone_config!r}, not a dict")
+    if backbone_config:
+        kind, stride = backbone_config.get("model_type"), backbone_config.get("output_stride")
+    else:  # transformers 4's config.json (the hub's): timm unless use_timm_backbone is false
+        kind = "timm_backbone" if config.get("use_timm_backbone", True) else "resnet"
+        backbone_kwargs = config.get("backbone_kwargs") if isinstance(config.get("backbone_kwargs"), dict) else {}
+        stride = backbone_kwargs.get("output_stride") or (16 if config.get("dilation") else None)
+        backbone_config = {}
+    if stride not in (None, 32, 16):
+        refuse(f"its backbone has output_stride {stride}: DETR's stages end at stride 32, or 16 dilated (DC5)")
+    if kind == "timm_backbone":  # a timm model name, e.g. 'resnet50' or 'timm/resnet50.a1_in1k'
+        name = (backbone_config.get("backbone") or config.get("backbone") or "resnet50").split("/")[-1].split(".")[0]
+        last_stage = (backbone_config.get("out_indices") or [4])[-1]
+    elif kind == "resnet":  # transformers' ResNet: read its depth off the blocks
+        layer_type, depths = backbone_config.get("layer_type", "bottleneck"), backbone_config.get("depths", [3, 4, 6, 3])
+        name = {("basic", (2, 2, 2, 2)): "resnet18", ("basic", (3, 4, 6, 3)): "resnet34", ("bottleneck", (3, 4, 6, 3)): "resnet50",
+                ("bottleneck", (3, 4, 23, 3)): "resnet101"}.get((layer_type, tuple(depths)), f"a {layer_type} ResNet of depths {depths}")
+        last_stage = int(str((backbone_config.get("out_features") or ["stage4"])[-1]).removeprefix("stage"))
+        for key, torchvision_value in (("embedding_size", 64), ("downsample_in_bottleneck", False), ("hidden_act", "relu"),
+                                       ("downsample_in_first_stage", False), ("num_channels", 3)):
+            if backbone_config.get(key, torchvision_value) != torchvision_value:
+                refuse(f"its ResNet has {key}={backbone_config[key]!r}, torchvision's {torchvision_value!r}")
+        if stride == 16:
+            refuse("dilation with transformers' own ResNet")
+    else:
+        refuse(f"the backbone is a {kind!r}")
+    if name not in BACKBONES:
+        refuse(f"the backbone is {name!r}")
+    if last_stage != 4:
+        refuse(f"its features come from ResNet stage {last_stage}, not the last (4)")
+    if stride == 16 and name in ("resnet18", "resnet34"):
+        refuse(f"dilation (DC5) with {name}, which torchvision's basic blocks cannot dilate")
+
+    # the classes: id2label's names in output order, else as many as the class head has rows
+    id2label = config.get("id2label") or {i: f"LABEL_{i}" for i in range(config.get("num_labels") or num_outputs - 1)}
+    try:
+        id2label = {int(i): str(name) for i, name in id2label.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise LoadError(f"{source}: config.json's id2label is not a mapping of class numbers to names") from None
+    if sorted(id2label) != list(range(len(id2label))):
+        raise LoadError(f"{source}: config.json's id2label does not number its classes 0, 1, 2, ...")
+    classes = [id2label[i] for i in range(len(id2label))]
+    category_ids = config.get("category_ids")  # written by minidetr: a dataset's own ids of the classes
+    if category_ids is not None and not (isinstance(category_ids, list) and len(category_ids) == len(classes)
+                                         and all(isinstance(i, int) and not isinstance(i, bool) for i in category_ids)):
+        raise LoadError(f"{source}: config.json's category_ids should be {len(classes)} integers, one per class")
+    return dict(num_classes=len(classes), backbone=name, dilation=stride == 16, **args), classes, category_ids
+
+
+def hf_cache_folder():
+    """The Hugging Face hub cache, where huggingface_hub would put a download."""
+    home = os.environ.get("HF_HOME", os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "huggingface"))
+    return os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+
+
+def has_transformers_weights(folder):
+    return any(os.path.isfile(os.path.join(folder, name)) for name in ("model.safetensors", "pytorch_model.bin"))
+
+
+def fetch_transformers_folder(name_or_path):
+    """The local folder of a transformers model: the folder itself, or a hub id's snapshot from the
+    local Hugging Face cache (with its config and weights), else downloaded with huggingface_hub
+    when it is installed. None when the name is a file (or looks like one): an official checkpoint."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if os.path.exists(name_or_path) or not re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path) \
+            or name_or_path.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        return None
+    cache = hf_cache_folder()
+    repo = os.path.join(cache, "models--" + name_or_path.replace("/", "--"))
+    try:
+        with open(os.path.join(repo, "refs", "main")) as f:
+            snapshot = os.path.join(repo, "snapshots", f.read().strip())
+        if os.path.isfile(os.path.join(snapshot, "config.json")) and has_transformers_weights(snapshot):
+            return snapshot
+    except OSError:
+        pass
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise LoadError(f"'{name_or_path}' is no local file or folder, nor in the Hugging Face cache ({cache}): "
+                        f"pip install huggingface_hub to download it, or give the folder that holds its config.json "
+                        f"and model.safetensors") from None
+    weights = ["model.safetensors", "pytorch_model.bin"] if importlib.util.find_spec("safetensors") else ["pytorch_model.bin"]
+    try:
+        for name in weights:  # the first the repository has; older ones hold only pytorch_model.bin
+            folder = huggingface_hub.snapshot_download(name_or_path, allow_patterns=["*.json", name])
+            if has_transformers_weights(folder):
+                return folder
+        return folder
+    except Exception as e:
+        raise LoadError(f"could not download '{name_or_path}' from the Hugging Face hub ({first_line(e)})") from None
+
+
+def model_from_transformers_folder(folder, source, **overrides):
+    """The DETR of a transformers folder: config.json gives the architecture and classes."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        hint = next((f"; for a training run's folder give its {n}" for n in ("best.pt", "ckpt.pt")
+                     if os.path.isfile(os.path.join(folder, n))), " (a transformers model folder holds config.json and model.safetensors)")
+        raise LoadError(f"{source}: no config.json in {folder}{hint}") from None
+    except (OSError, ValueError) as e:
+        raise LoadError(f"{source}: config.json is not readable json ({e})") from None
+    if not isinstance(config, dict):
+        raise LoadError(f"{source}: config.json holds no settings")
+    weights = read_transformers_weights(folder, source)
+    head = weights.get("class_labels_classifier.bias")
+    args, classes, category_ids = hf_model_args(config, source, len(head) if torch.is_tensor(head) else 92)
+    try:
+        model = DETR(**{**args, **overrides})
+    except (TypeError, ValueError) as e:
+        raise LoadError(f"{source}: config.json describes no DETR minidetr can build ({e})") from None
+    load_named_state_dict(model, hf_to_minidetr(weights, source), source, "transformers' DetrForObjectDetection",
+                          minidetr_to_hf_key)
+    model.classes, model.category_ids = classes, category_ids
+    return model
+
+
+def transformers_image_size(folder):
+    """(shortest side, longest side) from a transformers folder's preprocessor_config.json, else DETR's (800, 1333)."""
+    try:
+        with open(os.path.join(folder, "preprocessor_config.json")) as f:
+            size = json.load(f).get("size") or {}
+        if isinstance(size.get("shortest_edge"), int) and isinstance(size.get("longest_edge"), int):
+            return size["shortest_edge"], size["longest_edge"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    return 800, 1333
+
+
+def read_transformers_weights(folder, source):
+    """The state dict of model.safetensors (read with the safetensors package), else of pytorch_model.bin."""
+    safetensors_file, bin_file = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
+    if os.path.isfile(safetensors_file) and (importlib.util.find_spec("safetensors") or not os.path.isfile(bin_file)):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise LoadError(f"{source}: pip install safetensors to read {safetensors_file}") from None
+        try:
+            return load_file(safetensors_file)
+        except Exception as e:
+            raise LoadError(f"{safetensors_file}: not a readable safetensors file ({first_line(e)})") from None
+    if os.path.isfile(bin_file):
+        return load_checkpoint_file(bin_file)
+    raise LoadError(f"{source}: no model.safetensors or pytorch_model.bin in {folder}")
+
+
+def write_transformers_folder(model, folder, val_scale=800, max_size=1333):
+    """Write a model with no addition switched on as a transformers folder: config.json (the classes
+    as id2label, a dataset's own ids as category_ids), model.safetensors (needs the safetensors
+    package) and preprocessor_config.json (the image sizes). DetrForObjectDetection.from_pretrained
+    then gives the same outputs."""
+    c = model.config
+    on = [k for k in ("anchor_queries", "encoder_proposals", "denoising_groups", "conditional_cross_attn") if c[k]]
+    on += ["query_groups"] * (c["query_groups"] > 1) + ["feature_stride"] * (c["feature_stride"] != 32)
+    if on:
+        raise LoadError(f"the model uses {', '.join(on)}, which transformers' DETR does not have: "
+                        f"only a model with no addition switched on can be written for it")
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise LoadError("pip install safetensors to write model.safetensors") from None
+    classes = model.classes or [f"LABEL_{i}" for i in range(model.num_classes)]
+    config = dict(
+        model_type="detr", architectures=["DetrForObjectDetection"], id2label=dict(enumerate(classes)),
+        label2id={name: i for i, name in enumerate(classes)}, backbone=c["backbone"], use_timm_backbone=True,
+        use_pretrained_backbone=False, backbone_config=None, dilation=c["dilation"], num_channels=3,
+        d_model=c["hidden_dim"], encoder_layers=c["num_encoder_layers"], decoder_layers=c["num_decoder_layers"],
+        encoder_attention_heads=c["num_heads"], decoder_attention_heads=c["num_heads"],
+        encoder_ffn_dim=c["dim_feedforward"], decoder_ffn_dim=c["dim_feedforward"], num_queries=c["num_queries"],
+        dropout=c["dropout"], attention_dropout=c["dropout"], activation_dropout=c["dropout"],  # all DETR's dropouts
+        activation_function="relu", position_embedding_type="sine", auxiliary_loss=False,
+    )
+    if model.category_ids is not None:
+        if len(model.category_ids) != model.num_classes:
+            raise LoadError(f"the model has {model.num_classes} classes but {len(model.category_ids)} category_ids")
+        config["category_ids"] = list(model.category_ids)
+    preprocessor = dict(  # DETR's own: resize the shorter side, ImageNet mean and std, pad
+        image_processor_type="DetrImageProcessor", format="coco_detection", do_resize=True,
+        size={"shortest_edge": val_scale, "longest_edge": max_size}, do_rescale=True, rescale_factor=1 / 255,
+        do_normalize=True, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], do_pad=True,
+    )
+    os.makedirs(folder, exist_ok=True)
+    save_file(minidetr_to_hf(model.state_dict()), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    for name, content in (("config.json", config), ("preprocessor_config.json", preprocessor)):
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(content, f, indent=2)
