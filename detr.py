@@ -154,7 +154,7 @@ class Attention(nn.Module):
         """query (B, L, C), key and value (B, S, C), key_padding_mask (B, S) True on padding;
         attn_mask (L, S) or (B, 1, L, S), True where query l may attend to key s (None: everywhere);
         spatial: only for conditional_cross_attn (addition 5), a second part (B, L, C), (B, S, C) that
-        each head's query and key get beside their own.
+        each head's query and key get beside their own (its first two items).
         Returns the output (B, L, C) and, if asked, the attention weights (B, heads, L, S)."""
         B, L, C = query.shape
         S = key.shape[1]
@@ -220,11 +220,15 @@ class DecoderLayer(nn.Module):
     def forward(self, content, query_pos, memory, pos, mask, need_weights=False, self_attn_mask=None, spatial=None):
         """content, query_pos (B, Q, C); memory, pos (B, HW, C); mask (B, HW) True on padding, or None;
         self_attn_mask: which queries see which (only for the additions: query groups, denoising);
-        spatial: the cross-attention's spatial query and key (only for conditional_cross_attn)."""
+        spatial: only for conditional_cross_attn (addition 5), the cross-attention's spatial query and
+        key, and whether the positions are added to its content part too (its first layer only)."""
         q = k = content + query_pos  # the queries talk to each other: this is what removes duplicates
         attn, _ = self.self_attn(q, k, content, attn_mask=self_attn_mask)
         content = self.norm1(content + F.dropout(attn, self.dropout, self.training))
-        attn, weights = self.cross_attn(content + query_pos, memory + pos, memory, mask, need_weights, spatial=spatial)
+        query, key = content + query_pos, memory + pos  # then to the image, positions on queries and keys
+        if spatial is not None and not spatial[2]:  # addition 5 after its first layer: position is in the spatial part alone
+            query, key = content, memory
+        attn, weights = self.cross_attn(query, key, memory, mask, need_weights, spatial=spatial)
         content = self.norm2(content + F.dropout(attn, self.dropout, self.training))
         ffn = self.linear2(F.dropout(F.relu(self.linear1(content)), self.dropout, self.training))
         content = self.norm3(content + F.dropout(ffn, self.dropout, self.training))
@@ -419,35 +423,6 @@ def mlp(linears, x):
     return x
 
 
-def parameters_by_part(model):
-    """The model's parameters by part: the paper's seven, then those of each addition switched on.
-    `python detr.py` counts them; train.py logs their gradient and weight norms."""
-    attributes = {
-        "backbone": ["backbone"], "input_proj": ["input_proj"], "encoder": ["encoder"],
-        "decoder": ["decoder", "decoder_norm"], "query_embed": ["query_embed"], "class_head": ["class_head"],
-        "box_head": ["box_head"], "anchors": ["box_pos_head", "anchor_embed"],
-        "proposals": ["proposal_proj", "proposal_norm", "proposal_class_head", "proposal_box_head"],
-        "denoising": ["label_embed"],
-        "conditional": ["spatial_scale_head", "spatial_size_head", "spatial_query_proj", "spatial_key_proj"],
-    }
-    params = {name: [p for a in attrs if hasattr(model, a) for p in getattr(model, a).parameters()]
-              for name, attrs in attributes.items()}
-    return {name: p for name, p in params.items() if p}
-
-
-def summary(model):
-    """Parameter counts per part, as the lines `python detr.py` prints."""
-    lines = []
-    for name, params in parameters_by_part(model).items():
-        total = sum(p.numel() for p in params)
-        trainable = sum(p.numel() for p in params if p.requires_grad)
-        lines.append(f"{name:<12} {total:>12,} params ({trainable:,} trainable)")
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    lines.append(f"{'total':<12} {total:>12,} params ({trainable:,} trainable), {len(model.state_dict())} state-dict keys")
-    return "\n".join(lines)
-
-
 # =============================================================================
 # Additions beyond the paper
 #
@@ -484,6 +459,10 @@ def add_addition_modules(model):
         model.spatial_size_head = mlp_layers(dim, dim, 2, 2)
         model.spatial_query_proj = nn.ModuleList(nn.Linear(dim, dim) for _ in range(c["num_decoder_layers"]))
         model.spatial_key_proj = nn.ModuleList(nn.Linear(dim, dim) for _ in range(c["num_decoder_layers"]))
+        for part in (model.spatial_scale_head, model.spatial_size_head, model.spatial_query_proj, model.spatial_key_proj):
+            for p in part.parameters():
+                if p.dim() > 1:  # Xavier, as Conditional DETR's and DAB-DETR's code give every transformer matrix
+                    nn.init.xavier_uniform_(p)
 
 
 def initial_queries(model, Q, memory, feature_mask, targets):
@@ -682,17 +661,21 @@ def group_attention_mask(num_queries_total, num_queries, device):
 # cross-attention a query's box enters only as an embedding added to its content, and the values
 # carry no position, so a layer cannot tell where what it saw lies relative to its box: it can
 # hardly move the box. Here every head's query and key get a second, spatial part beside the
-# content part, so that the attention logit is content . content + space . space. The spatial query
-# is the sine encoding of the box centre, scaled per channel by an MLP of the content (from the
-# second layer on: which part of its box a head looks at, e.g. an edge), and its x and y channels
-# are scaled by a learned reference size over the box's size, so that a wide box attends widely.
-# The spatial key is a projection of the features' own sine positions.
+# content part (Conditional DETR Eq. 4). The spatial query is the sine encoding of the box centre,
+# scaled per channel by an MLP of the content (from the second layer on: which part of its box a
+# head looks at, e.g. an edge), and its x and y channels are scaled by a learned reference size
+# over the box's size, so that a wide box attends widely (DAB-DETR Eq. 6). The spatial key is a
+# projection of the features' own sine positions. As both papers' code does (DAB-DETR with its
+# default keep_query_pos=False), the first layer's content part still carries the positions, the
+# query's and the features', as in DETR: its content knows nothing of the image yet. From the
+# second layer on it is content alone, so the attention logit is content . content + space . space.
 
 
 def spatial_query_and_key(model, i, content, boxes, box_sine, pos):
     """The spatial query (B, Q, C) and key (B, HW, C) of decoder layer i. content (B, Q, C) the queries'
     content, boxes (B, Q, 4) their current boxes, box_sine (B, Q, 4, C/2) the boxes' sine encoding,
-    pos (B, HW, C) the features' positions (y channels first, then x)."""
+    pos (B, HW, C) the features' positions (y channels first, then x). The third item says whether
+    the positions are added to the cross-attention's content part too (the first layer only)."""
     y, x = box_sine[..., 1, :], box_sine[..., 0, :]  # (B, Q, C/2) each, in the features' order
     if i > 0:  # the first layer's content knows nothing of the image yet: it gets the plain centre
         scale = mlp(model.spatial_scale_head, content).chunk(2, dim=-1)
@@ -700,7 +683,41 @@ def spatial_query_and_key(model, i, content, boxes, box_sine, pos):
     size = mlp(model.spatial_size_head, content).sigmoid()  # (B, Q, 2) reference width and height
     y = y * (size[..., 1] / boxes[..., 3])[..., None]  # DAB-DETR §4.3: a tall box attends tall
     x = x * (size[..., 0] / boxes[..., 2])[..., None]
-    return model.spatial_query_proj[i](torch.cat([y, x], dim=-1)), model.spatial_key_proj[i](pos)
+    return model.spatial_query_proj[i](torch.cat([y, x], dim=-1)), model.spatial_key_proj[i](pos), i == 0
+
+
+
+# -----------------------------------------------------------------------------
+# Parameter counts (python detr.py), the paper's parts and each addition's
+
+
+def parameters_by_part(model):
+    """The model's parameters by part: the paper's seven, then those of each addition switched on.
+    `python detr.py` counts them; train.py logs their gradient and weight norms."""
+    attributes = {
+        "backbone": ["backbone"], "input_proj": ["input_proj"], "encoder": ["encoder"],
+        "decoder": ["decoder", "decoder_norm"], "query_embed": ["query_embed"], "class_head": ["class_head"],
+        "box_head": ["box_head"], "anchors": ["box_pos_head", "anchor_embed"],
+        "proposals": ["proposal_proj", "proposal_norm", "proposal_class_head", "proposal_box_head"],
+        "denoising": ["label_embed"],
+        "conditional": ["spatial_scale_head", "spatial_size_head", "spatial_query_proj", "spatial_key_proj"],
+    }
+    params = {name: [p for a in attrs if hasattr(model, a) for p in getattr(model, a).parameters()]
+              for name, attrs in attributes.items()}
+    return {name: p for name, p in params.items() if p}
+
+
+def summary(model):
+    """Parameter counts per part, as the lines `python detr.py` prints."""
+    lines = []
+    for name, params in parameters_by_part(model).items():
+        total = sum(p.numel() for p in params)
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        lines.append(f"{name:<12} {total:>12,} params ({trainable:,} trainable)")
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lines.append(f"{'total':<12} {total:>12,} params ({trainable:,} trainable), {len(model.state_dict())} state-dict keys")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -338,3 +338,27 @@ def test_conditional_cross_attention_looks_where_the_box_is():
     assert entropy[2] > entropy[1] + 0.1 and attn[1].max() > 2 * attn[2].max()
     # and with conditional_cross_attn off the model has none of these parameters
     assert not any("spatial" in k for k in tiny(anchor_queries=True).state_dict())
+
+
+def test_conditional_cross_attention_keeps_positions_in_its_content_part_at_the_first_layer_only():
+    """Conditional DETR and DAB-DETR (keep_query_pos=False): the first decoder layer's cross-attention adds
+    the positions to its content query and key as DETR does; later layers leave position to the spatial part,
+    so their output does not depend on the features' positions except through the spatial key. The
+    addition's matrices start from Xavier, as the papers' code: wider than PyTorch's default Linear init."""
+    torch.manual_seed(0)
+    layer = detr.DecoderLayer(32, 4, 64, 0.0).eval()
+    content, query_pos, memory = torch.randn(2, 5, 32), torch.randn(2, 5, 32), torch.randn(2, 16, 32)
+    spatial_query, spatial_key = torch.randn(2, 5, 32), torch.randn(2, 16, 32)
+    pos, other_pos = torch.randn(2, 16, 32), torch.randn(2, 16, 32)
+    for first in (True, False):
+        a, _ = layer(content, query_pos, memory, pos, None, spatial=(spatial_query, spatial_key, first))
+        b, _ = layer(content, query_pos, memory, other_pos, None, spatial=(spatial_query, spatial_key, first))
+        assert torch.equal(a, b) != first
+    model = tiny(anchor_queries=True, conditional_cross_attn=True)
+    for proj in [*model.spatial_query_proj, *model.spatial_key_proj, model.spatial_scale_head[0], model.spatial_size_head[0]]:
+        fan_out, fan_in = proj.weight.shape
+        assert 1 / math.sqrt(fan_in) < proj.weight.abs().max() <= math.sqrt(6 / (fan_in + fan_out))
+    # and the model passes each layer its own flag: layer 0 True, the others False
+    flags = [detr.spatial_query_and_key(model, i, torch.randn(1, 5, 32), torch.rand(1, 5, 4) * 0.5 + 0.25,
+                                        torch.randn(1, 5, 4, 16), torch.randn(1, 16, 32))[2] for i in range(3)]
+    assert flags == [True, False, False]
