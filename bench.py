@@ -6,8 +6,8 @@ utilisation (MFU), on random input so that no data is needed. One JSON line per 
     python bench.py --compare=hf             # the same for Hugging Face's DetrForObjectDetection, and the ratios
     python bench.py --settings=bf16-compile --profile    # a Chrome trace of one training step, and its top ops
     python bench.py --what=map               # compute_map on 5,000 images x 100 detections
-    python bench.py --what=memory --height=800 --width=1066 --num_classes=20   # README's memory table
-    python bench.py --what=gpu_check         # on a GPU: every README GPU row, and gpu_check.json
+    python bench.py --what=memory --height=800 --width=1066 --num_classes=20   # EXPERIMENTS.md's memory table
+    python bench.py --what=gpu_check         # on a GPU: every GPU row of EXPERIMENTS.md, and gpu_check.json
 
 A training step is forward + Hungarian matching + loss + backward + AdamW step; inference is
 forward + postprocess. FLOPs are counted once per setting with torch.utils.flop_counter (attention
@@ -53,8 +53,8 @@ additions = False  # config/voc.py's additions on (anchor queries, proposals, de
 compare = ""  # 'hf': also measure transformers' DetrForObjectDetection
 peak_tflops = 0.0  # the device's dense bf16 peak; 0: looked up from the GPU's name
 profile = False  # write trace.json for one training step of the first setting
-what = "speed"  # 'speed', 'memory' (a training step's peak memory at batch 1, 2, 4: the README's table),
-# 'gpu_check' (everything the README's GPU rows need, in one command) or 'map'
+what = "speed"  # 'speed', 'memory' (a training step's peak memory at batch 1, 2, 4: EXPERIMENTS.md's table),
+# 'gpu_check' (everything EXPERIMENTS.md's GPU rows need, in one command) or 'map'
 duration = 180.0  # gpu_check: seconds of training config/voc.py's model with every addition
 FLAGS = ("device", "batch_size", "height", "width", "backbone", "num_classes", "hidden_dim", "num_encoder_layers",
          "num_decoder_layers", "dim_feedforward", "num_queries", "settings", "channels_last", "warmup", "iters",
@@ -296,7 +296,7 @@ def device_name():
 
 
 def gpu_check(path="gpu_check.json"):
-    """Everything the README's GPU rows need, in one command: each setting's speed, memory and MFU for
+    """Everything EXPERIMENTS.md's GPU rows need, in one command: each setting's speed, memory and MFU for
     minidetr and Hugging Face's DETR (timed in turns), then additions_run. Writes path, prints rows."""
     from importlib.util import find_spec
 

@@ -2,7 +2,7 @@
 Train DETR on a prepared dataset (data/<name>/<split>.json, see data/*/prepare.py).
 
     python data/shapes/prepare.py && python train.py config/shapes.py      # CPU, minutes
-    python train.py config/voc.py                                          # one 80 GB GPU (README, "Speed")
+    python train.py config/voc.py                                          # one 80 GB GPU (EXPERIMENTS.md, "Speed")
     torchrun --standalone --nproc_per_node=4 train.py config/voc.py        # DDP
 
 Defaults sit below as globals; a config file (plain Python) overrides them, then --key=value.

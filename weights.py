@@ -428,9 +428,6 @@ def hf_model_args(config, source, num_outputs):
                 num_encoder_layers=number("encoder_layers", 6), num_decoder_layers=number("decoder_layers", 6),
                 dim_feedforward=number("encoder_ffn_dim", 2048), num_queries=number("num_queries", 100),
                 dropout=number("dropout", 0.1, (int, float)))  # transformers' attention and activation dropouts are not DETR's
-    if args["num_heads"] < 1 or args["hidden_dim"] % args["num_heads"]:
-        raise LoadError(f"{source}: config.json's d_model={args['hidden_dim']} is not a multiple of its "
-                        f"{args['num_heads']} attention heads")
 
     # the backbone, as transformers builds it: a backbone_config decides alone, else the top-level keys
     backbone_config = config.get("backbone_config")

@@ -36,5 +36,5 @@ val_scale = 640
 # Take the coarsest stride at which your smallest objects still span a token or two: on 80 VOC photos
 # at 320 pixels, stride 32 (about a 10x14 token grid) reached val mAP50 0.56 in 1,000 steps, stride 16
 # (about 20x28) 0.18. So 8 for small objects in small images, 16 below ~300, 32 (the paper's) above. The
-# rest of the recipe, its loss weights included, is unchanged at every size measured (README, "The
-# same recipe at other image sizes": 64 to 320 pixels; at 800 only the first 36 steps).
+# rest of the recipe, its loss weights included, is unchanged at every size measured (EXPERIMENTS.md,
+# "The same recipe at other image sizes": 64 to 320 pixels; at 800 only the first 36 steps).

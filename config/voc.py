@@ -1,5 +1,5 @@
 # DETR-R50 on Pascal VOC (train: VOC2007 + VOC2012 trainval, 16,551 images; val: VOC2007 test, 4,952)
-# with the paper's recipe (§4, App. A.4) on one 80 GB GPU.
+# on one 80 GB GPU: the paper's optimizer and augmentation (§4), with the five convergence fixes below on.
 #   python data/voc/prepare.py --voc_root=/path/to/VOCdevkit && python train.py config/voc.py
 # Fine-tuning the official COCO model instead (new class head) needs far fewer steps; the official
 # model is the paper's DETR, so the additions below are not used then:
@@ -9,7 +9,7 @@ out_dir = "out-voc"
 # shapes set they take val mAP50 at 3,000 steps from 0.002 to 0.91, on 80 VOC photos after 2,500 steps
 # from 0.52 to 0.99 (config/shapes.py, config/voc_mini.py; their own schedules: 0.900, 0.905). Their losses keep the same balance at 800 px as at
 # 64 px (tests/test_additions.py); this model ran 36 steps at 800 px on the CPU, too few to detect
-# anything (README, "at other image sizes"). feature_stride stays the paper's 32, the coarsest ResNet
+# anything (EXPERIMENTS.md, "The same recipe at other image sizes"). feature_stride stays the paper's 32, the coarsest ResNet
 # has: on voc-mini at 320 px it reached val mAP50 0.56 in 1,000 steps where stride 16 reached 0.18.
 # On VOC with an ImageNet backbone the papers lead one to expect the same AP in a fraction of the
 # epochs (DN-DETR + DAB-DETR: 44.1 COCO AP in 50 epochs, where DETR needs 500 for 42.0); not yet
@@ -25,7 +25,7 @@ pretrained_backbone = True  # ImageNet weights, as the paper
 # the paper's batch is 64 (4 images on each of 16 GPUs); here 32 images a step, 2 steps accumulated,
 # so the optimizer sees the same 64-image batches with the same learning rates. bench.py --what=memory
 # estimates 0.6 GiB + 1.1 GiB an image for this model in bf16 at 800x1066 (measured on CPU): 64 would
-# fit 80 GB, 32 leaves room for what a CPU cannot show. 24 GB: 8 x 8; 40 GB: 16 x 4 (README, "Speed")
+# fit 80 GB, 32 leaves room for what a CPU cannot show. 24 GB: 8 x 8; 40 GB: 16 x 4 (EXPERIMENTS.md, "Speed")
 batch_size = 32
 gradient_accumulation_steps = 2
 num_workers = 8
@@ -40,4 +40,4 @@ log_interval = 50
 best_metric = "mAP50"  # VOC's metric (mAP50_07, the 11-point VOC2007 one, is logged too)
 pad_to = 64  # fewer distinct shapes: kinder to cuDNN autotuning and to torch.compile
 dtype = "bfloat16"
-compile = False  # compiles once now (detr.compile_model), but its gain on a GPU is not yet measured: bench.py --what=gpu_check
+compile = False  # compiles once now (train.compile_model), but its gain on a GPU is not yet measured: bench.py --what=gpu_check

@@ -1,6 +1,6 @@
 # A small DETR on the 80 training photos of voc-mini, evaluated on the same photos: a CPU check that
 # the VOC path learns from real images (it should overfit them). voc-mini is a VOC2012 devkit cut
-# down to 100 photos, 80 listed in VOC2012/ImageSets/Main/train.txt and 20 in val.txt (the README's
+# down to 100 photos, 80 listed in VOC2012/ImageSets/Main/train.txt and 20 in val.txt (EXPERIMENTS.md's
 # figures used one such cut; any 100 photos of VOC2012's own lists make one):
 #   python data/voc/prepare.py --voc_root=/path/to/voc-mini/VOCdevkit --years=2012 \
 #       --splits=train:train,val:val --out_dir=data/voc-mini

@@ -178,7 +178,7 @@ def test_each_bad_folder_is_one_line(tmp_path):
         ({"backbone_config": "resnet18"}, "backbone_config is 'resnet18', not a dict"),
         ({"id2label": ["circle", "square"]}, "id2label is not a mapping"),
         ({"d_model": "32"}, "d_model is '32', not a number"),
-        ({"encoder_attention_heads": 5, "decoder_attention_heads": 5}, "not a multiple of its 5 attention heads"),
+        ({"encoder_attention_heads": 5, "decoder_attention_heads": 5}, "hidden_dim=32 must be a multiple of num_heads=5"),
     ):
         folder = write_folder(tmp_path / message.split()[-1].strip("'"), {**recorded["config"], **change}, weights)
         assert message in one_line_error(lambda: DETR.from_pretrained(str(folder)))

@@ -7,8 +7,9 @@ Read a Pascal VOC devkit into minidetr's dataset format (data/format.py).
         --splits=train:train,val:val --out_dir=data/voc-mini     # a 100-photo cut (config/voc_mini.py)
 
 --splits maps each output json to the ImageSets/Main list it is made of, in every year that has
-that list: the default `train:trainval,val:test` gives the paper's VOC setup, train = VOC2007
-trainval + VOC2012 trainval, val = VOC2007 test. VOC pixel indices are 1-based and inclusive:
+that list: the default `train:trainval,val:test` gives the standard VOC detection protocol
+(Faster R-CNN, SSD; the DETR paper reports COCO only): train = VOC2007 trainval + VOC2012
+trainval, val = VOC2007 test. VOC pixel indices are 1-based and inclusive:
 x0 = xmin - 1, y0 = ymin - 1, x1 = xmax, y1 = ymax. Difficult objects are kept, flagged.
 
 Bad input is skipped with one line that names the file, and counted in the summary: an XML that is
