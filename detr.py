@@ -383,6 +383,7 @@ def argument_problem(args):
     these rules live: DETR raises on them, and train.py checks its config with them before any work."""
     a = args
     rules = [
+        ("num_classes", a.get("num_classes", 1) >= 1, ">= 1"),  # train.py's config has none: its dataset says it
         ("backbone", a["backbone"] in BACKBONES, ", ".join(BACKBONES)),
         ("dilation", not a["dilation"] or (a["backbone"] in ("resnet50", "resnet101") and a["feature_stride"] == 32),
          "False with resnet18/34 or feature_stride < 32 (DC5 dilates a bottleneck ResNet's last stage)"),
@@ -691,19 +692,22 @@ def spatial_query_and_key(model, i, content, boxes, box_sine, pos):
 # Parameter counts (python detr.py), the paper's parts and each addition's
 
 
+# the model's parts: the paper's seven, then each addition's modules
+PARTS = {
+    "backbone": ["backbone"], "input_proj": ["input_proj"], "encoder": ["encoder"],
+    "decoder": ["decoder", "decoder_norm"], "query_embed": ["query_embed"], "class_head": ["class_head"],
+    "box_head": ["box_head"], "anchors": ["box_pos_head", "anchor_embed"],
+    "proposals": ["proposal_proj", "proposal_norm", "proposal_class_head", "proposal_box_head"],
+    "denoising": ["label_embed"],
+    "conditional": ["spatial_scale_head", "spatial_size_head", "spatial_query_proj", "spatial_key_proj"],
+}
+
+
 def parameters_by_part(model):
-    """The model's parameters by part: the paper's seven, then those of each addition switched on.
+    """The model's parameters by part (PARTS), those of the additions switched on included.
     `python detr.py` counts them; train.py logs their gradient and weight norms."""
-    attributes = {
-        "backbone": ["backbone"], "input_proj": ["input_proj"], "encoder": ["encoder"],
-        "decoder": ["decoder", "decoder_norm"], "query_embed": ["query_embed"], "class_head": ["class_head"],
-        "box_head": ["box_head"], "anchors": ["box_pos_head", "anchor_embed"],
-        "proposals": ["proposal_proj", "proposal_norm", "proposal_class_head", "proposal_box_head"],
-        "denoising": ["label_embed"],
-        "conditional": ["spatial_scale_head", "spatial_size_head", "spatial_query_proj", "spatial_key_proj"],
-    }
     params = {name: [p for a in attrs if hasattr(model, a) for p in getattr(model, a).parameters()]
-              for name, attrs in attributes.items()}
+              for name, attrs in PARTS.items()}
     return {name: p for name, p in params.items() if p}
 
 
@@ -724,8 +728,9 @@ if __name__ == "__main__":
     from configurator import configure
 
     args = configure(dict(num_classes=91, backbone="resnet50"), sys.argv[1:])
-    if args["backbone"] not in BACKBONES or args["num_classes"] < 1:
-        sys.exit(f"error: --backbone must be one of {', '.join(BACKBONES)} and --num_classes >= 1")
-    model = DETR(**args)
+    try:
+        model = DETR(**args)
+    except ValueError as e:  # argument_problem's line
+        sys.exit(f"error: {e}")
     print(f"DETR with {args['backbone']} backbone, {args['num_classes']} classes")
     print(summary(model))

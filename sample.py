@@ -257,7 +257,7 @@ def pyplot():
 
 def plot_log(log_path, out_path):
     """Training curves of a log.jsonl: the losses (with the additions' own terms where present),
-    learning rate, val mAP, and the diagnostics of metrics.training_diagnostics: gradient and weight
+    learning rate, val mAP, and the diagnostics of train.training_diagnostics: gradient and weight
     norms per part, and how alike the queries are (DETR's early plateau is where they all agree)."""
     plt = pyplot()
     if not os.path.isfile(log_path):

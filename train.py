@@ -11,6 +11,7 @@ matcher and set loss (each addition's terms beside it), then the training loop (
 metrics.py, every weight file from weights.py). Everything above `train()` is importable on its own.
 """
 
+import copy
 import inspect
 import json
 import math
@@ -19,6 +20,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from importlib.util import find_spec
 from functools import partial
 from types import SimpleNamespace
 
@@ -33,12 +35,11 @@ from torchvision.ops import box_convert, box_iou, generalized_box_iou, generaliz
 from tqdm import tqdm
 
 from configurator import VALUE_TYPES, configure
-from data.pipeline import (DetectionDataset, ResumableSampler, collate, dataset_dir, make_transforms, val_transform,
-                           worker_ignores_sigusr1)
+from data.pipeline import ResumableSampler, collate, load_datasets, worker_ignores_sigusr1
 from detr import DETR, argument_problem, parameters_by_part, postprocess
 from metrics import coco_results, compute_map, ground_truth
 from weights import (LoadError, check_checkpoint_dir, load_imagenet_backbone, load_model, load_training_checkpoint,
-                     model_from_checkpoint, save_checkpoint, set_classes)
+                     model_from_checkpoint, save_checkpoint, transfer_weights)
 
 # -----------------------------------------------------------------------------
 # default config: the paper's DETR-R50 recipe (§4, App. A.4); config/*.py and --key=value override it
@@ -47,7 +48,7 @@ out_dir = "out"  # ckpt.pt, best.pt and log.jsonl go here
 dataset = "shapes"  # reads data/<dataset>/<train_split>.json and <val_split>.json (or <dataset>/... if it is a path)
 train_split = "train"
 val_split = "val"
-init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), or pretrained weights: an official checkpoint ('detr-r50' or a .pth) or a transformers folder / hub id
+init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), or weights to fine-tune: an official checkpoint ('detr-r50' or a .pth), a transformers folder / hub id or a minidetr checkpoint
 eval_interval = 1000  # evaluate (and checkpoint) every this many iterations, and at the end
 checkpoint_minutes = 0.0  # also write ckpt.pt this often, without evaluating (0: only at evaluations)
 log_interval = 10  # print and log the losses every this many iterations
@@ -96,13 +97,18 @@ lr_backbone = 1e-5  # 0 freezes the backbone
 weight_decay = 1e-4
 grad_clip = 0.1
 max_iters = 100000
-lr_drop = 70000  # multiply the learning rates by 0.1 from this iteration on
 warmup_iters = 0  # linear warm-up from 0
+lr_schedule = "step"  # after the warm-up: 'step' (the paper's: x0.1 at lr_drop) or 'cosine' (down to min_lr_ratio at max_iters)
+lr_drop = 70000  # 'step': multiply the learning rates by 0.1 from this iteration on
+min_lr_ratio = 0.01  # 'cosine': the rates at max_iters, as a fraction of their own
+ema_decay = 0.0  # > 0: evaluate and keep an exponential moving average of the weights (RT-DETR: 0.9999); 0 is off
+ema_warmup_iters = 2000  # the EMA's decay grows as 1 - exp(-iter / this), so early steps are not averaged with the init
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; float32 turns AMP off
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; float32 turns AMP off, float16 adds a loss scaler
 compile = False  # torch.compile the backbone and the transformer layers (compile_model below)
 seed = 1337
+tensorboard = False  # also write every logged scalar to out_dir/tensorboard (pip install tensorboard)
 CONFIG_KEYS = [k for k, v in globals().items() if k.islower() and not k.startswith("_") and isinstance(v, VALUE_TYPES)]
 
 # -----------------------------------------------------------------------------
@@ -348,11 +354,16 @@ def check_config(c):
 
     rules = [
         *((k, c[k] >= 1, ">= 1") for k in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval",
-                                           "log_interval", "val_scale", "pad_to")),
+                                           "log_interval", "val_scale", "pad_to", "ema_warmup_iters")),
         *((k, c[k] >= 0, ">= 0") for k in ("num_workers", "warmup_iters", "lr_drop")),
         *((k, math.isfinite(c[k]) and c[k] >= 0, "a number >= 0") for k in (
             "learning_rate", "lr_backbone", "weight_decay", "grad_clip", "cost_class", "cost_bbox", "cost_giou")),
         ("eos_coef", 0 < c["eos_coef"] <= 1, "in (0, 1]"),
+        ("ema_decay", 0 <= c["ema_decay"] < 1, "in [0, 1) (0: no EMA)"),
+        ("lr_schedule", c["lr_schedule"] in ("step", "cosine"), "'step' or 'cosine'"),
+        ("min_lr_ratio", 0 <= c["min_lr_ratio"] <= 1, "in [0, 1]"),
+        ("tensorboard", not c["tensorboard"] or find_spec("tensorboard") is not None,
+         "False without the tensorboard package (pip install tensorboard)"),
         ("train_scales", positive_ints(c["train_scales"]), "a list of sizes > 0"),
         ("crop_scales", positive_ints(c["crop_scales"]), "a list of sizes > 0"),
         ("crop_size", len(c["crop_size"]) == 2 and positive_ints(c["crop_size"]) and c["crop_size"][0] <= c["crop_size"][1],
@@ -400,8 +411,25 @@ def compile_model(model, backend="inductor"):
 
 
 def lr_factor(it, cfg):
-    """Linear warm-up, then the paper's single step drop by 10x at lr_drop."""
-    return (it + 1) / cfg.warmup_iters if it < cfg.warmup_iters else 0.1 if it >= cfg.lr_drop else 1.0
+    """Linear warm-up, then the paper's single step drop by 10x at lr_drop, or a cosine from 1 to
+    min_lr_ratio at max_iters (lr_schedule='cosine', as most of DETR's successors)."""
+    if it < cfg.warmup_iters:
+        return (it + 1) / cfg.warmup_iters
+    if cfg.lr_schedule == "cosine":
+        progress = (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * (1 + math.cos(math.pi * progress)) / 2
+    return 0.1 if it >= cfg.lr_drop else 1.0
+
+
+@torch.no_grad()
+def ema_update(ema_model, model, decay):
+    """ema = decay * ema + (1 - decay) * model for every parameter and floating buffer (BatchNorm's
+    statistics too); other buffers are copied. After each optimizer step (RT-DETR's ModelEMA)."""
+    for averaged, current in zip(ema_model.state_dict().values(), model.state_dict().values()):
+        if averaged.dtype.is_floating_point:
+            averaged.mul_(decay).add_(current, alpha=1 - decay)
+        else:
+            averaged.copy_(current)
 
 
 def autocast(device, dtype):
@@ -422,6 +450,7 @@ def gather(obj, world_size):
 def evaluate(model, dataset, cfg, device, rank=0, world_size=1, results_path=""):
     """mAP of the model on a dataset (compute_map), each process taking every world_size-th image;
     results_path: also write the detections there (coco_results, the image ids the json's "id")."""
+    was_training = model.training
     model.eval()
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     loader = torch.utils.data.DataLoader(
@@ -442,7 +471,7 @@ def evaluate(model, dataset, cfg, device, rank=0, world_size=1, results_path="")
         with open(results_path, "w") as f:
             json.dump(coco_results(detections, ids, dataset.category_ids), f)
         print(f"wrote {sum(len(d['scores']) for d in detections)} detections of {len(ids)} images to {results_path}")
-    model.train()
+    model.train(was_training)
     return compute_map(detections, ground_truths, len(dataset.classes))
 
 
@@ -457,37 +486,22 @@ def setup_process(cfg):
     return True, dist.get_rank(), dist.get_world_size(), device
 
 
-def load_datasets(cfg):
-    """(train_set, or None with eval_only, and val_set); a missing split or other classes is one error line."""
-    splits = [cfg.val_split] if cfg.eval_only else [cfg.train_split, cfg.val_split]
-    json_paths = [os.path.join(dataset_dir(cfg.dataset), f"{split}.json") for split in splits]
-    for path in json_paths:
-        if not os.path.isfile(path):
-            prepare = os.path.join(dataset_dir(cfg.dataset), "prepare.py")
-            how = f"python {os.path.relpath(prepare)}" if os.path.isfile(prepare) else "see data/*/prepare.py and data/format.py"
-            raise SystemExit(f"error: no {path}: prepare the dataset first ({how})")
-    val_set = DetectionDataset(json_paths[-1], val_transform(cfg.val_scale, cfg.max_size))
-    augment = make_transforms(True, cfg.train_scales, cfg.max_size, cfg.crop_scales, cfg.crop_size, cfg.val_scale)
-    train_set = None if cfg.eval_only else DetectionDataset(json_paths[0], augment, cfg.keep_difficult)
-    if train_set is not None and train_set.classes != val_set.classes:
-        raise SystemExit(f"error: {json_paths[0]} and {json_paths[1]} have different classes")
-    return train_set, val_set
-
-
 def initial_model(cfg, config, classes):
-    """(model, checkpoint or None), as init_from says: resumed from out_dir/ckpt.pt, new, or pretrained
-    weights (any that weights.load_model reads) with a new class head for the dataset's classes."""
+    """(model, checkpoint or None), as init_from says: resumed from out_dir/ckpt.pt, new, or the config's
+    model with every tensor it shares with pretrained weights (weights.transfer_weights)."""
     trainable_layers = cfg.trainable_layers if cfg.lr_backbone > 0 else 0  # lr_backbone=0 freezes the backbone
     if cfg.init_from == "scratch":
         return new_model(config, len(classes), trainable_layers), None
-    if cfg.init_from != "resume":
-        model = load_model(cfg.init_from, dropout=cfg.dropout, trainable_layers=trainable_layers)[0]
-        differ = [k for k in ("feature_stride", "anchor_queries", "encoder_proposals", "denoising_groups", "query_groups",
-                              "conditional_cross_attn") if model.config[k] != config[k]]
-        if differ:
-            print(f"note: the pretrained model's own {', '.join(differ)} are used when fine-tuning it, not the config's")
-        if set_classes(model, classes):
-            print(f"class head: the pretrained model's rows for its {len(classes)} classes of the same names")
+    if cfg.init_from != "resume":  # fine-tuning: a fresh optimizer from iteration 0
+        model = new_model({**config, "pretrained_backbone": False}, len(classes), trainable_layers)
+        model.classes = classes
+        pretrained = load_model(cfg.init_from)[0]
+        loaded, new = transfer_weights(pretrained, model, cfg.init_from)
+        named = {c.lower() for c in pretrained.classes or []}
+        print(f"init_from={cfg.init_from}: loaded {', '.join(loaded)}; class rows of {sum(c.lower() in named for c in classes)} "
+              f"of the {len(classes)} classes (those of the same name)")
+        if new:
+            print(f"init_from={cfg.init_from}: new {', '.join(new)}")
         return model, None
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if not os.path.isfile(ckpt_path):
@@ -496,14 +510,20 @@ def initial_model(cfg, config, classes):
     if checkpoint["iter_num"] >= cfg.max_iters and not cfg.eval_only:
         raise SystemExit(f"error: {ckpt_path} is already at iteration {checkpoint['iter_num']}; raise "
                          f"max_iters={cfg.max_iters} to go on")
-    return model_from_checkpoint(checkpoint, ckpt_path), checkpoint
+    return model_from_checkpoint(checkpoint, ckpt_path, ema=False), checkpoint
 
 
-def append_log(out_dir, record):
+def append_log(out_dir, record, writer=None, classes=()):
+    """One line of out_dir/log.jsonl; with a TensorBoard writer, each of its numbers too (the per-class APs by class name)."""
     with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
+    for key, value in record.items() if writer is not None else ():
+        for name, x in zip(classes, value) if isinstance(value, list) else [(None, value)]:
+            if key != "iter" and isinstance(x, (int, float)) and math.isfinite(x):
+                writer.add_scalar(key if name is None else f"{key}/{name}", x, record["iter"])
 
 
+@torch.no_grad()
 def training_diagnostics(model, outputs, targets, matcher):
     """What shows DETR's early plateau (logged every log_interval, drawn by sample.py --log):
     - grad_norm_<part> and weight_norm_<part> for each part of the model (detr.parameters_by_part), the gradient
@@ -571,15 +591,23 @@ def train(config):
     param_groups = [{"params": other_params, "lr": cfg.learning_rate, "base_lr": cfg.learning_rate},
                     {"params": backbone_params, "lr": cfg.lr_backbone, "base_lr": cfg.lr_backbone}]
     optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]], weight_decay=cfg.weight_decay, fused=True)
+    # float16's range is too narrow for small gradients: the loss is scaled up, and a step whose gradients overflow is skipped
+    scaler = torch.amp.GradScaler("cuda" if "cuda" in device else "cpu", enabled=cfg.dtype == "float16")
+    # the EMA of the weights (RT-DETR), which evaluation and best.pt use; a new one starts from the weights
+    ema_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        if ema_model is not None and "ema_model" in checkpoint:
+            ema_model.load_state_dict(checkpoint["ema_model"])
         torch.set_rng_state(checkpoint["rng"]["cpu"][rank % len(checkpoint["rng"]["cpu"])])
         if "cuda" in device and checkpoint["rng"]["cuda"]:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"][rank % len(checkpoint["rng"]["cuda"])])
     raw_model = model
     if cfg.compile:
         compile_model(model)
-    eval_model = model  # not the DDP wrapper: its forward is a collective, and shards may differ by a batch
+    eval_model = ema_model or model  # not the DDP wrapper: its forward is a collective, and shards may differ by a batch
     if ddp:
         model = DDP(model, device_ids=[device] if "cuda" in device else None)
     criterion = new_criterion(config, raw_model.query_groups).to(device)
@@ -590,6 +618,11 @@ def train(config):
         n_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         print(f"{cfg.dataset}: {len(train_set) if train_set else 0} train / {len(val_set)} val images, {len(classes)} classes; "
               f"model {n_params / 1e6:.2f}M trainable parameters; {device}, {cfg.dtype}, world size {world_size}")
+    writer = None
+    if cfg.tensorboard and master and not cfg.eval_only:
+        from torch.utils.tensorboard import SummaryWriter  # optional: imported only when asked for
+
+        writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
     if cfg.eval_only:
         metrics = evaluate(eval_model, val_set, cfg, device, rank, world_size, cfg.save_detections)
         if master:
@@ -611,7 +644,8 @@ def train(config):
         if master:
             ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": raw_model.config,
                     "iter_num": iter_num, "best_val": best_val, "config": config, "classes": classes, "rng": rng,
-                    "category_ids": val_set.category_ids}
+                    "category_ids": val_set.category_ids, "scaler": scaler.state_dict(),
+                    **({"ema_model": ema_model.state_dict()} if ema_model is not None else {})}
             save_checkpoint(ckpt, ckpt_path)
             if best:
                 save_checkpoint(ckpt, os.path.join(cfg.out_dir, "best.pt"))
@@ -630,7 +664,7 @@ def train(config):
         if bad >= 0:
             raise not_finite(bad)
 
-    metrics, sums, iters_since_log, images_since_log = {}, {}, 0, 0
+    metrics, sums, iters_since_log, images_since_log, skipped_steps = {}, {}, 0, 0, 0
     progress = tqdm(range(iter_num, cfg.max_iters), initial=iter_num, total=cfg.max_iters, disable=not master,
                     dynamic_ncols=True)
     if cfg.compile and master:
@@ -667,21 +701,28 @@ def train(config):
                     except FloatingPointError:  # the matcher found non-finite outputs
                         bad = first_bad_iter.item()  # an earlier step's loss may have gone first
                         raise not_finite(bad if bad >= 0 else it) from None
-                    losses["loss"].backward()
+                    scaler.scale(losses["loss"]).backward()
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v.detach()
                 bad_now = (first_bad_iter < 0) & ~torch.isfinite(losses["loss"].detach())
                 first_bad_iter = first_bad_iter.masked_fill(bad_now, it)
+            scaler.unscale_(optimizer)  # float16: clipping and the logged norms see the true gradients
             log_now = (it + 1) % cfg.log_interval == 0
             if log_now and master:  # before clipping: what the loss asks of each part
                 diagnostics = training_diagnostics(raw_model, outputs, targets, criterion.matcher)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            scale = scaler.get_scale() if scaler.is_enabled() else None  # a host sync: float16 only
+            scaler.step(optimizer)  # without float16, optimizer.step()
+            scaler.update()
+            if scale is not None:
+                skipped_steps += scaler.get_scale() < scale  # the scale drops when the gradients overflowed
             optimizer.zero_grad(set_to_none=True)
             if cfg.compile and master and it == progress.initial:
                 tqdm.write(f"compiled: the first step took {time.time() - t_start:.0f} s")
             iter_num, iters_since_log = it + 1, iters_since_log + 1
+            if ema_model is not None:
+                ema_update(ema_model, raw_model, cfg.ema_decay * (1 - math.exp(-iter_num / cfg.ema_warmup_iters)))
             images_since_log += len(all_targets) * world_size
 
             last = iter_num == cfg.max_iters
@@ -691,14 +732,15 @@ def train(config):
                     record = {"iter": iter_num, "time": round(time.time() - t_start, 1),
                               **{k: v.item() / iters_since_log for k, v in sums.items()},
                               "lr": optimizer.param_groups[0]["lr"], "img_per_s": images_since_log / (time.time() - t_log),
+                              **({"skipped_steps": skipped_steps} if scaler.is_enabled() else {}),
                               **(diagnostics if log_now else {})}
                     progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}",
                                          img_s=f"{record['img_per_s']:.1f}")
                     tqdm.write(f"iter {iter_num}: " + ", ".join(f"{k} {record[k]:.4f}" for k in
                                ("loss", "loss_ce", "loss_bbox", "loss_giou")) + f", lr {record['lr']:.1e}, "
                                f"{record['img_per_s']:.1f} img/s")
-                    append_log(cfg.out_dir, record)
-                sums, iters_since_log, images_since_log = {}, 0, 0
+                    append_log(cfg.out_dir, record, writer)
+                sums, iters_since_log, images_since_log, skipped_steps = {}, 0, 0, 0
                 if iter_num % cfg.eval_interval == 0 or last:
                     metrics = {f"val_{k}": v for k, v in evaluate(eval_model, val_set, cfg, device, rank, world_size).items()}
                     improved = metrics[f"val_{cfg.best_metric}"] > best_val
@@ -707,7 +749,7 @@ def train(config):
                         aps = ", ".join(f"{c} {ap:.3f}" for c, ap in zip(classes, metrics["val_AP_per_class"]) if ap == ap)
                         tqdm.write(f"iter {iter_num}: val mAP50 {metrics['val_mAP50']:.4f}, mAP50 (VOC07) "
                                    f"{metrics['val_mAP50_07']:.4f}, mAP {metrics['val_mAP']:.4f} | {aps}")
-                        append_log(cfg.out_dir, {"iter": iter_num, "time": round(time.time() - t_start, 1), **metrics})
+                        append_log(cfg.out_dir, {"iter": iter_num, "time": round(time.time() - t_start, 1), **metrics}, writer, classes)
                     write_checkpoint(improved)
                     t_checkpoint, checkpoint_iter = time.time(), iter_num
                 t_log = time.time()
@@ -730,6 +772,8 @@ def train(config):
     finally:  # also after an error: a handler left behind would swallow the signals of whatever runs next
         for number, handler in previous.items():
             signal.signal(number, handler)
+        if writer is not None:
+            writer.close()
     if ddp:
         dist.destroy_process_group()
     return raw_model, metrics

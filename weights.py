@@ -21,9 +21,8 @@ import shutil
 
 import torch
 import torchvision
-from torch import nn
 
-from detr import BACKBONES, DETR
+from detr import BACKBONES, DETR, PARTS
 
 class LoadError(RuntimeError):
     """A checkpoint or weights file could not be loaded; the message is one line meant for the user."""
@@ -36,19 +35,24 @@ def load_model(path, **overrides):
     a minidetr checkpoint's training config (its dataset, val_scale, max_size), else {"val_scale",
     "max_size"}: the sizes in a transformers folder's preprocessor_config.json, or DETR's own 800 and
     1333. overrides: DETR arguments the weights leave open (dropout, trainable_layers; num_heads and
-    dilation for an official .pth, which does not say them)."""
+    dilation for an official .pth, which does not say them). An official model's `assumed` names the
+    settings its file does not say (num_heads; dilation too for a .pth), taken from the defaults or overrides."""
     paper_sizes = {"val_scale": 800, "max_size": 1333}
     if path in OFFICIAL_CHECKPOINTS:
         checkpoint = download_official_checkpoint(path)
-        return model_from_official_checkpoint(checkpoint, path, **{"dilation": "-dc5" in path, **overrides}), paper_sizes
+        model = model_from_official_checkpoint(checkpoint, path, **{"dilation": "-dc5" in path, **overrides})
+        model.assumed = ("num_heads",)
+        return model, paper_sizes
     folder = fetch_transformers_folder(path)
     if folder is not None:
         val_scale, max_size = transformers_image_size(folder)
         return model_from_transformers_folder(folder, path, **overrides), {"val_scale": val_scale, "max_size": max_size}
     checkpoint = load_checkpoint_file(path)
     if "model_args" not in checkpoint:  # an official-format file, read once
-        return model_from_official_checkpoint(checkpoint, path, **overrides), paper_sizes
-    missing = [k for k in ("model", "classes", "config") if k not in checkpoint]
+        model = model_from_official_checkpoint(checkpoint, path, **overrides)
+        model.assumed = ("num_heads", "dilation")
+        return model, paper_sizes
+    missing = [k for k in ("classes", "config") if k not in checkpoint]  # model_from_checkpoint checks the rest
     if missing:
         raise LoadError(f"{path}: not a minidetr checkpoint (no '{missing[0]}')")
     if checkpoint["model_args"].get("num_classes") != len(checkpoint["classes"]):
@@ -198,20 +202,23 @@ def load_official_state_dict(model, state_dict, source="checkpoint"):
 # minidetr checkpoints: what train.py writes (out_dir/ckpt.pt and best.pt)
 # A checkpoint is a dict: model (the state dict), model_args (DETR's arguments, enough to rebuild it),
 # classes (the names of its outputs), category_ids (the dataset's own id of each class, or None),
-# config (train.py's whole config), and for an exact resume optimizer (its state dict), iter_num,
-# best_val (the best val metric so far) and rng (every process's CPU and CUDA generator states).
+# config (train.py's whole config), ema_model (with ema_decay: the averaged weights, which evaluation,
+# best.pt and every later use take), and for an exact resume optimizer (its state dict), scaler (the
+# float16 loss scaler's, {} without), iter_num, best_val (the best val metric so far) and rng (every
+# process's CPU and CUDA generator states).
 # Every file is read with weights_only=True: a checkpoint runs no code.
 
 
-def model_from_checkpoint(checkpoint, source, **overrides):
-    """The model of a minidetr checkpoint (train.py's ckpt.pt / best.pt: model_args and model), or one
-    line (LoadError) saying why its weights do not make one."""
+def model_from_checkpoint(checkpoint, source, ema=True, **overrides):
+    """The model of a minidetr checkpoint (train.py's ckpt.pt / best.pt: model_args and model, or with
+    ema its averaged weights ema_model where it has them), or one line (LoadError) saying why its
+    weights do not make one."""
     missing = [k for k in ("model", "model_args") if k not in checkpoint]
     if missing:
         raise LoadError(f"{source}: not a minidetr checkpoint (no '{missing[0]}')")
     try:
         model = DETR(**{**checkpoint["model_args"], **overrides})
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(checkpoint["ema_model"] if ema and "ema_model" in checkpoint else checkpoint["model"])
     except (TypeError, ValueError, RuntimeError) as e:
         detail = [line.strip() for line in str(e).strip().splitlines()][-1][:300]
         raise LoadError(f"{source}: its weights do not make a model ({detail})") from None
@@ -282,20 +289,73 @@ def check_checkpoint_dir(out_dir):
         raise SystemExit(f"error: out_dir={out_dir!r} is not writable ({e.strerror or e})") from None
 
 
-def set_classes(model, classes):
-    """Give a pretrained model a new class head for these classes (fine-tuning). When every class has
-    a name of the pretrained model's classes, each keeps that row and "no object" its own, so that
-    the official model evaluates on COCO exactly as published; returns whether it did."""
-    class_head = nn.Linear(model.class_head.in_features, len(classes) + 1)
-    pretrained_names = [name.lower() for name in model.classes or []]
-    kept = all(c.lower() in pretrained_names for c in classes)
-    if kept:
-        rows = torch.tensor([pretrained_names.index(c.lower()) for c in classes] + [model.num_classes])
-        class_head.load_state_dict({"weight": model.class_head.weight[rows], "bias": model.class_head.bias[rows]})
-    model.class_head = class_head
-    model.num_classes = model.config["num_classes"] = len(classes)
-    model.classes, model.category_ids = list(classes), None  # the pretrained model's ids are not the dataset's
-    return kept
+# Fine-tuning (train.py's init_from): a pretrained model's weights into the config's model
+# The settings that shape no tensor but change what the tensors mean: the transfer refuses another value
+ARCHITECTURE_KEYS = ("backbone", "dilation", "hidden_dim", "num_heads", "num_encoder_layers", "num_decoder_layers",
+                     "dim_feedforward", "num_queries", "feature_stride")
+
+
+def transfer_weights(pretrained, model, source):
+    """Copy into model (built from train.py's config for the dataset's classes, model.classes) every
+    tensor of the pretrained model (load_model's) that it has too, and return (loaded, new): the parts
+    (detr.PARTS) that got pretrained tensors and those that start as new.
+    - The architecture must be the same (ARCHITECTURE_KEYS but those the file does not say, then
+      every tensor's shape): anything else is one LoadError naming the first setting or key that differs.
+    - The class-shaped tensors (the class heads' rows and the denoising label embedding) are copied
+      row by row for the classes of the same name (case aside), "no object" too when any class is;
+      new classes keep fresh rows.
+    - An addition's own modules that the pretrained model lacks start as new; those it has and the
+      config switches off are left out. The object queries are loaded when they mean the same
+      (DETR's positions, or DAB-DETR's content with anchor_queries), as many groups as both have."""
+    for key in ARCHITECTURE_KEYS:
+        if key not in getattr(pretrained, "assumed", ()) and pretrained.config[key] != model.config[key]:
+            raise LoadError(f"{source} is a DETR with {key}={pretrained.config[key]!r}, the config has "
+                            f"{key}={model.config[key]!r}: set --{key}={pretrained.config[key]!r} to fine-tune it")
+    part_of = {attr: part for part, attrs in PARTS.items() for attr in attrs}
+    additions = {attr for part, attrs in list(PARTS.items())[7:] for attr in attrs}
+    theirs, ours = pretrained.state_dict(), model.state_dict()
+    names = [c.lower() for c in pretrained.classes or []]
+    rows = {i: names.index(c.lower()) for i, c in enumerate(model.classes) if c.lower() in names}  # ours -> theirs
+    same_queries = pretrained.anchor_queries == model.anchor_queries
+    loaded, new = set(), set()
+    with torch.no_grad():
+        for key, value in ours.items():
+            attr, part = key.split(".")[0], part_of[key.split(".")[0]]
+            if key.endswith("num_batches_tracked"):
+                continue
+            if key not in theirs:
+                if attr not in additions:
+                    raise LoadError(f"{source} has no '{key}': it is another architecture than the config's")
+                new.add(part)
+            elif attr in ("class_head", "proposal_class_head", "label_embed"):  # rows by class name
+                for i, j in rows.items():
+                    value[i] = theirs[key][j]
+                if rows and attr != "label_embed":  # "no object", the last row
+                    value[-1] = theirs[key][-1]
+                (loaded if rows else new).add(part)
+                if len(rows) < len(model.classes):
+                    new.add(part)
+            elif attr in ("query_embed", "anchor_embed"):  # (num_queries x groups, ...)
+                if attr == "query_embed" and not same_queries:
+                    new.add(part)
+                    continue
+                n = min(len(value), len(theirs[key]))
+                value[:n] = theirs[key][:n]
+                loaded.add(part)
+                if n < len(value):
+                    new.add(part)
+            elif value.shape != theirs[key].shape:
+                raise LoadError(f"{source}: key '{key}' has shape {tuple(theirs[key].shape)}, the config's model "
+                                f"{tuple(value.shape)}: it is another architecture")
+            else:
+                value.copy_(theirs[key])
+                loaded.add(part)
+        unknown = next((k for k in theirs if k.split(".")[0] not in additions and k not in ours
+                        and not k.endswith("num_batches_tracked")), None)
+        if unknown:
+            raise LoadError(f"{source} has '{unknown}', which the config's model has not: it is another architecture")
+    order = list(PARTS)
+    return sorted(loaded, key=order.index), sorted(new, key=order.index)
 
 
 # -----------------------------------------------------------------------------

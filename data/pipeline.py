@@ -1,7 +1,7 @@
 """
-The data pipeline from a prepared dataset json (data/format.py) to padded batches, as train.py,
-sample.py and bench.py use it: images read as displayed, the paper's augmentation, a dataset of
-(image, target) pairs, the padded batch and a training order that a resumed run can re-enter.
+The data pipeline from a prepared dataset json (data/format.py) to padded batches, as train.py and
+sample.py use it: images read as RGB, the paper's augmentation, a dataset of (image, target) pairs,
+the padded batch and a training order that a resumed run can re-enter.
 
     from data.pipeline import DetectionDataset, collate, make_transforms
     train_set = DetectionDataset("data/shapes/train.json", make_transforms(True, [64], 96, [64], (48, 64), 64))
@@ -22,7 +22,7 @@ from data.format import read_dataset_json
 
 
 def dataset_dir(dataset):
-    """A prepared dataset's folder: data/<dataset> beside this file, or the path itself if it is one."""
+    """A prepared dataset's folder: data/<dataset> (this file's folder), or the path itself if it is one."""
     return dataset if os.sep in dataset else os.path.join(os.path.dirname(os.path.abspath(__file__)), dataset)
 
 
@@ -180,3 +180,21 @@ class ResumableSampler(torch.utils.data.Sampler):
             for i in order[self.rank :: self.world_size][offset:].tolist():
                 yield i, (self.seed * 1_000_003 + epoch * self.num_samples + i) % 2**62
             epoch, offset = epoch + 1, 0
+
+
+def load_datasets(cfg):
+    """train.py's datasets: (train_set, or None with eval_only, and val_set), from its config's dataset,
+    splits and sizes; a missing split or other classes is one error line."""
+    splits = [cfg.val_split] if cfg.eval_only else [cfg.train_split, cfg.val_split]
+    json_paths = [os.path.join(dataset_dir(cfg.dataset), f"{split}.json") for split in splits]
+    for path in json_paths:
+        if not os.path.isfile(path):
+            prepare = os.path.join(dataset_dir(cfg.dataset), "prepare.py")
+            how = f"python {os.path.relpath(prepare)}" if os.path.isfile(prepare) else "see data/*/prepare.py and data/format.py"
+            raise SystemExit(f"error: no {path}: prepare the dataset first ({how})")
+    val_set = DetectionDataset(json_paths[-1], val_transform(cfg.val_scale, cfg.max_size))
+    augment = make_transforms(True, cfg.train_scales, cfg.max_size, cfg.crop_scales, cfg.crop_size, cfg.val_scale)
+    train_set = None if cfg.eval_only else DetectionDataset(json_paths[0], augment, cfg.keep_difficult)
+    if train_set is not None and train_set.classes != val_set.classes:
+        raise SystemExit(f"error: {json_paths[0]} and {json_paths[1]} have different classes")
+    return train_set, val_set

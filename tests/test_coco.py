@@ -104,7 +104,8 @@ def test_official_model_keeps_its_rows_for_coco_classes(tmp_path):
                tmp_path / "official.pth")
     config = train.get_config([])
     config.update(dataset=str(tmp_path / "data"), out_dir=str(tmp_path / "out"), init_from=str(tmp_path / "official.pth"),
-                  eval_only=True, batch_size=2, num_workers=0, val_scale=64, max_size=96, device="cpu", dtype="float32",
+                  backbone="resnet18", hidden_dim=32, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=64,
+                  num_queries=8, eval_only=True, batch_size=2, num_workers=0, val_scale=64, max_size=96, device="cpu", dtype="float32",
                   save_detections=str(tmp_path / "detections.json"))
     model, _ = train.train(config)
     rows = [COCO_CLASSES.index("person"), COCO_CLASSES.index("car"), 91]

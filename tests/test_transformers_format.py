@@ -211,12 +211,19 @@ def test_a_hub_id_comes_from_the_local_cache_or_says_what_to_install(tmp_path, m
     assert "pip install huggingface_hub" in one_line_error(lambda: DETR.from_pretrained("someone/config-only"))
 
 
-def test_fine_tuning_drops_the_pretrained_category_ids_and_the_writer_checks_them(tmp_path):
+def test_fine_tuning_keeps_the_rows_of_same_named_classes_and_the_writer_checks_category_ids(tmp_path):
+    """weights.transfer_weights (train.py's init_from) from a transformers folder: every tensor loaded, the
+    class head's rows picked by name (in the dataset's order), "no object" kept, no pretrained ids."""
     recorded = RECORDED["timm"]
-    model = DETR.from_pretrained(str(write_folder(tmp_path / "in", recorded["config"], random_weights(recorded["weights"]))))
-    model.category_ids = [1, 2, 3, 4]
-    weights.set_classes(model, ["square", "circle"])  # both named in the pretrained model: their rows kept
-    assert model.classes == ["square", "circle"] and model.category_ids is None
+    pretrained = DETR.from_pretrained(str(write_folder(tmp_path / "in", recorded["config"], random_weights(recorded["weights"]))))
+    pretrained.category_ids = [1, 2, 3, 4]
+    model = DETR(**{**pretrained.config, "num_classes": 2})
+    model.classes = ["square", "circle"]
+    loaded, new = weights.transfer_weights(pretrained, model, "folder")
+    rows = [pretrained.classes.index("square"), pretrained.classes.index("circle"), pretrained.num_classes]
+    assert torch.equal(model.class_head.weight, pretrained.class_head.weight[rows]) and new == []
+    assert "backbone" in loaded and torch.equal(model.box_head[0].weight, pretrained.box_head[0].weight)
+    assert model.category_ids is None
     model.category_ids = [7, 8, 9]
     assert "2 classes but 3 category_ids" in one_line_error(lambda: weights.write_transformers_folder(model, str(tmp_path / "x")))
 
@@ -239,7 +246,7 @@ def test_fine_tune_a_folder_then_hand_it_back_with_its_category_ids(tmp_path, ca
         path = tmp_path / "data" / f"{split}.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "category_ids": [3, 5, 7, 9]}))
     run(tmp_path / "out", tmp_path / "data", init_from=str(pretrained), max_iters=1, eval_interval=1)
-    assert "class head: the pretrained model's rows for its 4 classes" in capsys.readouterr().out
+    assert "class rows of 4 of the 4 classes" in capsys.readouterr().out
     result = subprocess.run([sys.executable, "export.py", f"--ckpt={tmp_path / 'out' / 'best.pt'}",
                              f"--hf={tmp_path / 'handed'}"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
