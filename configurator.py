@@ -12,7 +12,8 @@ defaults are plain globals at its top; its command line overrides them, in order
   --key means True for a True/False default.
 
 Every value must then have its default's type (an integer where a number is expected is fine). A
-bad file, an unknown key or a wrong type stops the script with one `error:` line.
+bad file, an unknown key or a wrong type stops the script with one `error:` line. A string that
+starts with ~ is a path from the home folder (--voc_root=~/VOCdevkit), expanded here for every script.
 """
 
 import ast
@@ -51,6 +52,8 @@ def configure(defaults, argv, config_files=False):
         if type(value) is not type(default):
             kind = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}.get(type(default), "a list")
             raise SystemExit(f"error: {key}={value!r} should be {kind}")
+        if isinstance(value, str) and value.startswith("~"):  # a path from the home folder, as a shell would expand it
+            config[key] = os.path.expanduser(value)
     return config
 
 

@@ -7,14 +7,15 @@ conversions between a dataset's records and what they read.
     from metrics import compute_map
     compute_map(detections, ground_truths, num_classes)   # {'mAP50': ..., 'mAP': ..., ...}
 
-train.py evaluates with it; bench.py --what=map times it on 5,000 images.
+train.py evaluates with it; bench.py --what=map times it on 5,000 images. At the end: what the
+training diagnostics measure of a model's outputs (query_diagnostics).
 """
 
 import math
 
 import numpy as np
 import torch
-from torchvision.ops import box_convert
+from torchvision.ops import box_convert, box_iou
 
 
 # COCOeval's area ranges (pixels²), both ends included
@@ -210,3 +211,38 @@ def coco_results(detections, image_ids, category_ids=None):
             records.append({"image_id": image_id, "category_id": category_ids[label] if category_ids else label,
                             "bbox": [round(v, 3) for v in box], "score": round(score, 5)})
     return records
+
+
+# -----------------------------------------------------------------------------
+# training diagnostics (train.training_diagnostics logs them, sample.py --log draws them)
+
+
+def query_diagnostics(outputs, targets, num_queries, matched, dn_pairs=None):
+    """How alike a model's first num_queries queries are (one group, no denoising queries), and how
+    close their boxes are to the objects at each decoder layer:
+    - query_classes: how many distinct classes ("no object" included) the queries of an image
+      predict, averaged over the batch: 1 while every query says the same thing;
+    - query_box_spread: the standard deviation of the predicted box centres across the queries of
+      an image (in image widths), averaged over the batch: near 0 while every query gives one box;
+    - iou_start, iou_layer_0 ... iou_layer_{L-1}: the mean IoU with their matched objects (matched: per
+      image the last layer's (query, target) pairs) of the boxes the queries start from (anchors or
+      encoder proposals) and of each decoder layer's boxes: whether each layer improves on the one before;
+    - iou_dn_start, iou_dn_layer_*: the same for the denoising queries and the objects they copy (dn_pairs)."""
+    Q = num_queries
+    classes = outputs["pred_logits"][:, :Q].argmax(-1)  # (B, Q)
+    record = {"query_classes": float(np.mean([len(c.unique()) for c in classes]))}
+    centres = outputs["pred_boxes"][:, :Q, :2].float()  # (B, Q, 2)
+    record["query_box_spread"] = centres.var(1, unbiased=False).sum(-1).sqrt().mean().item()
+    layers = [o["pred_boxes"][:, :Q] for o in outputs["aux_outputs"] + [outputs]]
+    boxes = {"start": outputs.get("start_boxes"), **{f"layer_{l}": b for l, b in enumerate(layers)}}
+    if "dn_outputs" in outputs:
+        dn = outputs["dn_outputs"]
+        boxes.update({"dn_start": dn["start_boxes"], **{f"dn_layer_{l}": b for l, b in enumerate(dn["pred_boxes"])}})
+    for name, b in boxes.items():
+        if b is not None:
+            pairs = dn_pairs if name.startswith("dn") else matched
+            pred = torch.cat([b[i, p.to(b.device)] for i, (p, _) in enumerate(pairs)]).float()
+            truth = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, pairs)]).float()
+            iou = box_iou(box_convert(pred, "cxcywh", "xyxy"), box_convert(truth, "cxcywh", "xyxy")).diagonal()
+            record[f"iou_{name}"] = iou.mean().item() if len(iou) else math.nan
+    return record

@@ -31,13 +31,13 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torchvision.ops import box_convert, box_iou, generalized_box_iou, generalized_box_iou_loss
+from torchvision.ops import box_convert, generalized_box_iou, generalized_box_iou_loss
 from tqdm import tqdm
 
 from configurator import VALUE_TYPES, configure
-from data.pipeline import ResumableSampler, collate, load_datasets, worker_ignores_sigusr1
+from data.pipeline import ResumableSampler, collate, load_datasets, worker_ignores_signals
 from detr import DETR, argument_problem, parameters_by_part, postprocess
-from metrics import coco_results, compute_map, ground_truth
+from metrics import coco_results, compute_map, ground_truth, query_diagnostics
 from weights import (LoadError, check_checkpoint_dir, load_imagenet_backbone, load_model, load_training_checkpoint,
                      model_from_checkpoint, save_checkpoint, transfer_weights)
 
@@ -455,7 +455,7 @@ def evaluate(model, dataset, cfg, device, rank=0, world_size=1, results_path="")
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     loader = torch.utils.data.DataLoader(
         shard, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=partial(collate, pad_to=cfg.pad_to),
-        worker_init_fn=worker_ignores_sigusr1, generator=torch.Generator())  # leaves the global RNG (dropout) alone
+        worker_init_fn=worker_ignores_signals, generator=torch.Generator())  # leaves the global RNG (dropout) alone
     detections, image_ids = [], []
     for images, mask, targets in loader:
         with autocast(device, cfg.dtype):
@@ -526,42 +526,20 @@ def append_log(out_dir, record, writer=None, classes=()):
 @torch.no_grad()
 def training_diagnostics(model, outputs, targets, matcher):
     """What shows DETR's early plateau (logged every log_interval, drawn by sample.py --log):
-    - grad_norm_<part> and weight_norm_<part> for each part of the model (detr.parameters_by_part), the gradient
-      before clipping;
-    - query_classes: how many distinct classes ("no object" included) the queries of an image
-      predict, averaged over the batch: 1 while every query says the same thing;
-    - query_box_spread: the standard deviation of the predicted box centres across the queries of
-      an image (in image widths), averaged over the batch: near 0 while every query gives one box;
-    - iou_start, iou_layer_0 ... iou_layer_{L-1}: the mean IoU with their matched objects (the last
-      layer's matching) of the boxes the queries start from (anchors or encoder proposals) and of
-      each decoder layer's boxes: whether each layer improves on the one before;
-    - iou_dn_start, iou_dn_layer_*: the same for the denoising queries and the objects they copy.
-    Only the first num_queries queries count (one group, no denoising queries) except in iou_dn_*."""
+    grad_norm_<part> and weight_norm_<part> for each part of the model (detr.parameters_by_part), the
+    gradient before clipping, and how alike the queries are and how close their boxes get to the objects
+    at each decoder layer (metrics.query_diagnostics: the last layer's matching of the first query group,
+    and the denoising queries with the objects they copy)."""
     record = {}
     for name, params in parameters_by_part(model).items():
         grads = [p.grad.float().norm() for p in params if p.grad is not None]
         record[f"grad_norm_{name}"] = torch.stack(grads).norm().item() if grads else 0.0
         record[f"weight_norm_{name}"] = torch.stack([p.float().norm() for p in params]).norm().item()
     Q = model.num_queries
-    classes = outputs["pred_logits"][:, :Q].argmax(-1)  # (B, Q)
-    record["query_classes"] = float(np.mean([len(c.unique()) for c in classes]))
-    centres = outputs["pred_boxes"][:, :Q, :2].float()  # (B, Q, 2)
-    record["query_box_spread"] = centres.var(1, unbiased=False).sum(-1).sqrt().mean().item()
-    layers = [o["pred_boxes"][:, :Q] for o in outputs["aux_outputs"] + [outputs]]
-    matched = matcher({"pred_logits": outputs["pred_logits"][:, :Q], "pred_boxes": layers[-1]}, targets)
-    boxes = {"start": outputs.get("start_boxes"), **{f"layer_{l}": b for l, b in enumerate(layers)}}
-    if "dn_outputs" in outputs:
-        dn = outputs["dn_outputs"]
-        dn_pairs = denoising_pairs(targets, dn["groups"], dn["pred_boxes"].shape[2] // dn["groups"])
-        boxes.update({"dn_start": dn["start_boxes"], **{f"dn_layer_{l}": b for l, b in enumerate(dn["pred_boxes"])}})
-    for name, b in boxes.items():
-        if b is not None:
-            pairs = dn_pairs if name.startswith("dn") else matched
-            pred = torch.cat([b[i, p.to(b.device)] for i, (p, _) in enumerate(pairs)]).float()
-            truth = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, pairs)]).float()
-            iou = box_iou(box_convert(pred, "cxcywh", "xyxy"), box_convert(truth, "cxcywh", "xyxy")).diagonal()
-            record[f"iou_{name}"] = iou.mean().item() if len(iou) else math.nan
-    return record
+    matched = matcher({"pred_logits": outputs["pred_logits"][:, :Q], "pred_boxes": outputs["pred_boxes"][:, :Q]}, targets)
+    dn = outputs.get("dn_outputs")
+    dn_pairs = dn and denoising_pairs(targets, dn["groups"], dn["pred_boxes"].shape[2] // dn["groups"])
+    return {**record, **query_diagnostics(outputs, targets, Q, matched, dn_pairs)}
 
 
 # -----------------------------------------------------------------------------
@@ -634,21 +612,32 @@ def train(config):
                                rank, world_size)
     batches = iter(torch.utils.data.DataLoader(
         train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-        collate_fn=partial(collate, pad_to=cfg.pad_to), worker_init_fn=worker_ignores_sigusr1,
+        collate_fn=partial(collate, pad_to=cfg.pad_to), worker_init_fn=worker_ignores_signals,
         pin_memory="cuda" in device, persistent_workers=cfg.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed)))
 
     def write_checkpoint(best):
         # every process's RNG states, so that a resumed DDP run draws the same dropout masks
         rng = {"cpu": gather(torch.get_rng_state(), world_size),
                "cuda": gather(torch.cuda.get_rng_state(), world_size) if "cuda" in device else []}
+        failed = None
         if master:
             ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": raw_model.config,
                     "iter_num": iter_num, "best_val": best_val, "config": config, "classes": classes, "rng": rng,
                     "category_ids": val_set.category_ids, "scaler": scaler.state_dict(),
                     **({"ema_model": ema_model.state_dict()} if ema_model is not None else {})}
-            save_checkpoint(ckpt, ckpt_path)
-            if best:
-                save_checkpoint(ckpt, os.path.join(cfg.out_dir, "best.pt"))
+            try:
+                save_checkpoint(ckpt, ckpt_path)
+                if best:
+                    save_checkpoint(ckpt, os.path.join(cfg.out_dir, "best.pt"))
+            except SystemExit as error:  # a failed write: its one line
+                failed = error
+        if ddp:  # the other ranks stop with the master's failed write, rather than wait for it at their next collective
+            flag = torch.tensor(int(failed is not None), device=device)
+            dist.broadcast(flag, 0)
+            if flag.item() and not master:
+                raise SystemExit(1)  # the master's line says why
+        if failed is not None:
+            raise failed
 
     first_bad_iter = torch.tensor(-1, device=device)  # where the loss first went non-finite, kept on the device
 
@@ -658,6 +647,13 @@ def train(config):
             tqdm.write(f"error: the loss is not finite at iteration {it}; stopping. "
                        f"The last good checkpoint ({ckpt_path}) is left as it was.")
         return SystemExit(1)
+
+    def out_of_memory(it, images):
+        """The exit for a training step that ran out of memory: one line with the batch and the keys that size it."""
+        B, _, H, W = images.shape
+        return SystemExit(f"error: out of memory at iteration {it} on {device}, a batch of {B} images padded to {H}x{W}; "
+                          f"lower batch_size={cfg.batch_size} (a larger gradient_accumulation_steps keeps the batch), "
+                          f"max_size={cfg.max_size} or train_scales (up to {max(cfg.train_scales)}). {ckpt_path} is left as it was")
 
     def stop_if_not_finite():
         bad = first_bad_iter.item()  # a host sync, so only at log intervals
@@ -693,15 +689,19 @@ def train(config):
                         else images.new_zeros(images[:, 0].shape, dtype=torch.bool))
                 targets = [{k: t[k].to(device, non_blocking=True) for k in ("labels", "boxes")} for t in targets]
                 last_micro_step = micro_step == cfg.gradient_accumulation_steps - 1
-                with model.no_sync() if ddp and not last_micro_step else nullcontext():  # all-reduce grads once
-                    with autocast(device, cfg.dtype):  # the targets only feed denoising queries
-                        outputs = model(images, mask, targets if raw_model.denoising_groups else None)
-                    try:
+                try:
+                    with model.no_sync() if ddp and not last_micro_step else nullcontext():  # all-reduce grads once
+                        with autocast(device, cfg.dtype):  # the targets only feed denoising queries
+                            outputs = model(images, mask, targets if raw_model.denoising_groups else None)
                         losses = criterion(outputs, targets, num_boxes, class_weight_sum)
-                    except FloatingPointError:  # the matcher found non-finite outputs
-                        bad = first_bad_iter.item()  # an earlier step's loss may have gone first
-                        raise not_finite(bad if bad >= 0 else it) from None
-                    scaler.scale(losses["loss"]).backward()
+                        scaler.scale(losses["loss"]).backward()
+                except FloatingPointError:  # the matcher found non-finite outputs
+                    bad = first_bad_iter.item()  # an earlier step's loss may have gone first
+                    raise not_finite(bad if bad >= 0 else it) from None
+                except RuntimeError as e:  # torch.OutOfMemoryError, or the CPU allocator's own message
+                    if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+                        raise
+                    raise out_of_memory(it, images) from None
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v.detach()
                 bad_now = (first_bad_iter < 0) & ~torch.isfinite(losses["loss"].detach())
@@ -784,3 +784,7 @@ if __name__ == "__main__":
         train(get_config(sys.argv[1:]))
     except LoadError as e:  # a checkpoint or weights that cannot be loaded: one line, no traceback
         raise SystemExit(f"error: {e}")
+    except RuntimeError as e:  # under torchrun, a rank that stopped (its own line says why) while this one waited on it
+        if "RANK" not in os.environ or not (isinstance(e, dist.DistError) or "closed by peer" in str(e)):
+            raise
+        raise SystemExit(f"error: rank {os.environ['RANK']} stopped: another rank of the run did ({type(e).__name__})") from None

@@ -28,9 +28,11 @@ max_size = 1000
 crop_scales = [400, 500, 600]
 crop_size = (384, 600)
 val_scale = 640
-# The faster-convergence additions (config/shapes.py, detr.py "Additions beyond the paper") change
-# the architecture, so they cannot start from the official weights. Without a download, or for data
-# unlike COCO's photos, train from scratch with them on instead: init_from = "scratch",
+# The faster-convergence additions (config/shapes.py, detr.py "Additions beyond the paper") may be
+# switched on here too: the official weights then fill the backbone, encoder, decoder and heads, and
+# the additions' own modules and the object queries start new (README, "Training and fine-tuning
+# options"; not yet measured). Without a download, or for data unlike COCO's photos, train from
+# scratch with them on instead: init_from = "scratch",
 # pretrained_backbone = True, anchor_queries = True, encoder_proposals = True, denoising_groups = 3,
 # query_groups = 3, conditional_cross_attn = True. One key follows the image size: feature_stride.
 # Take the coarsest stride at which your smallest objects still span a token or two: on 80 VOC photos

@@ -141,9 +141,13 @@ class DetectionDataset(torch.utils.data.Dataset):
         return image, target
 
 
-def worker_ignores_sigusr1(worker_id):
-    """A data worker leaves SIGUSR1, which SLURM's --signal may send to every process of a job, to the main
-    process: it finishes its step, saves, then closes the workers. SIGTERM stays torch's (its shutdown uses it)."""
+def worker_ignores_signals(worker_id):
+    """A data worker leaves SIGTERM and SIGUSR1 to the main process: a scheduler may send them to every
+    process of a job (scancel, a time limit, SLURM's --signal). The main process finishes its step, saves,
+    then closes the workers through their queues (torch's shutdown); a worker whose main process is gone
+    exits by itself within seconds (torch's watchdog). Without this a worker dies of the SIGTERM, and the
+    main process stops with torch's "DataLoader worker ... is killed by signal" instead of saving."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 

@@ -37,3 +37,28 @@ def test_a_config_file_that_sets_an_unknown_key_or_fails_is_one_line(tmp_path):
         with pytest.raises(SystemExit) as e:
             configure(DEFAULTS, [str(tmp_path / name)], config_files=True)
         assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_path_from_the_home_folder_is_expanded_for_every_script(tmp_path, monkeypatch):
+    """--voc_root=~/VOCdevkit --download, as data/voc/prepare.py's docstring shows it: the download goes to
+    the home folder, not to a folder named ~ in the working directory (no network: the download fails)."""
+    import runpy
+    import sys
+    import urllib.request
+
+    from conftest import ROOT
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert configure(DEFAULTS, ["--out_dir=~/runs/a"])["out_dir"] == str(tmp_path / "home" / "runs" / "a")
+    assert configure(DEFAULTS, ["--out_dir=runs/~a"])["out_dir"] == "runs/~a"  # only a leading ~ is the home folder
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["prepare.py", "--voc_root=~/VOCdevkit", "--download", "--years=2007"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(ROOT / "data" / "voc" / "prepare.py"), run_name="__main__")
+    assert f"download it by hand into {tmp_path / 'home'}" in stop.value.code
+    assert (tmp_path / "home").is_dir() and not (tmp_path / "~").exists()

@@ -6,12 +6,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 import train
 from conftest import ROOT
+from detr import DETR
 from test_train import TINY, make_shapes, run, run_ddp
 
 
@@ -39,21 +41,75 @@ def test_sigterm_finishes_the_step_saves_and_the_resume_is_exact(tmp_path):
         assert torch.equal(a["model"][key], b["model"][key]), key
 
 
-def test_sigusr1_to_the_whole_job_spares_the_data_workers(tmp_path):
-    """A scheduler may signal every process of the job (SLURM's --signal), data workers included."""
+def no_process_left(group, seconds=15):
+    """Whether every process of a process group has exited within seconds (the data workers included)."""
+    for _ in range(seconds * 10):
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_to_the_whole_job_saves_and_the_resume_is_exact(tmp_path, sig):
+    """scancel and a time limit signal every process of the job (SIGTERM), SLURM's --signal may too
+    (SIGUSR1): the data workers leave it to the main process, which saves and exits 0, no traceback, no
+    worker left behind; the resume then ends bit for bit where a straight run does."""
     make_shapes(tmp_path / "data", 10, 2)
-    flags = [f"--{k}={v}" for k, v in {**TINY, "dataset": tmp_path / "data", "out_dir": tmp_path / "out",
+    flags = [f"--{k}={v}" for k, v in {**TINY, "dataset": tmp_path / "data", "out_dir": tmp_path / "split",
                                         "num_workers": 2, "max_iters": 1000, "device": "cpu"}.items()]
     child = subprocess.Popen([sys.executable, "train.py", *flags], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
     for line in child.stdout:
         if line.startswith("iter 3:"):
-            os.killpg(child.pid, signal.SIGUSR1)  # the main process and both workers
+            os.killpg(child.pid, sig)  # the main process and both workers
             break
     out, err = child.communicate(timeout=120)
     assert child.returncode == 0, err[-2000:]
-    stopped = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["iter_num"]
-    assert f"SIGUSR1: stopped at iteration {stopped};" in out and "Traceback" not in err
+    assert no_process_left(child.pid)
+    stopped = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)["iter_num"]
+    assert f"{sig.name}: stopped at iteration {stopped};" in out and "Traceback" not in err
+    run(tmp_path / "split", tmp_path / "data", max_iters=stopped + 2, init_from="resume")
+    run(tmp_path / "straight", tmp_path / "data", max_iters=stopped + 2)
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False)["model"] for d in ("straight", "split"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def traceback_frames_of_the_run(stderr):
+    """The traceback lines of train.py's own processes (a rank's lines come prefixed with [rankN]:, torchrun's not)."""
+    return [line for line in stderr.splitlines() if 'File "' in line and ("train.py" in line or "ddp.py" in line)]
+
+
+def torchrun(flags, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py", *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kwargs)
+
+
+def test_sigterm_to_every_process_under_torchrun_saves_and_the_resume_is_exact(tmp_path):
+    """scancel under torchrun: torchrun, both ranks and their data workers get SIGTERM. The ranks finish
+    the step, agree on it, save and exit 0 with no traceback of theirs; torchrun then reports its own
+    signal (exit 1). The resumed run ends bit for bit where a straight one does."""
+    make_shapes(tmp_path / "data", 10, 2)
+    config = {**TINY, "dataset": tmp_path / "data", "num_workers": 2, "device": "cpu"}
+    flags = lambda out, **more: [f"--{k}={v}" for k, v in {**config, "out_dir": tmp_path / out, **more}.items()]
+    child = torchrun(flags("split", max_iters=1000))
+    for line in child.stdout:
+        if line.startswith("iter 3:"):
+            os.killpg(child.pid, signal.SIGTERM)
+            break
+    out, err = child.communicate(timeout=120)
+    assert no_process_left(child.pid)
+    stopped = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)["iter_num"]
+    assert f"SIGTERM: stopped at iteration {stopped};" in out and 3 <= stopped < 1000
+    assert traceback_frames_of_the_run(err) == []  # torchrun's own SignalException report only
+    for args in (flags("split", max_iters=stopped + 2, init_from="resume"), flags("straight", max_iters=stopped + 2)):
+        result = torchrun(args)
+        assert result.wait(timeout=300) == 0, result.stderr.read()[-2000:]
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False)["model"] for d in ("straight", "split"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_checkpoint_minutes_writes_ckpt_without_evaluating(tmp_path, monkeypatch):
@@ -84,6 +140,92 @@ def test_a_failed_write_is_one_error_line_and_keeps_the_last_checkpoint(tmp_path
     assert "GiB are free there" in message and "\n" not in message
     assert not (tmp_path / "out" / "ckpt.pt.tmp").exists()
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["iter_num"] == 2
+
+
+DDP_FULL_DISK_SCRIPT = """
+import errno, os, sys, torch
+sys.path.insert(0, {root!r})
+import train
+if os.environ["RANK"] == "0":  # the master's disk fills up after its first checkpoint
+    real_save, saves = torch.save, []
+    def save(obj, path, *args, **kwargs):
+        if str(path).endswith("ckpt.pt.tmp"):
+            saves.append(path)
+        if len(saves) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, path, *args, **kwargs)
+    torch.save = save
+config = train.get_config([])
+config.update({config!r})
+train.train(config)
+"""
+
+
+def test_a_failed_write_under_torchrun_stops_every_rank_with_one_line(tmp_path):
+    """The master's write fails: every rank stops within seconds (not at torchrun's 10-minute collective
+    timeout), none prints a traceback, the master's one error line says why, and the last checkpoint is
+    left as it was."""
+    make_shapes(tmp_path / "data", 8, 2)
+    config = dict(TINY, dataset=str(tmp_path / "data"), out_dir=str(tmp_path / "out"), max_iters=1000,
+                  checkpoint_minutes=1e-9)  # a checkpoint after every step
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_FULL_DISK_SCRIPT.format(root=str(ROOT), config=config))
+    start = time.time()
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0 and time.time() - start < 60
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: could not write ") and "No space left" in errors[0]
+    assert traceback_frames_of_the_run(result.stderr) == []  # only torchrun's own ChildFailedError report
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["iter_num"] == 1
+
+
+def test_out_of_memory_in_a_step_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    make_shapes(tmp_path / "data", 4, 2)
+    run(tmp_path / "out", tmp_path / "data", max_iters=2)
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(DETR, "forward", out_of_memory)
+    with pytest.raises(SystemExit) as stop:
+        run(tmp_path / "out", tmp_path / "data", max_iters=4, init_from="resume")
+    message = stop.value.code
+    assert message.startswith("error: out of memory at iteration 2 on cpu, a batch of 2 images padded to ") and "\n" not in message
+    assert all(key in message for key in ("batch_size=2", "gradient_accumulation_steps", "max_size=96", "train_scales (up to 64)"))
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["iter_num"] == 2
+
+
+DDP_OUT_OF_MEMORY_SCRIPT = """
+import os, runpy, sys, torch
+sys.path.insert(0, {root!r})
+from detr import DETR
+if os.environ["RANK"] == "1":  # the second rank runs out of memory in its third training step
+    real_forward, calls = DETR.forward, []
+    def forward(self, *args, **kwargs):
+        calls.append(self.training)
+        if sum(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward(self, *args, **kwargs)
+    DETR.forward = forward
+sys.argv = ["train.py", *{flags!r}]
+runpy.run_path({root!r} + "/train.py", run_name="__main__")  # train.py as torchrun would run it
+"""
+
+
+def test_out_of_memory_on_one_rank_under_torchrun_stops_every_rank(tmp_path):
+    make_shapes(tmp_path / "data", 8, 2)
+    flags = [f"--{k}={v}" for k, v in {**TINY, "dataset": tmp_path / "data", "out_dir": tmp_path / "out",
+                                        "max_iters": 1000, "device": "cpu"}.items()]
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_OUT_OF_MEMORY_SCRIPT.format(root=str(ROOT), flags=flags))
+    start = time.time()
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0 and time.time() - start < 60
+    errors = [line for line in result.stderr.splitlines() if "error: " in line]
+    assert "error: out of memory at iteration 2 on cpu" in errors[0] and len(errors) <= 2, errors  # rank 1's, maybe rank 0's
+    assert traceback_frames_of_the_run(result.stderr) == []
 
 
 def test_a_data_worker_dying_during_a_write_is_not_called_a_full_disk(tmp_path, monkeypatch):

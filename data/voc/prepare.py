@@ -166,4 +166,4 @@ if __name__ == "__main__":
     splits = [tuple(s.split(":")) for s in splits.split(",")]
     if download:
         fetch(voc_root, years)
-    prepare(os.path.expanduser(voc_root), years, splits, out_dir)
+    prepare(voc_root, years, splits, out_dir)
