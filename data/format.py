@@ -5,7 +5,7 @@ data/<name>/<split>.json holds
     {"classes": ["aeroplane", "bicycle", ...],          # K distinct names; label i is classes[i]
      "category_ids": [1, 2, ...],                        # optional: the source dataset's id of each class (COCO's)
      "images": [{"file": "images/val/0001.jpg",          # relative to the json's folder, or absolute
-                 "width": 500, "height": 375,            # of the image file, in pixels
+                 "width": 500, "height": 375,            # of the image as displayed (EXIF orientation applied), in pixels
                  "boxes": [[x0, y0, x1, y1], ...],       # absolute pixels, x1 > x0 and y1 > y0
                  "labels": [0, 14, ...],                 # one class index 0..K-1 per box
                  "difficult": [0, 1, ...],               # optional (VOC): kept out of training, ignored in evaluation
@@ -16,10 +16,27 @@ data/<name>/<split>.json holds
 
 Images may hold no objects (empty lists). VOC's 1-based pixel indices become x0 = xmin - 1,
 y0 = ymin - 1, x1 = xmax, y1 = ymax (data/voc/prepare.py).
+
+Sizes and boxes are those of the image as a person sees it: a phone stores a portrait photo as
+landscape pixels with an EXIF orientation tag, and browsers and labelling tools show it upright, so
+their boxes are upright too. displayed_size reads that size from a file's header, and
+data/pipeline.read_image turns the pixels the same way (PIL's ImageOps.exif_transpose).
 """
 
 import json
 import math
+
+from PIL import Image
+
+EXIF_ORIENTATION = 0x0112  # the EXIF tag; its values 5 to 8 turn the image a quarter, so width and height swap
+
+
+def displayed_size(path):
+    """(width, height) of an image file as displayed, from its header alone (no decoding); an unreadable
+    file raises OSError (or SyntaxError, as PIL does for some)."""
+    with Image.open(path) as im:
+        width, height = im.size
+        return (height, width) if im.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8) else (width, height)
 
 
 def read_json(path, advice=""):

@@ -1,6 +1,6 @@
 """
 The data pipeline from a prepared dataset json (data/format.py) to padded batches, as train.py and
-sample.py use it: images read as RGB, the paper's augmentation, a dataset of (image, target) pairs,
+sample.py use it: images read as displayed, the paper's augmentation, a dataset of (image, target) pairs,
 the padded batch and a training order that a resumed run can re-enter.
 
     from data.pipeline import DetectionDataset, collate, make_transforms
@@ -14,7 +14,7 @@ import sys
 
 import torch
 import torchvision.transforms.v2 as v2
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import tv_tensors
 from torchvision.ops import box_convert
 
@@ -31,11 +31,11 @@ NORMALIZE = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAG
 
 
 def read_image(path):
-    """(3, H, W) uint8 pixels, or None (with one logged line) for a file that cannot be decoded: a
-    truncated or corrupt file, or a missing one."""
+    """(3, H, W) uint8 pixels as displayed (a phone photo's EXIF orientation applied: data/format.py), or
+    None (with one logged line) for a file that cannot be decoded: a truncated or corrupt file, or a missing one."""
     try:
         with Image.open(path) as im:
-            return v2.functional.pil_to_tensor(im.convert("RGB"))
+            return v2.functional.pil_to_tensor(ImageOps.exif_transpose(im).convert("RGB"))
     except (OSError, SyntaxError, ValueError) as e:
         print(f"skip: cannot decode {path} ({type(e).__name__})", file=sys.stderr)
         return None

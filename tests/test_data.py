@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from data import pipeline
+from detr import DETR
 from conftest import ROOT, load_script
 
 VOC_XML = """<annotation><filename>{id}.jpg</filename><size><width>{w}</width><height>{h}</height><depth>3</depth></size>
@@ -206,3 +207,46 @@ def test_shapes_boxes_enclose_the_drawn_shapes(tmp_path):
         assert abs(ys.min() - y0) <= 1.5 and abs(ys.max() + 1 - y1) <= 1.5, r
         kinds.add(r["labels"][0])
     assert kinds == {0, 1, 2, 3}
+
+
+def test_a_phone_photo_is_read_as_displayed(tmp_path):
+    """A JPEG stored landscape with EXIF orientation 6 (how phones store portrait shots) is shown upright by
+    browsers and labelling tools, so a COCO export gives its displayed size and boxes. The prepare script
+    keeps it, training sees the object inside its box, and sample.py draws it upright."""
+    displayed = Image.new("RGB", (48, 80), (20, 20, 20))  # portrait, as a person sees it
+    displayed.paste((230, 20, 20), (8, 40, 24, 64))  # the object: x 8..24, y 40..64
+    stored = displayed.rotate(90, expand=True)  # the sensor's landscape pixels (80 x 48)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    stored.save(tmp_path / "phone.jpg", quality=95, exif=exif)
+    assert Image.open(tmp_path / "phone.jpg").size == (80, 48)
+    coco = {"images": [{"id": 1, "file_name": "phone.jpg", "width": 48, "height": 80}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [8, 40, 16, 24], "iscrowd": 0}],
+            "categories": [{"id": 1, "name": "mug"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    lines = []
+    load_script("data/coco/prepare.py").prepare(str(tmp_path / "ann.json"), str(tmp_path), str(tmp_path / "d"), "val", lines.append)
+    record = json.loads((tmp_path / "d" / "val.json").read_text())["images"][0]
+    assert (record["width"], record["height"]) == (48, 80) and not any(line.startswith("skip") for line in lines)
+    pixels = pipeline.read_image(str(tmp_path / "phone.jpg"))
+    assert pixels.shape == (3, 80, 48)
+    image, target = pipeline.DetectionDataset(tmp_path / "d" / "val.json", pipeline.val_transform(48, 100))[0]
+    cx, cy, w, h = (target["boxes"][0] * torch.tensor([48, 80, 48, 80])).tolist()
+    inside = pixels[:, int(cy - h / 2) + 2:int(cy + h / 2) - 2, int(cx - w / 2) + 2:int(cx + w / 2) - 2].float()
+    assert image.shape[1:] == (80, 48) and inside[0].mean() > 180 and inside[1].mean() < 60  # red: the object
+    sample = load_script("sample.py")
+    sample.out_dir, sample.threshold = str(tmp_path / "drawn"), 2.0  # nothing kept: the photo alone
+    model = DETR(1, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1, num_decoder_layers=1,
+                 dim_feedforward=64, num_queries=4)
+    model.classes = ["mug"]
+    written = sample.sample(model, 80, 200, [str(tmp_path / "phone.jpg")])
+    drawn = np.asarray(Image.open(written[0]))
+    assert drawn.shape[0] > drawn.shape[1]  # upright: taller than wide
+
+
+def test_images_without_exif_are_read_as_before(tmp_path):
+    """The VOC and shapes images carry no orientation: the same pixels as PIL's own decoding."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8)).save(tmp_path / "plain.png")
+    ours = pipeline.read_image(str(tmp_path / "plain.png"))
+    assert torch.equal(ours, torch.from_numpy(np.asarray(Image.open(tmp_path / "plain.png").convert("RGB"))).permute(2, 0, 1))

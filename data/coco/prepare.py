@@ -28,11 +28,9 @@ import math
 import os
 import sys
 
-from PIL import Image
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository root
 from configurator import configure  # noqa: E402  (the repository's one flag parser)
-from data.format import read_json  # noqa: E402
+from data.format import displayed_size, read_json  # noqa: E402
 
 # defaults, each overridable as --key=value
 ann = ""  # the COCO annotation json
@@ -74,8 +72,7 @@ def prepare(ann, images, out_dir, split, log=print):
     for im in sorted(data["images"], key=lambda im: (str(type(im["id"])), im["id"])):
         path = os.path.abspath(os.path.join(images, im["file_name"]))
         try:
-            with Image.open(path) as f:  # the header only: proof the file is there, and its real size
-                width, height = f.size
+            width, height = displayed_size(path)  # the header only: proof the file is there, and its size as shown
         except (OSError, SyntaxError) as e:
             log(f"skip image {im['id']}: cannot read {path} ({type(e).__name__})")
             skipped_images += 1

@@ -24,7 +24,9 @@ import tarfile
 import urllib.request
 import xml.etree.ElementTree as ET
 
-from PIL import Image
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository root
+from configurator import configure  # noqa: E402  (the repository's one flag parser)
+from data.format import displayed_size  # noqa: E402
 
 # defaults, each overridable as --key=value
 voc_root = ""  # the VOCdevkit folder, holding VOC2007/ and/or VOC2012/
@@ -55,8 +57,7 @@ def parse_annotation(xml_path, jpeg_path, log):
         log(f"skip image: cannot parse {xml_path} ({e})")
         return None
     try:
-        with Image.open(jpeg_path) as im:  # reads the header only: real size, and proof the file is there
-            width, height = im.size
+        width, height = displayed_size(jpeg_path)  # the header only: proof the file is there, and its size as shown
     except (OSError, SyntaxError) as e:
         log(f"skip image: cannot read {jpeg_path} ({type(e).__name__})")
         return None
@@ -154,9 +155,6 @@ def fetch(voc_root, years):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository root
-    from configurator import configure  # the repository's one flag parser
-
     globals().update(configure({k: globals()[k] for k in ("voc_root", "years", "splits", "out_dir", "download")}, sys.argv[1:]))
     if not voc_root:
         sys.exit("error: give --voc_root=/path/to/VOCdevkit (add --download to fetch VOC first)")
