@@ -404,7 +404,7 @@ def bench_map():
     result = compute_map(detections, ground_truths, 20)
     seconds = time.perf_counter() - t
     print(json.dumps({"what": "compute_map", "images": 5000, "detections_per_image": 100, "seconds": round(seconds, 2),
-                      **{k: round(v, 4) for k, v in result.items() if k != "AP_per_class"}}))
+                      **{k: round(v, 4) for k, v in result.items() if not k.endswith("_per_class")}}))
 
 
 def main():

@@ -27,9 +27,10 @@ def compute_map(detections, ground_truths, num_classes, max_dets=100):
     ground_truths: per image {boxes (N, 4) xyxy, labels (N,), and optionally difficult (N,),
     iscrowd (N,) and area (N,) (COCO's object area; the box area if absent)}.
     Returns mAP50_07 (VOC2007 11-point), mAP50 (VOC2010+ all-point), mAP (COCO, IoU 0.50:0.05:0.95,
-    101-point, <= max_dets detections per image and class), mAP75, mAP_small / _medium / _large
-    (COCO's area ranges), AR100 (COCO's mean recall at max_dets), and AP_per_class (all-point at
-    0.5). Classes with no ground truth are NaN and left out of every mean.
+    101-point, <= max_dets detections per image and class, pycocotools' maxDets), mAP75, mAP_small /
+    _medium / _large (COCO's area ranges), AR<max_dets> (COCO's mean recall, AR100 by default), and
+    per class AP50_per_class (VOC's all-point AP at IoU 0.5) and AP_per_class (COCO's, 0.50:0.95).
+    Classes with no ground truth are NaN and left out of every mean.
 
     Detections are matched greedily in order of score, as both reference evaluators do. The order
     only matters within an image, so all images are matched at once, one detection rank at a time.
@@ -109,8 +110,8 @@ def compute_map(detections, ground_truths, num_classes, max_dets=100):
         return float(np.nanmean(ap)) if not np.isnan(ap).all() else math.nan
 
     return {"mAP50_07": mean(ap50_07), "mAP50": mean(ap50), "mAP": mean(ap_coco[""]), "mAP75": mean(ap75),
-            **{f"mAP{name}": mean(ap_coco[name]) for name in AREA_RANGES if name}, "AR100": mean(ar100),
-            "AP_per_class": ap50.tolist()}
+            **{f"mAP{name}": mean(ap_coco[name]) for name in AREA_RANGES if name}, f"AR{max_dets}": mean(ar100),
+            "AP50_per_class": ap50.tolist(), "AP_per_class": ap_coco[""].tolist()}
 
 
 def match_voc(ious, gt_ignored, threshold):

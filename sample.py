@@ -9,13 +9,16 @@ to (paper Fig. 6), what the encoder attends to from a few pixels (paper Fig. 3),
     python sample.py --log=out-shapes/log.jsonl                       # training curves (needs matplotlib)
     python sample.py --ckpt=out-shapes/ckpt.pt --weights              # weight histograms (needs matplotlib)
     python sample.py --ckpt=detr-r50 --images=photos/ --json=detections.json   # detections as data
+    python sample.py --ckpt=out-custom/best.pt --split=val --json=detections.json  # ... with the dataset's own ids
 
 One PNG per image goes to out_dir (<name>.png; with --attention also <name>_attention.png); --log
 writes out_dir/curves.png, --weights out_dir/weights.png. --json draws nothing: it runs batched
 inference over every image of --images and writes one COCO results record per detection above
---threshold (or the --top_k best per image): image_id (the image's index in sorted order),
-file_name (relative to --images), category_id (the dataset's own ids where the checkpoint has them;
-COCO's for the official models), bbox [x, y, w, h] in the original image's pixels, and score.
+--threshold (or the --top_k best per image): image_id (for a folder, the image's index in sorted
+file order; with --split, a split of the checkpoint's dataset, the dataset's own image id, as a COCO
+json gave it, so that pycocotools scores the file against that json), file_name (relative to the
+folder or the split's json), category_id (the dataset's own ids where the checkpoint or the split has
+them; COCO's for the official models), bbox [x, y, w, h] in the original image's pixels, and score.
 """
 
 import math
@@ -40,6 +43,7 @@ from weights import LoadError, load_model
 # defaults, each overridable as --key=value
 ckpt = "out-shapes/ckpt.pt"  # a minidetr checkpoint, an official one (file, or 'detr-r50' ...), or a transformers folder / hub id
 images = ""  # an image file or a folder of them; empty: the checkpoint's val split
+split = ""  # instead of --images: a split of the checkpoint's dataset (val, train ...), with its own image and category ids
 out_dir = "samples"
 device = "cpu"
 threshold = 0.7  # keep detections whose class probability is above this
@@ -55,23 +59,31 @@ weights = False  # draw the checkpoint's weight histograms, one per part of the 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-def val_split_json(config):
-    """The val split json of a minidetr checkpoint's training config (weights.load_model's), else None:
-    only a minidetr checkpoint has a val split to sample from."""
+def split_json(config, split):
+    """A split's json of a minidetr checkpoint's dataset (weights.load_model's config), else None: only
+    a minidetr checkpoint names its dataset."""
     if "dataset" not in config:
         return None
-    return os.path.join(dataset_dir(config["dataset"]), f"{config['val_split']}.json")
+    return os.path.join(dataset_dir(config["dataset"]), f"{split}.json")
+
+
+def split_images(split_path, classes):
+    """A prepared split's image paths, the dataset's own image ids (its json's "id", else the index) and
+    category ids (or None), or one error line: no such split, or other classes than the model's."""
+    if split_path is None or not os.path.isfile(split_path):
+        raise SystemExit(f"error: give --images=path (no split {split_path or 'of a minidetr checkpoint'} to take images from)")
+    data = read_dataset_json(split_path)
+    if data["classes"] != classes:
+        raise SystemExit(f"error: {split_path} has classes {data['classes']}, the checkpoint {classes}")
+    root = os.path.dirname(os.path.abspath(split_path))
+    return ([os.path.join(root, r["file"]) for r in data["images"]], [r.get("id", i) for i, r in enumerate(data["images"])],
+            data.get("category_ids"))
 
 
 def image_paths(images, val_json, classes):
     """The images to sample: a file, a folder's images, or the first ones of the val split."""
     if not images:
-        if val_json is None or not os.path.isfile(val_json):
-            raise SystemExit(f"error: give --images=path (no val split {val_json or ''} to sample from)")
-        data = read_dataset_json(val_json)
-        if data["classes"] != classes:
-            raise SystemExit(f"error: {val_json} has classes {data['classes']}, the checkpoint {classes}")
-        return [os.path.join(os.path.dirname(os.path.abspath(val_json)), r["file"]) for r in data["images"]]
+        return split_images(val_json, classes)[0]
     if os.path.isdir(images):
         paths = sorted(os.path.join(images, f) for f in os.listdir(images) if f.lower().endswith(IMAGE_EXTENSIONS))
         if not paths:
@@ -105,9 +117,9 @@ def collate_readable(batch):
     return collate(batch) if batch else None
 
 
-def detect(model, category_ids, val_scale, max_size, paths, root, out_path):
+def detect(model, category_ids, val_scale, max_size, paths, root, out_path, image_ids=None):
     """Batched inference over paths; writes the kept detections as COCO results records (see the
-    docstring) to out_path and returns them."""
+    docstring; image_ids: each path's, else its index) to out_path and returns them."""
     from tqdm import tqdm
 
     transform = val_transform(val_scale, max_size)
@@ -127,8 +139,9 @@ def detect(model, category_ids, val_scale, max_size, paths, root, out_path):
             result = {k: v.cpu() for k, v in result.items()}
             keep = result["scores"].argsort(descending=True)[:top_k] if top_k else result["scores"] > threshold
             i = target["index"]
-            for record in metrics.coco_results([{k: v[keep] for k, v in result.items()}], [i], category_ids):
-                records.append({"image_id": i, "file_name": os.path.relpath(paths[i], root), **record})
+            image_id = i if image_ids is None else image_ids[i]
+            for record in metrics.coco_results([{k: v[keep] for k, v in result.items()}], [image_id], category_ids):
+                records.append({"file_name": os.path.relpath(paths[i], root), **record})
             read += 1
     if not read:
         raise SystemExit(f"error: none of the {len(paths)} images could be read")
@@ -336,22 +349,29 @@ def main():
     if weights:
         plot_weights(model, os.path.join(out_dir, "weights.png"))
         return
+    if json and split:  # a prepared split: the dataset's own image and category ids
+        path = split_json(config, split)
+        paths, image_ids, category_ids = split_images(path, model.classes)
+        detect(model, category_ids or model.category_ids, val_scale, max_size, paths, os.path.dirname(path), json, image_ids)
+        return
     if json:
         if not images:
-            raise SystemExit("error: --json needs --images=DIR (or one image file)")
+            raise SystemExit("error: --json needs --images=DIR (or one image file), or --split=NAME of the checkpoint's dataset")
         paths = image_paths(images, None, model.classes)
         root = images if os.path.isdir(images) else os.path.dirname(images)
         detect(model, model.category_ids, val_scale, max_size, paths, root, json)
         return
-    sample(model, val_scale, max_size, image_paths(images, val_split_json(config), model.classes))
+    sample(model, val_scale, max_size, image_paths(images, split_json(config, config.get("val_split")), model.classes))
 
 
 if __name__ == "__main__":
     flags = ("ckpt", "images", "out_dir", "device", "threshold", "max_images", "attention", "num_pixels", "log",
-             "weights", "json", "top_k", "batch_size")
+             "weights", "json", "top_k", "batch_size", "split")
     globals().update(configure({k: globals()[k] for k in flags}, sys.argv[1:]))
     if not 0 <= threshold <= 1 or max_images < 1 or num_pixels < 1 or top_k < 0 or batch_size < 1:
         sys.exit("error: --threshold must be in [0, 1], --max_images, --num_pixels and --batch_size >= 1, --top_k >= 0")
     if json and not os.path.isdir(os.path.dirname(os.path.abspath(json))):
         sys.exit(f"error: no folder for --json={json}")
+    if split and (images or not json):
+        sys.exit("error: --split=NAME takes the images of that split for --json, instead of --images")
     main()

@@ -35,7 +35,7 @@ from torchvision.ops import box_convert, generalized_box_iou, generalized_box_io
 from tqdm import tqdm
 
 from configurator import VALUE_TYPES, configure
-from data.pipeline import ResumableSampler, collate, load_datasets, worker_ignores_signals
+from data.pipeline import ResumableSampler, collate, load_datasets, too_many_objects, worker_ignores_signals
 from detr import DETR, argument_problem, parameters_by_part, postprocess
 from metrics import coco_results, compute_map, ground_truth, query_diagnostics
 from weights import (LoadError, check_checkpoint_dir, load_imagenet_backbone, load_model, load_training_checkpoint,
@@ -55,6 +55,7 @@ log_interval = 10  # print and log the losses every this many iterations
 eval_only = False  # evaluate the initial model and exit
 save_detections = ""  # with eval_only: also write the val detections to this path as a COCO results json
 best_metric = "mAP50"  # the val metric that decides best.pt
+max_dets = 100  # detections per image and class that COCO's mAP and AR count (pycocotools' maxDets)
 # model
 backbone = "resnet50"
 pretrained_backbone = True  # torchvision's ImageNet weights (the paper starts from them)
@@ -354,7 +355,7 @@ def check_config(c):
 
     rules = [
         *((k, c[k] >= 1, ">= 1") for k in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval",
-                                           "log_interval", "val_scale", "pad_to", "ema_warmup_iters")),
+                                           "log_interval", "val_scale", "pad_to", "ema_warmup_iters", "max_dets")),
         *((k, c[k] >= 0, ">= 0") for k in ("num_workers", "warmup_iters", "lr_drop")),
         *((k, math.isfinite(c[k]) and c[k] >= 0, "a number >= 0") for k in (
             "learning_rate", "lr_backbone", "weight_decay", "grad_clip", "cost_class", "cost_bbox", "cost_giou")),
@@ -472,7 +473,7 @@ def evaluate(model, dataset, cfg, device, rank=0, world_size=1, results_path="")
             json.dump(coco_results(detections, ids, dataset.category_ids), f)
         print(f"wrote {sum(len(d['scores']) for d in detections)} detections of {len(ids)} images to {results_path}")
     model.train(was_training)
-    return compute_map(detections, ground_truths, len(dataset.classes))
+    return compute_map(detections, ground_truths, len(dataset.classes), cfg.max_dets)
 
 
 def setup_process(cfg):
@@ -596,6 +597,11 @@ def train(config):
         n_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         print(f"{cfg.dataset}: {len(train_set) if train_set else 0} train / {len(val_set)} val images, {len(classes)} classes; "
               f"model {n_params / 1e6:.2f}M trainable parameters; {device}, {cfg.dtype}, world size {world_size}")
+        if cfg.num_queries > cfg.max_dets:
+            print(f"warning: num_queries={cfg.num_queries} but max_dets={cfg.max_dets}: COCO's mAP counts only the "
+                  f"{cfg.max_dets} best detections of an image and class (raise max_dets to count them all)")
+        for warning in filter(None, (too_many_objects(d, cfg.num_queries) for d in (train_set, val_set) if d)):
+            print(warning)
     writer = None
     if cfg.tensorboard and master and not cfg.eval_only:
         from torch.utils.tensorboard import SummaryWriter  # optional: imported only when asked for
@@ -746,9 +752,9 @@ def train(config):
                     improved = metrics[f"val_{cfg.best_metric}"] > best_val
                     best_val = max(best_val, metrics[f"val_{cfg.best_metric}"])
                     if master:
-                        aps = ", ".join(f"{c} {ap:.3f}" for c, ap in zip(classes, metrics["val_AP_per_class"]) if ap == ap)
-                        tqdm.write(f"iter {iter_num}: val mAP50 {metrics['val_mAP50']:.4f}, mAP50 (VOC07) "
-                                   f"{metrics['val_mAP50_07']:.4f}, mAP {metrics['val_mAP']:.4f} | {aps}")
+                        aps = ", ".join(f"{c} {ap:.3f}" for c, ap in zip(classes, metrics["val_AP50_per_class"]) if ap == ap)
+                        tqdm.write(f"iter {iter_num}: val mAP50 {metrics['val_mAP50']:.4f}, mAP50 (VOC07) {metrics['val_mAP50_07']:.4f}, "
+                                   f"mAP {metrics['val_mAP']:.4f} (at most {cfg.max_dets} detections) | AP50 {aps}")
                         append_log(cfg.out_dir, {"iter": iter_num, "time": round(time.time() - t_start, 1), **metrics}, writer, classes)
                     write_checkpoint(improved)
                     t_checkpoint, checkpoint_iter = time.time(), iter_num

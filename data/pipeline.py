@@ -93,6 +93,7 @@ class DetectionDataset(torch.utils.data.Dataset):
     def __init__(self, json_path, transform, keep_difficult=False):
         data = read_dataset_json(json_path)
         self.classes, self.records, self.category_ids = data["classes"], data["images"], data.get("category_ids")
+        self.json_path = str(json_path)
         root = os.path.dirname(os.path.abspath(json_path))
         self.paths = [os.path.join(root, r["file"]) for r in self.records]  # join keeps absolute paths
         self.transform, self.keep_difficult = transform, keep_difficult
@@ -202,3 +203,14 @@ def load_datasets(cfg):
     if train_set is not None and train_set.classes != val_set.classes:
         raise SystemExit(f"error: {json_paths[0]} and {json_paths[1]} have different classes")
     return train_set, val_set
+
+
+def too_many_objects(dataset, num_queries):
+    """A warning line when images of a dataset hold more objects than num_queries (else None): a query is
+    matched to one object at most (paper §3.1), so the rest are never learnt nor found."""
+    counts = [len(r["labels"]) - sum(r.get("iscrowd", [])) for r in dataset.records]
+    over = sum(n > num_queries for n in counts)
+    if not over:
+        return None
+    return (f"warning: {over} of the {len(counts)} images of {dataset.json_path} hold more objects than num_queries="
+            f"{num_queries} (up to {max(counts)}): a query finds one object at most, so raise num_queries")

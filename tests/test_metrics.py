@@ -27,7 +27,7 @@ def test_hand_computed_ap_where_11_point_differs():
     assert m["mAP50"] == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)  # 0.8333
     assert m["mAP50_07"] == pytest.approx((6 * 1 + 5 * 2 / 3) / 11)  # 0.8485: recall >= 0.6 only reaches 2/3
     assert m["mAP"] == pytest.approx((51 * 1 + 50 * 2 / 3) / 101)  # perfect boxes: every IoU threshold alike
-    assert m["AP_per_class"] == [pytest.approx(0.8333333)]
+    assert m["AP50_per_class"] == [pytest.approx(0.8333333)]
 
 
 def test_iou_thresholds_and_duplicates():
@@ -56,7 +56,7 @@ def test_classes_without_ground_truth_are_left_out():
     gts = [gt([[0, 0, 10, 10]], [1]), gt([], [])]
     dets = [det([[0, 0, 10, 10], [0, 0, 5, 5]], [0.9, 0.95], [1, 2]), det([], [], [])]
     m = compute_map(dets, gts, num_classes=3)
-    assert m["mAP50"] == 1.0 and math.isnan(m["AP_per_class"][0]) and math.isnan(m["AP_per_class"][2])
+    assert m["mAP50"] == 1.0 and math.isnan(m["AP50_per_class"][0]) and math.isnan(m["AP50_per_class"][2])
     assert compute_map([det([], [], [])], [gt([[0, 0, 1, 1]], [0])], num_classes=1)["mAP"] == 0.0
 
 
@@ -205,8 +205,9 @@ def coco_export(rng, num_images=60, category_ids=(2, 5, 11, 40)):
     return {"images": images, "annotations": annotations, "categories": categories}, results
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_coco_crowds_areas_and_ids_equal_pycocotools(seed):
+@pytest.mark.parametrize("seed, max_dets", [(0, 100), (1, 100), (2, 100), (0, 10)])
+def test_coco_crowds_areas_and_ids_equal_pycocotools(seed, max_dets):
+    """mAP, mAP75, the area ranges, AR at max_dets and each class's AP equal pycocotools' (maxDets = max_dets)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -215,6 +216,7 @@ def test_coco_crowds_areas_and_ids_equal_pycocotools(seed):
     coco.dataset = ground_truth
     coco.createIndex()
     evaluator = COCOeval(coco, coco.loadRes(results), "bbox")
+    evaluator.params.maxDets = [1, 10, max_dets]  # summarize's AP and AR use the last
     evaluator.evaluate()
     evaluator.accumulate()
     evaluator.summarize()
@@ -232,8 +234,11 @@ def test_coco_crowds_areas_and_ids_equal_pycocotools(seed):
         dets.append({"boxes": torch.tensor([xyxy(r["bbox"]) for r in res], dtype=torch.float64).reshape(-1, 4),
                      "scores": torch.tensor([r["score"] for r in res], dtype=torch.float64),
                      "labels": torch.tensor([label[r["category_id"]] for r in res], dtype=torch.int64)})
-    m = compute_map(dets, gts, num_classes=len(label))
-    ours = [m["mAP"], m["mAP75"], m["mAP_small"], m["mAP_medium"], m["mAP_large"], m["AR100"]]
-    theirs = [evaluator.stats[i] for i in (0, 2, 3, 4, 5, 8)]
+    m = compute_map(dets, gts, num_classes=len(label), max_dets=max_dets)
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]  # (IoUs, recalls, classes) at every area, max_dets
+    ours = [m["mAP"], m["mAP75"], m["mAP_small"], m["mAP_medium"], m["mAP_large"], m[f"AR{max_dets}"]]
+    theirs = [precision[precision > -1].mean(), *(evaluator.stats[i] for i in (2, 3, 4, 5, 8))]  # stats[0] is at 100 always
     assert ours == pytest.approx(theirs, abs=1e-6)
+    per_class = [precision[:, :, k][precision[:, :, k] > -1].mean() for k in range(len(label))]
+    assert m["AP_per_class"] == pytest.approx(per_class, abs=1e-6)
     assert sum(a["iscrowd"] for a in ground_truth["annotations"]) >= 3 and 0.05 < m["mAP"] < 0.9

@@ -158,3 +158,37 @@ def test_json_boxes_are_the_drawn_ones_in_original_pixels(sample, tmp_path, capf
     assert {r["category_id"] for r in records} == {20} and {r["image_id"] for r in records} == {0, 1}
     sample.top_k = 1
     assert len(sample.detect(model, None, val_scale, max_size, paths, str(folder), str(tmp_path / "e.json"))) == 2
+
+
+def test_json_of_a_prepared_split_has_the_datasets_own_ids(tmp_path):
+    """sample.py --split=val --json: the image ids and category ids of the dataset's json (as a COCO export
+    gave them), so that pycocotools scores the file against that export; a folder keeps the file order."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    data = tmp_path / "mine"
+    data.mkdir()
+    for name in ("b.png", "a.png"):
+        Image.new("RGB", (96, 64)).save(data / name)
+    split = {"classes": ["a", "b", "c"], "category_ids": [10, 20, 30],
+             "images": [{"file": "b.png", "width": 96, "height": 64, "boxes": [], "labels": [], "id": 397133},
+                        {"file": "a.png", "width": 96, "height": 64, "boxes": [], "labels": [], "id": 42}]}
+    (data / "val.json").write_text(json.dumps(split))
+    model = fixed_box_model()
+    config = {"dataset": str(data), "val_split": "val", "val_scale": 64, "max_size": 200}
+    torch.save({"model": model.state_dict(), "model_args": model.config, "classes": ["a", "b", "c"],
+                "config": config}, tmp_path / "ckpt.pt")
+    result = subprocess.run([sys.executable, "sample.py", f"--ckpt={tmp_path / 'ckpt.pt'}", "--split=val",
+                             f"--json={tmp_path / 'd.json'}", "--top_k=1"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = json.loads((tmp_path / "d.json").read_text())
+    assert {(r["file_name"], r["image_id"], r["category_id"]) for r in records} == {("b.png", 397133, 20), ("a.png", 42, 20)}
+    result = subprocess.run([sys.executable, "sample.py", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--images={data}",
+                             f"--json={tmp_path / 'e.json'}", "--top_k=1"], cwd=ROOT, capture_output=True, text=True)
+    records = json.loads((tmp_path / "e.json").read_text())  # a folder: the index in sorted file order
+    assert {(r["file_name"], r["image_id"]) for r in records} == {("a.png", 0), ("b.png", 1)}
+    result = subprocess.run([sys.executable, "sample.py", "--ckpt=" + str(tmp_path / "ckpt.pt"), "--split=test",
+                             f"--json={tmp_path / 'f.json'}"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.startswith("error: give --images=path (no split ") and "Traceback" not in result.stderr

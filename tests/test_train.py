@@ -297,3 +297,16 @@ def test_config_bare_boolean_flag_and_file_then_flags_order(tmp_path):
     config = train.get_config([str(tmp_path / "c.py"), "--eval_only", "--batch_size=6", "--learning_rate=1"])
     assert config["eval_only"] is True and config["batch_size"] == 6 and config["learning_rate"] == 1.0
     assert train.get_config(["--eval_only=False"])["eval_only"] is False
+
+
+def test_too_few_queries_and_a_low_max_dets_are_one_warning_line_each(tmp_path, capsys):
+    """A query finds one object at most: images with more objects than num_queries are counted; and COCO's
+    metrics count max_dets detections of an image and class (AR<max_dets> in the log)."""
+    make_shapes(tmp_path / "data", 4, 2, min_objects=3, max_objects=3)
+    run(tmp_path / "out", tmp_path / "data", max_iters=1, eval_interval=1, num_queries=2, max_dets=1)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
+    assert lines[0].startswith("warning: num_queries=2 but max_dets=1: COCO's mAP counts only the 1 best")
+    assert lines[1].startswith("warning: 4 of the 4 images of ") and "train.json" in lines[1] and "(up to 3)" in lines[1]
+    assert lines[2].startswith("warning: 2 of the 2 images of ") and len(lines) == 3
+    log = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
+    assert "val_AR1" in log[-1] and "val_AR100" not in log[-1] and len(log[-1]["val_AP50_per_class"]) == 4
