@@ -249,4 +249,4 @@ def test_images_without_exif_are_read_as_before(tmp_path):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8)).save(tmp_path / "plain.png")
     ours = pipeline.read_image(str(tmp_path / "plain.png"))
-    assert torch.equal(ours, torch.from_numpy(np.asarray(Image.open(tmp_path / "plain.png").convert("RGB"))).permute(2, 0, 1))
+    assert torch.equal(ours, torch.from_numpy(np.array(Image.open(tmp_path / "plain.png").convert("RGB"))).permute(2, 0, 1))
