@@ -497,10 +497,9 @@ def initial_model(cfg, config, classes):
         model = new_model({**config, "pretrained_backbone": False}, len(classes), trainable_layers)
         model.classes = classes
         pretrained = load_model(cfg.init_from)[0]
-        loaded, new = transfer_weights(pretrained, model, cfg.init_from)
-        named = {c.lower() for c in pretrained.classes or []}
-        print(f"init_from={cfg.init_from}: loaded {', '.join(loaded)}; class rows of {sum(c.lower() in named for c in classes)} "
-              f"of the {len(classes)} classes (those of the same name)")
+        loaded, new, kept = transfer_weights(pretrained, model, cfg.init_from)
+        print(f"init_from={cfg.init_from}: loaded {', '.join(loaded)}; class rows of {kept} of the {len(classes)} "
+              f"classes (those of the same name)")
         if new:
             print(f"init_from={cfg.init_from}: new {', '.join(new)}")
         return model, None
@@ -589,6 +588,8 @@ def train(config):
     eval_model = ema_model or model  # not the DDP wrapper: its forward is a collective, and shards may differ by a batch
     if ddp:
         model = DDP(model, device_ids=[device] if "cuda" in device else None)
+        for tensor in ema_model.state_dict().values() if ema_model is not None else ():
+            dist.broadcast(tensor, 0)  # DDP gave every rank rank 0's weights: the EMA starts from them too
     criterion = new_criterion(config, raw_model.query_groups).to(device)
 
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
@@ -659,7 +660,8 @@ def train(config):
         B, _, H, W = images.shape
         return SystemExit(f"error: out of memory at iteration {it} on {device}, a batch of {B} images padded to {H}x{W}; "
                           f"lower batch_size={cfg.batch_size} (a larger gradient_accumulation_steps keeps the batch), "
-                          f"max_size={cfg.max_size} or train_scales (up to {max(cfg.train_scales)}). {ckpt_path} is left as it was")
+                          f"max_size={cfg.max_size} or train_scales (up to {max(cfg.train_scales)}; val_scale={cfg.val_scale} "
+                          f"at evaluation). {ckpt_path} is left as it was")
 
     def stop_if_not_finite():
         bad = first_bad_iter.item()  # a host sync, so only at log intervals
@@ -695,19 +697,15 @@ def train(config):
                         else images.new_zeros(images[:, 0].shape, dtype=torch.bool))
                 targets = [{k: t[k].to(device, non_blocking=True) for k in ("labels", "boxes")} for t in targets]
                 last_micro_step = micro_step == cfg.gradient_accumulation_steps - 1
-                try:
-                    with model.no_sync() if ddp and not last_micro_step else nullcontext():  # all-reduce grads once
-                        with autocast(device, cfg.dtype):  # the targets only feed denoising queries
-                            outputs = model(images, mask, targets if raw_model.denoising_groups else None)
+                with model.no_sync() if ddp and not last_micro_step else nullcontext():  # all-reduce grads once
+                    with autocast(device, cfg.dtype):  # the targets only feed denoising queries
+                        outputs = model(images, mask, targets if raw_model.denoising_groups else None)
+                    try:
                         losses = criterion(outputs, targets, num_boxes, class_weight_sum)
-                        scaler.scale(losses["loss"]).backward()
-                except FloatingPointError:  # the matcher found non-finite outputs
-                    bad = first_bad_iter.item()  # an earlier step's loss may have gone first
-                    raise not_finite(bad if bad >= 0 else it) from None
-                except RuntimeError as e:  # torch.OutOfMemoryError, or the CPU allocator's own message
-                    if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
-                        raise
-                    raise out_of_memory(it, images) from None
+                    except FloatingPointError:  # the matcher found non-finite outputs
+                        bad = first_bad_iter.item()  # an earlier step's loss may have gone first
+                        raise not_finite(bad if bad >= 0 else it) from None
+                    scaler.scale(losses["loss"]).backward()
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v.detach()
                 bad_now = (first_bad_iter < 0) & ~torch.isfinite(losses["loss"].detach())
@@ -775,6 +773,10 @@ def train(config):
                         tqdm.write(f"{signals[0] if signals else 'a signal on another rank'}: stopped at iteration "
                                    f"{iter_num}; {ckpt_path} written, resume with --init_from=resume")
                     break
+    except RuntimeError as e:  # out of memory anywhere in a step or its evaluation: torch's, or the CPU allocator's
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
+        raise out_of_memory(it, images) from None
     finally:  # also after an error: a handler left behind would swallow the signals of whatever runs next
         for number, handler in previous.items():
             signal.signal(number, handler)

@@ -290,15 +290,16 @@ def check_checkpoint_dir(out_dir):
 
 
 # Fine-tuning (train.py's init_from): a pretrained model's weights into the config's model
-# The settings that shape no tensor but change what the tensors mean: the transfer refuses another value
+# The architecture the transfer refuses another value of (num_heads and dilation shape no tensor, but change what they mean)
 ARCHITECTURE_KEYS = ("backbone", "dilation", "hidden_dim", "num_heads", "num_encoder_layers", "num_decoder_layers",
                      "dim_feedforward", "num_queries", "feature_stride")
 
 
 def transfer_weights(pretrained, model, source):
     """Copy into model (built from train.py's config for the dataset's classes, model.classes) every
-    tensor of the pretrained model (load_model's) that it has too, and return (loaded, new): the parts
-    (detr.PARTS) that got pretrained tensors and those that start as new.
+    tensor of the pretrained model (load_model's) that it has too, and return (loaded, new, kept): the
+    parts (detr.PARTS) that got pretrained tensors, those that start as new, and how many of the
+    model's classes kept their class rows.
     - The architecture must be the same (ARCHITECTURE_KEYS but those the file does not say, then
       every tensor's shape): anything else is one LoadError naming the first setting or key that differs.
     - The class-shaped tensors (the class heads' rows and the denoising label embedding) are copied
@@ -355,7 +356,7 @@ def transfer_weights(pretrained, model, source):
         if unknown:
             raise LoadError(f"{source} has '{unknown}', which the config's model has not: it is another architecture")
     order = list(PARTS)
-    return sorted(loaded, key=order.index), sorted(new, key=order.index)
+    return sorted(loaded, key=order.index), sorted(new, key=order.index), len(rows)
 
 
 # -----------------------------------------------------------------------------

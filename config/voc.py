@@ -1,8 +1,9 @@
 # DETR-R50 on Pascal VOC (train: VOC2007 + VOC2012 trainval, 16,551 images; val: VOC2007 test, 4,952)
 # on one 80 GB GPU: the paper's optimizer and augmentation (§4), with the five convergence fixes below on.
 #   python data/voc/prepare.py --voc_root=/path/to/VOCdevkit && python train.py config/voc.py
-# Fine-tuning the official COCO model instead needs far fewer steps; its weights fill the backbone,
-# encoder, decoder and heads (class rows by name), and the additions' own modules start new:
+# Or fine-tune the official COCO model: its weights fill the backbone, encoder, decoder and heads
+# (class rows by name); the object queries and the additions' own modules start new (how many steps
+# that needs is not yet measured; the paper's DETR alone fine-tunes in far fewer than from ImageNet):
 #   python train.py config/voc.py --init_from=detr-r50 --max_iters=13000 --lr_drop=9000
 out_dir = "out-voc"
 # DETR's convergence fixes (detr.py, "Additions beyond the paper"). Measured here on CPU only: on the

@@ -35,7 +35,8 @@ def read_image(path):
     None (with one logged line) for a file that cannot be decoded: a truncated or corrupt file, or a missing one."""
     try:
         with Image.open(path) as im:
-            return v2.functional.pil_to_tensor(ImageOps.exif_transpose(im).convert("RGB"))
+            ImageOps.exif_transpose(im, in_place=True)  # a no-op without an orientation tag
+            return v2.functional.pil_to_tensor(im.convert("RGB"))
     except (OSError, SyntaxError, ValueError) as e:
         print(f"skip: cannot decode {path} ({type(e).__name__})", file=sys.stderr)
         return None

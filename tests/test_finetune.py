@@ -114,9 +114,9 @@ def test_pretrained_weights_start_a_model_with_additions(tmp_path):
     model = DETR(3, **small, anchor_queries=True, encoder_proposals=True, denoising_groups=2, conditional_cross_attn=True)
     model.classes = ["star", "circle", "hexagon"]
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
-    loaded, new = weights.transfer_weights(pretrained, model, "vanilla")
+    loaded, new, kept = weights.transfer_weights(pretrained, model, "vanilla")
     assert loaded == ["backbone", "input_proj", "encoder", "decoder", "class_head", "box_head"]
-    assert new == ["query_embed", "class_head", "anchors", "proposals", "denoising", "conditional"]
+    assert new == ["query_embed", "class_head", "anchors", "proposals", "denoising", "conditional"] and kept == 2
     theirs, ours = pretrained.state_dict(), model.state_dict()
     assert torch.equal(ours["encoder.0.linear1.weight"], theirs["encoder.0.linear1.weight"])
     assert torch.equal(ours["decoder.1.cross_attn.in_proj_weight"], theirs["decoder.1.cross_attn.in_proj_weight"])
@@ -128,7 +128,7 @@ def test_pretrained_weights_start_a_model_with_additions(tmp_path):
     # and back: a model with additions into one without, the additions' modules left out
     plain = DETR(3, **small)
     plain.classes = model.classes
-    loaded, new = weights.transfer_weights(model, plain, "with additions")
+    loaded, new, _ = weights.transfer_weights(model, plain, "with additions")
     assert "anchors" not in loaded and new == ["query_embed"]
     with pytest.raises(weights.LoadError, match="hidden_dim=32, the config has hidden_dim=64"):
         weights.transfer_weights(pretrained, DETR(3, **{**small, "hidden_dim": 64}), "vanilla")

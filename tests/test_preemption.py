@@ -192,7 +192,7 @@ def test_out_of_memory_in_a_step_is_one_line_and_keeps_the_checkpoint(tmp_path, 
         run(tmp_path / "out", tmp_path / "data", max_iters=4, init_from="resume")
     message = stop.value.code
     assert message.startswith("error: out of memory at iteration 2 on cpu, a batch of 2 images padded to ") and "\n" not in message
-    assert all(key in message for key in ("batch_size=2", "gradient_accumulation_steps", "max_size=96", "train_scales (up to 64)"))
+    assert all(key in message for key in ("batch_size=2", "gradient_accumulation_steps", "max_size=96", "train_scales (up to 64", "val_scale=64"))
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["iter_num"] == 2
 
 

@@ -219,9 +219,9 @@ def test_fine_tuning_keeps_the_rows_of_same_named_classes_and_the_writer_checks_
     pretrained.category_ids = [1, 2, 3, 4]
     model = DETR(**{**pretrained.config, "num_classes": 2})
     model.classes = ["square", "circle"]
-    loaded, new = weights.transfer_weights(pretrained, model, "folder")
+    loaded, new, kept = weights.transfer_weights(pretrained, model, "folder")
     rows = [pretrained.classes.index("square"), pretrained.classes.index("circle"), pretrained.num_classes]
-    assert torch.equal(model.class_head.weight, pretrained.class_head.weight[rows]) and new == []
+    assert torch.equal(model.class_head.weight, pretrained.class_head.weight[rows]) and new == [] and kept == 2
     assert "backbone" in loaded and torch.equal(model.box_head[0].weight, pretrained.box_head[0].weight)
     assert model.category_ids is None
     model.category_ids = [7, 8, 9]

@@ -45,11 +45,11 @@ def read_yaml(path):
     except ImportError:
         raise SystemExit("error: reading a data.yaml needs PyYAML: pip install pyyaml") from None
     try:
-        with open(path) as f:
+        with open(path, "rb") as f:
             data = pyyaml.safe_load(f)
     except OSError as e:
         raise SystemExit(f"error: cannot read {path} ({e.strerror or type(e).__name__})") from None
-    except pyyaml.YAMLError as e:
+    except (pyyaml.YAMLError, UnicodeDecodeError) as e:
         raise SystemExit(f"error: {path} is not valid yaml ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise SystemExit(f"error: {path} holds no settings (expected names: and train: / val:)")
@@ -58,6 +58,8 @@ def read_yaml(path):
     splits = {s: data[s] for s in ("train", "val", "test") if data.get(s)}
     if not splits:
         raise SystemExit(f"error: {path} names no split (train:, val: or test:)")
+    if "test" in splits and len(splits) > 1 and not os.path.exists(os.path.join(root, str(splits["test"]))):
+        print(f"skip split test: no {splits.pop('test')!r} under {root}")  # ultralytics' test is optional too
     return classes, {s: image_files(entry, root, f"{path}'s {s}") for s, entry in splits.items()}
 
 
@@ -110,8 +112,12 @@ def read_labels(path, width, height, num_classes, log):
     boxes, labels, skipped = [], [], 0
     if not os.path.isfile(path):
         return boxes, labels, skipped
-    with open(path) as f:
-        lines = [line.split() for line in f if line.strip()]
+    try:
+        with open(path) as f:
+            lines = [line.split() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        log(f"skip labels: cannot read {path} ({type(e).__name__})")
+        return boxes, labels, 1
     for n, fields in enumerate(lines, 1):
         try:
             label, values = int(fields[0]), [float(v) for v in fields[1:]]
@@ -157,8 +163,14 @@ def prepare(image_paths, classes, out_dir, split, labels_dir="", log=print):
         skipped_objects += skipped
         records.append({"file": path, "width": width, "height": height, "boxes": boxes, "labels": labels})
     label_dirs = {os.path.dirname(label_file(p, labels_dir)) for p in image_paths}
-    having = {label_file(p, labels_dir) for p in image_paths}
-    for orphan in sorted(f for d in label_dirs for f in glob.glob(os.path.join(d, "*.txt")) if f not in having):
+    image_stems = {os.path.splitext(label_file(p, labels_dir))[0] for p in image_paths}
+    image_dirs = {os.path.dirname(p) for p in image_paths}
+    for orphan in sorted(f for d in label_dirs for f in glob.glob(os.path.join(d, "*.txt"))):
+        # a label file of this split's folders with no image beside its own images (other splits may share the folder)
+        stem = os.path.splitext(os.path.basename(orphan))[0]
+        if os.path.splitext(orphan)[0] in image_stems or os.path.basename(orphan) == "classes.txt" or any(
+                glob.glob(os.path.join(glob.escape(d), glob.escape(stem) + ".*")) for d in image_dirs):
+            continue
         log(f"skip labels: {orphan} has no image")
         orphans += 1
     if not records:
