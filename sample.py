@@ -35,7 +35,7 @@ from json import dump, loads  # the name json is the --json flag's
 
 import metrics
 from configurator import configure
-from data.format import read_dataset_json
+from data.format import IMAGE_EXTENSIONS, read_dataset_json
 from data.pipeline import collate, dataset_dir, read_image, val_transform
 from detr import parameters_by_part, postprocess
 from weights import LoadError, load_model
@@ -55,9 +55,6 @@ attention = False  # also draw the attention maps of every kept detection
 num_pixels = 4  # encoder self-attention is shown from this many pixels (the centres of detections)
 log = ""  # a log.jsonl: draw its training curves instead of sampling
 weights = False  # draw the checkpoint's weight histograms, one per part of the model, instead of sampling
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
 
 def split_json(config, split):
     """A split's json of a minidetr checkpoint's dataset (weights.load_model's config), else None: only

@@ -28,6 +28,7 @@ import math
 
 from PIL import Image
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")  # what a folder of images may hold
 EXIF_ORIENTATION = 0x0112  # the EXIF tag; its values 5 to 8 turn the image a quarter, so width and height swap
 
 

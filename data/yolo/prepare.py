@@ -25,7 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository root
 from configurator import configure  # noqa: E402  (the repository's one flag parser)
-from data.format import displayed_size  # noqa: E402
+from data.format import IMAGE_EXTENSIONS, displayed_size  # noqa: E402
 
 # defaults, each overridable as --key=value
 yaml = ""  # an ultralytics / Roboflow data.yaml
@@ -34,9 +34,6 @@ labels = ""  # ... a folder of their label files (empty: the images -> labels ru
 names = ""  # ... the class names in label order, comma-separated ...
 split = "train"  # ... and the split they make: writes <out_dir>/<split>.json
 out_dir = os.path.dirname(os.path.abspath(__file__))
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
 
 def read_yaml(path):
     """(class names, {split: [image paths]}) of a data.yaml, or one error line."""
