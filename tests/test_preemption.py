@@ -161,6 +161,18 @@ train.train(config)
 """
 
 
+def a_failing_torchrun(tmp_path, script_text):
+    """Two ranks under torchrun running script_text: the run must fail, and every process be gone within
+    60 s (torchrun's collectives would wait 10 minutes for a rank that died)."""
+    script = tmp_path / "ddp.py"
+    script.write_text(script_text)
+    start = time.time()
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0 and time.time() - start < 60
+    return result
+
+
 def test_a_failed_write_under_torchrun_stops_every_rank_with_one_line(tmp_path):
     """The master's write fails: every rank stops within seconds (not at torchrun's 10-minute collective
     timeout), none prints a traceback, the master's one error line says why, and the last checkpoint is
@@ -168,12 +180,7 @@ def test_a_failed_write_under_torchrun_stops_every_rank_with_one_line(tmp_path):
     make_shapes(tmp_path / "data", 8, 2)
     config = dict(TINY, dataset=str(tmp_path / "data"), out_dir=str(tmp_path / "out"), max_iters=1000,
                   checkpoint_minutes=1e-9)  # a checkpoint after every step
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_FULL_DISK_SCRIPT.format(root=str(ROOT), config=config))
-    start = time.time()
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script)], capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode != 0 and time.time() - start < 60
+    result = a_failing_torchrun(tmp_path, DDP_FULL_DISK_SCRIPT.format(root=str(ROOT), config=config))
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith("error: could not write ") and "No space left" in errors[0]
     assert traceback_frames_of_the_run(result.stderr) == []  # only torchrun's own ChildFailedError report
@@ -217,12 +224,7 @@ def test_out_of_memory_on_one_rank_under_torchrun_stops_every_rank(tmp_path):
     make_shapes(tmp_path / "data", 8, 2)
     flags = [f"--{k}={v}" for k, v in {**TINY, "dataset": tmp_path / "data", "out_dir": tmp_path / "out",
                                         "max_iters": 1000, "device": "cpu"}.items()]
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_OUT_OF_MEMORY_SCRIPT.format(root=str(ROOT), flags=flags))
-    start = time.time()
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script)], capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode != 0 and time.time() - start < 60
+    result = a_failing_torchrun(tmp_path, DDP_OUT_OF_MEMORY_SCRIPT.format(root=str(ROOT), flags=flags))
     errors = [line for line in result.stderr.splitlines() if "error: " in line]
     assert "error: out of memory at iteration 2 on cpu" in errors[0] and len(errors) <= 2, errors  # rank 1's, maybe rank 0's
     assert traceback_frames_of_the_run(result.stderr) == []
