@@ -346,7 +346,8 @@ def test_conditional_cross_attention_keeps_positions_in_its_content_part_at_the_
     so their output does not depend on the features' positions except through the spatial key. The
     addition's matrices start from Xavier, as the papers' code: wider than PyTorch's default Linear init."""
     torch.manual_seed(0)
-    layer = detr.DecoderLayer(32, 4, 64, 0.0).eval()
+    model = tiny(anchor_queries=True, conditional_cross_attn=True)
+    layer = model.decoder[1].eval()  # initialised as DETR initialises its layers (an Attention alone is not)
     content, query_pos, memory = torch.randn(2, 5, 32), torch.randn(2, 5, 32), torch.randn(2, 16, 32)
     spatial_query, spatial_key = torch.randn(2, 5, 32), torch.randn(2, 16, 32)
     pos, other_pos = torch.randn(2, 16, 32), torch.randn(2, 16, 32)
@@ -354,7 +355,6 @@ def test_conditional_cross_attention_keeps_positions_in_its_content_part_at_the_
         a, _ = layer(content, query_pos, memory, pos, None, spatial=(spatial_query, spatial_key, first))
         b, _ = layer(content, query_pos, memory, other_pos, None, spatial=(spatial_query, spatial_key, first))
         assert torch.equal(a, b) != first
-    model = tiny(anchor_queries=True, conditional_cross_attn=True)
     for proj in [*model.spatial_query_proj, *model.spatial_key_proj, model.spatial_scale_head[0], model.spatial_size_head[0]]:
         fan_out, fan_in = proj.weight.shape
         assert 1 / math.sqrt(fan_in) < proj.weight.abs().max() <= math.sqrt(6 / (fan_in + fan_out))
