@@ -45,8 +45,8 @@ query_groups = 3
 conditional_cross_attn = True
 learning_rate = 2e-4
 lr_backbone = 2e-4
-# 1,700 steps with the rates dropped at 1,400: mAP50 0.861 on the 80 photos (0.359 at step 850; 0.905
-# before addition 5 took the papers' form, EXPERIMENTS.md) in about 12 min. The longer 2,500 steps (drop at 2,250) reach 0.988 but pass 0.8 only at step 2,000, 13.2 min.
+# 1,700 steps with the rates dropped at 1,400: mAP50 0.861 on the 80 photos (0.359 at step 850;
+# EXPERIMENTS.md has the earlier code's figures) in about 12 min. The longer 2,500 steps (drop at 2,250) reach 0.988 but pass 0.8 only at step 2,000, 13.2 min.
 max_iters = 1700  # about 11 minutes on 2 CPU cores (2.5 to 2.8 steps a second)
 lr_drop = 1400
 warmup_iters = 100
