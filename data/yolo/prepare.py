@@ -159,17 +159,15 @@ def prepare(image_paths, classes, out_dir, split, labels_dir="", log=print):
         boxes, labels, skipped = read_labels(label_file(path, labels_dir), width, height, len(classes), log)
         skipped_objects += skipped
         records.append({"file": path, "width": width, "height": height, "boxes": boxes, "labels": labels})
+    # a label file in this split's label folders with no image of its name in its image folders (other
+    # splits may share the folders): each folder listed once
     label_dirs = {os.path.dirname(label_file(p, labels_dir)) for p in image_paths}
-    image_stems = {os.path.splitext(label_file(p, labels_dir))[0] for p in image_paths}
-    image_dirs = {os.path.dirname(p) for p in image_paths}
-    for orphan in sorted(f for d in label_dirs for f in glob.glob(os.path.join(d, "*.txt"))):
-        # a label file of this split's folders with no image beside its own images (other splits may share the folder)
-        stem = os.path.splitext(os.path.basename(orphan))[0]
-        if os.path.splitext(orphan)[0] in image_stems or os.path.basename(orphan) == "classes.txt" or any(
-                glob.glob(os.path.join(glob.escape(d), glob.escape(stem) + ".*")) for d in image_dirs):
-            continue
-        log(f"skip labels: {orphan} has no image")
-        orphans += 1
+    image_dirs = {os.path.dirname(p) for p in image_paths if os.path.isdir(os.path.dirname(p))}  # a txt list may name missing ones
+    image_names = {os.path.splitext(f)[0] for d in image_dirs for f in os.listdir(d)}
+    for orphan in sorted(f for d in label_dirs for f in glob.glob(os.path.join(glob.escape(d), "*.txt"))):
+        if os.path.splitext(os.path.basename(orphan))[0] not in image_names and os.path.basename(orphan) != "classes.txt":
+            log(f"skip labels: {orphan} has no image")
+            orphans += 1
     if not records:
         raise SystemExit(f"error: the {split} split has no image that could be read ({len(image_paths)} listed)")
     os.makedirs(out_dir, exist_ok=True)
