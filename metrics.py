@@ -22,7 +22,7 @@ from torchvision.ops import box_convert, box_iou
 AREA_RANGES = {"": (0.0, 1e10), "_small": (0.0, 32.0**2), "_medium": (32.0**2, 96.0**2), "_large": (96.0**2, 1e10)}
 
 
-def compute_map(detections, ground_truths, num_classes, max_dets=100):
+def compute_map(detections, ground_truths, num_classes, max_dets=100, details=False):
     """detections: per image {boxes (M, 4) xyxy, scores (M,), labels (M,)};
     ground_truths: per image {boxes (N, 4) xyxy, labels (N,), and optionally difficult (N,),
     iscrowd (N,) and area (N,) (COCO's object area; the box area if absent)}.
@@ -30,7 +30,11 @@ def compute_map(detections, ground_truths, num_classes, max_dets=100):
     101-point, <= max_dets detections per image and class, pycocotools' maxDets), mAP75, mAP_small /
     _medium / _large (COCO's area ranges), AR<max_dets> (COCO's mean recall, AR100 by default), and
     per class AP50_per_class (VOC's all-point AP at IoU 0.5) and AP_per_class (COCO's, 0.50:0.95).
-    Classes with no ground truth are NaN and left out of every mean.
+    Classes with no ground truth are NaN and left out of every mean. With details (eval.py's report), also
+    per_class: {objects (the objects COCO counts), AP, AP50, AP75, AR<max_dets>} (COCO's, as pycocotools
+    per class), and matches: per image, for each detection in the order given, the ground-truth object
+    COCO's rule matched it to at IoU 0.5 (-1: none) and whether it is ignored (it matched a difficult
+    object or a crowd, or lies beyond the top max_dets of its image and class).
 
     Detections are matched greedily in order of score, as both reference evaluators do. The order
     only matters within an image, so all images are matched at once, one detection rank at a time.
@@ -49,8 +53,10 @@ def compute_map(detections, ground_truths, num_classes, max_dets=100):
     gt_difficult = torch.zeros(N, G, dtype=torch.bool)
     gt_crowd = torch.zeros(N, G, dtype=torch.bool)
     gt_area = torch.zeros(N, G, dtype=torch.float64)
+    orders = []  # per image: its detections by score
     for n, (det, gt) in enumerate(zip(detections, ground_truths)):
         order = torch.argsort(torch.as_tensor(det["scores"]), descending=True, stable=True)
+        orders.append(order)
         scores, labels = torch.as_tensor(det["scores"])[order], torch.as_tensor(det["labels"])[order].long()
         boxes = torch.as_tensor(det["boxes"]).reshape(-1, 4)[order].double()
         gt_boxes = torch.as_tensor(gt["boxes"]).reshape(-1, 4).double()
@@ -78,12 +84,15 @@ def compute_map(detections, ground_truths, num_classes, max_dets=100):
     coco = {}  # area range -> ignored objects (N, G), and tp, ignored (T, N * D) in score order
     for name, (low, high) in AREA_RANGES.items():
         gt_ignored = gt_difficult | gt_crowd | (gt_area < low) | (gt_area > high)
-        tp, ignored = match_coco(ious, gt_ignored, gt_crowd, iou_thresholds, det_counted)
+        tp, ignored, matched = match_coco(ious, gt_ignored, gt_crowd, iou_thresholds, det_counted)
+        if name == "":
+            matches = [(matched[0, n, :len(o)][o.argsort()], ignored[0, n, :len(o)][o.argsort()]) for n, o in enumerate(orders)]
         ignored |= ~tp & ((det_area < low) | (det_area > high))  # an unmatched detection outside the range
         coco[name] = gt_ignored, tp.flatten(1)[:, order], ignored.flatten(1)[:, order]
     labels_sorted = det_labels.flatten()[order]
     voc_tp, voc_ignored = voc_tp.flatten()[order], voc_ignored.flatten()[order]
-    ap50_07, ap50, ap75, ar100 = (np.full(num_classes, np.nan) for _ in range(4))
+    ap50_07, ap50, ap50_coco, ap75, ar100 = (np.full(num_classes, np.nan) for _ in range(5))
+    objects = np.zeros(num_classes, dtype=np.int64)
     ap_coco = {name: np.full(num_classes, np.nan) for name in AREA_RANGES}
     for c in range(num_classes):
         mine = labels_sorted == c
@@ -104,14 +113,19 @@ def compute_map(detections, ground_truths, num_classes, max_dets=100):
                 recalls.append(recall[-1] if len(recall) else 0.0)
             ap_coco[name][c] = np.mean(aps)
             if name == "":
-                ap75[c], ar100[c] = aps[5], np.mean(recalls)
+                objects[c], ap50_coco[c], ap75[c], ar100[c] = num_gt, aps[0], aps[5], np.mean(recalls)
 
     def mean(ap):
         return float(np.nanmean(ap)) if not np.isnan(ap).all() else math.nan
 
-    return {"mAP50_07": mean(ap50_07), "mAP50": mean(ap50), "mAP": mean(ap_coco[""]), "mAP75": mean(ap75),
-            **{f"mAP{name}": mean(ap_coco[name]) for name in AREA_RANGES if name}, f"AR{max_dets}": mean(ar100),
-            "AP50_per_class": ap50.tolist(), "AP_per_class": ap_coco[""].tolist()}
+    result = {"mAP50_07": mean(ap50_07), "mAP50": mean(ap50), "mAP": mean(ap_coco[""]), "mAP75": mean(ap75),
+              **{f"mAP{name}": mean(ap_coco[name]) for name in AREA_RANGES if name}, f"AR{max_dets}": mean(ar100),
+              "AP50_per_class": ap50.tolist(), "AP_per_class": ap_coco[""].tolist()}
+    if details:
+        result["per_class"] = {"objects": objects.tolist(), "AP": ap_coco[""].tolist(), "AP50": ap50_coco.tolist(),
+                               "AP75": ap75.tolist(), f"AR{max_dets}": ar100.tolist()}
+        result["matches"] = matches
+    return result
 
 
 def match_voc(ious, gt_ignored, threshold):
@@ -136,11 +150,13 @@ def match_coco(ious, gt_ignored, gt_crowd, thresholds, counted):
     most (IoU >= threshold, ties to the later object) among those not yet taken, preferring real
     objects to ignored ones (difficult, crowd or outside the area range); if it takes an ignored one
     it is ignored too. A crowd is never used up. counted (N, D): the detections that count (the top
-    max_dets of their image and class); the others are ignored. Returns tp and ignored (T, N, D)."""
+    max_dets of their image and class); the others are ignored. Returns tp, ignored and the index of
+    the object each detection took, -1 for none (T, N, D)."""
     N, D, G = ious.shape
     T = len(thresholds)
     taken = torch.zeros(T, N, G, dtype=torch.bool)
     tp, ignored = torch.zeros(T, N, D, dtype=torch.bool), (~counted)[None].repeat(T, 1, 1)
+    matched = torch.full((T, N, D), -1, dtype=torch.int64)
     crowd = gt_crowd[None].expand(T, N, G)
 
     def last_argmax(x):  # COCOeval keeps the last of equal IoUs
@@ -156,9 +172,10 @@ def match_coco(ious, gt_ignored, gt_crowd, thresholds, counted):
         j = torch.where(has_real, j_real, j_hard)[..., None]
         tp[:, :, r] = has_real
         ignored[:, :, r] |= ~has_real & has_hard
+        matched[:, :, r] = torch.where(has_real | has_hard, j[..., 0], -1)
         used_up = (has_real | has_hard)[..., None] & ~crowd.gather(2, j)
         taken.scatter_(2, j, taken.gather(2, j) | used_up)
-    return tp, ignored
+    return tp, ignored, matched
 
 
 def precision_recall(tp, num_gt):

@@ -10,9 +10,11 @@ to (paper Fig. 6), what the encoder attends to from a few pixels (paper Fig. 3),
     python sample.py --ckpt=out-shapes/ckpt.pt --weights              # weight histograms (needs matplotlib)
     python sample.py --ckpt=detr-r50 --images=photos/ --json=detections.json   # detections as data
     python sample.py --ckpt=out-custom/best.pt --split=val --json=detections.json  # ... with the dataset's own ids
+    python sample.py --ckpt=out-shapes/best.pt --matching             # which query was matched to which object (§3.1)
 
 One PNG per image goes to out_dir (<name>.png; with --attention also <name>_attention.png); --log
-writes out_dir/curves.png, --weights out_dir/weights.png. --json draws nothing: it runs batched
+writes out_dir/curves.png, --weights out_dir/weights.png, --matching <name>_matching.png per image
+(needs matplotlib). Small images are drawn upscaled (MIN_SIDE). --json draws nothing: it runs batched
 inference over every image of --images and writes one COCO results record per detection above
 --threshold (or the --top_k best per image): image_id (for a folder, the image's index in sorted
 file order; with --split, a split of the checkpoint's dataset, the dataset's own image id, as a COCO
@@ -26,17 +28,17 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
-from torchvision.utils import draw_bounding_boxes
+from PIL import Image, ImageDraw, ImageFont
 
 from json import dump, loads  # the name json is the --json flag's
 
 import metrics
 from configurator import configure
 from data.format import IMAGE_EXTENSIONS, read_dataset_json
-from data.pipeline import collate, dataset_dir, read_image, val_transform
+from data.pipeline import DetectionDataset, collate, dataset_dir, read_image, val_transform
 from detr import parameters_by_part, postprocess
 from weights import LoadError, load_model
 
@@ -55,6 +57,7 @@ attention = False  # also draw the attention maps of every kept detection
 num_pixels = 4  # encoder self-attention is shown from this many pixels (the centres of detections)
 log = ""  # a log.jsonl: draw its training curves instead of sampling
 weights = False  # draw the checkpoint's weight histograms, one per part of the model, instead of sampling
+matching = False  # draw the bipartite matching of queries to objects (paper §3.1) on images of a split (--split, else val)
 
 def split_json(config, split):
     """A split's json of a minidetr checkpoint's dataset (weights.load_model's config), else None: only
@@ -155,15 +158,72 @@ def class_colour(label):
     return rgb
 
 
+MIN_SIDE = 512  # every picture is drawn with at least this short side: small images are upscaled first
+
+
+def for_display(image):
+    """(3, H, W) uint8 -> (the PIL image to draw on, upscaled to a short side of MIN_SIDE if smaller, the scale)."""
+    H, W = image.shape[-2:]
+    scale = max(1.0, MIN_SIDE / min(H, W))
+    picture = Image.fromarray(image.permute(1, 2, 0).numpy())
+    if scale > 1:
+        picture = picture.resize((round(W * scale), round(H * scale)), Image.BILINEAR)
+    return picture, scale
+
+
+def text_font(picture):
+    """A font sized to the picture (Pillow's own, scalable), so that labels stay readable on any image."""
+    return ImageFont.load_default(size=max(12, min(picture.size) // 32))
+
+
+def place_labels(boxes, sizes, picture_size):
+    """Where each label goes, (x, y, w, h) in the order given (the surest first): at the first of a few
+    places at its box's corners (above the top-left one first) that lies inside the picture and covers
+    no earlier label, else at the one that covers least. So no label is cut off, and few sit on top
+    of each other. boxes: (x0, y0, x1, y1) each; sizes: (w, h) each."""
+    W, H = picture_size
+    placed = []
+    for (x0, y0, x1, y1), (w, h) in zip(boxes, sizes):
+        candidates = [(x0, y0 - h), (x0, y0), (x0, y1), (x0, y1 - h), (x1 - w, y0 - h), (x1 - w, y1)]
+        candidates = [(min(max(x, 0), W - w), min(max(y, 0), H - h)) for x, y in candidates]
+
+        def covered(corner):
+            x, y = corner
+            return sum(max(0, min(x + w, a + c) - max(x, a)) * max(0, min(y + h, b + d) - max(y, b)) for a, b, c, d in placed)
+
+        x, y = min(candidates, key=covered)  # min keeps the first of equals: the first free place
+        placed.append((x, y, w, h))
+    return placed
+
+
+def draw_boxes(picture, boxes, texts, colours, widths=None):
+    """Draw boxes (K, 4) xyxy in the picture's pixels (widths: their line widths, else one to suit the
+    picture), each with its text on a label filled with its colour, after every box (place_labels)."""
+    draw = ImageDraw.Draw(picture)
+    font = text_font(picture)
+    widths = widths or [max(2, min(picture.size) // 200)] * len(boxes)
+    for (x0, y0, x1, y1), colour, width in zip(boxes.tolist(), colours, widths):
+        draw.rectangle((x0 - 1, y0 - 1, x1 + 1, y1 + 1), outline="black", width=width + 2)  # a dark edge: seen on any background
+        draw.rectangle((x0, y0, x1, y1), outline=colour, width=width)
+    extents = [draw.textbbox((0, 0), text, font=font) for text in texts]  # (left, top, right, bottom) each
+    sizes = [(right - left + 6, bottom - top + 4) for left, top, right, bottom in extents]
+    for (x, y, w, h), (left, top, _, _), text, colour in zip(place_labels(boxes.tolist(), sizes, picture.size), extents, texts, colours):
+        draw.rectangle((x, y, x + w - 1, y + h - 1), fill=colour, outline="black")
+        dark = sum(c * k for c, k in zip(colour, (0.299, 0.587, 0.114))) < 140
+        draw.text((x + 3 - left, y + 2 - top), text, fill="white" if dark else "black", font=font)
+    return picture
+
+
 def draw_detections(image, result, classes, threshold):
-    """image (3, H, W) uint8; result: one postprocess dict. Returns the drawn image and the kept query ids."""
+    """image (3, H, W) uint8; result: one postprocess dict. Returns the drawn PIL picture (upscaled as
+    for_display) and the kept query ids, surest first."""
+    picture, scale = for_display(image)
     keep = torch.nonzero(result["scores"] > threshold).flatten()
-    if len(keep) == 0:
-        return image, keep
+    keep = keep[result["scores"][keep].argsort(descending=True)]
     labels = result["labels"][keep].tolist()
     names = [f"{classes[l]} {s:.2f}" for l, s in zip(labels, result["scores"][keep].tolist())]
-    drawn = draw_bounding_boxes(image, result["boxes"][keep], labels=names, colors=[class_colour(l) for l in labels], width=2)
-    return drawn, keep
+    draw_boxes(picture, result["boxes"][keep] * scale, names, [class_colour(l) for l in labels])
+    return picture, keep
 
 
 def attention_maps(weights, size):
@@ -171,27 +231,31 @@ def attention_maps(weights, size):
     return weights.mean(0).reshape(-1, *size)
 
 
-def heat_overlay(image, heat):
-    """Blend a (h, w) map, upsampled to the image and scaled to [0, 1], over a (3, H, W) uint8 image."""
+def heat_overlay(picture, heat):
+    """Blend a (h, w) map, upsampled to the picture and scaled to [0, 1], over a PIL picture; a new picture."""
+    image = torch.from_numpy(np.array(picture.convert("RGB"))).permute(2, 0, 1)
     H, W = image.shape[-2:]
     heat = F.interpolate(heat[None, None].float(), size=(H, W), mode="bilinear", align_corners=False)[0, 0]
     heat = (heat - heat.min()) / (heat.max() - heat.min() + 1e-12)
     # a small "hot" colour map: black -> red -> yellow -> white
     colour = torch.stack([(3 * heat).clamp(0, 1), (3 * heat - 1).clamp(0, 1), (3 * heat - 2).clamp(0, 1)]) * 255
-    return (0.35 * image.float() + 0.65 * colour).to(torch.uint8)
+    blended = (0.35 * image.float() + 0.65 * colour).to(torch.uint8)
+    return Image.fromarray(blended.permute(1, 2, 0).numpy())
 
 
 def grid(panels, titles, columns=4):
-    """Paste (3, H, W) uint8 panels with a title line above each into one PIL image."""
-    H, W = panels[0].shape[-2:]
+    """Paste PIL panels (all of one size) with a title line above each into one PIL image."""
+    W, H = panels[0].size
+    font = text_font(panels[0])
+    band = font.size + 10  # the title line's height
     rows = math.ceil(len(panels) / columns)
     columns = min(columns, len(panels))
-    sheet = Image.new("RGB", (columns * W, rows * (H + 14)), "white")
+    sheet = Image.new("RGB", (columns * W, rows * (H + band)), "white")
     draw = ImageDraw.Draw(sheet)
     for i, (panel, title) in enumerate(zip(panels, titles)):
-        x, y = (i % columns) * W, (i // columns) * (H + 14)
-        sheet.paste(Image.fromarray(panel.permute(1, 2, 0).numpy()), (x, y + 14))
-        draw.text((x + 2, y + 1), title, fill="black")
+        x, y = (i % columns) * W, (i // columns) * (H + band)
+        sheet.paste(panel, (x, y + band))
+        draw.text((x + 4, y + 4), title, fill="black", font=font)
     return sheet
 
 
@@ -211,31 +275,32 @@ def sample(model, val_scale, max_size, paths):
         result = {k: v.cpu() for k, v in result.items()}
         drawn, keep = draw_detections(pixels, result, model.classes, threshold)
         name = os.path.splitext(os.path.basename(path))[0]
-        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(os.path.join(out_dir, f"{name}.png"))
+        drawn.save(os.path.join(out_dir, f"{name}.png"))
         written.append(os.path.join(out_dir, f"{name}.png"))
         print(f"{path}: {len(keep)} detections above {threshold} -> {written[-1]}")
         if attention:
-            written.append(draw_attention(pixels, outputs, result, keep, model.classes, name))
+            written.append(draw_attention(pixels, outputs, result, drawn, keep, model.classes, name))
     if not written:
         raise SystemExit(f"error: none of the {len(paths[:max_images])} images could be read")
     return written
 
 
-def draw_attention(pixels, outputs, result, keep, classes, name):
-    """One grid per image: the detections, then per kept query (the 8 surest) its last decoder layer's
-    cross-attention (paper Fig. 6), then the last encoder layer's self-attention from a few pixels
-    (paper Fig. 3)."""
+def draw_attention(pixels, outputs, result, drawn, keep, classes, name):
+    """One grid per image: the detections (drawn), then per kept query (the 8 surest) its last decoder
+    layer's cross-attention (paper Fig. 6), then the last encoder layer's self-attention from a few
+    pixels (paper Fig. 3)."""
     size = outputs["feat_size"]
     decoder = attention_maps(outputs["dec_attn"][-1][0].cpu(), size)  # (Q, h, w)
     encoder = attention_maps(outputs["enc_attn"][-1][0].cpu(), size)  # (hw, h, w)
-    drawn, _ = draw_detections(pixels, result, classes, threshold)
+    picture, scale = for_display(pixels)
     panels, titles = [drawn], ["detections"]
-    keep = keep[result["scores"][keep].argsort(descending=True)][:8]  # the 8 surest, to keep the grid readable
+    keep = keep[:8]  # the 8 surest, to keep the grid readable
     for q in keep.tolist():
         label = result["labels"][q].item()
-        heat = heat_overlay(pixels, decoder[q])
-        panels.append(draw_bounding_boxes(heat, result["boxes"][q : q + 1], colors=[class_colour(label)], width=2))
-        titles.append(f"query {q}: {classes[label]} {result['scores'][q]:.2f}")
+        text = f"{classes[label]} {result['scores'][q]:.2f}"
+        panels.append(draw_boxes(heat_overlay(picture, decoder[q]), result["boxes"][q : q + 1] * scale, [text],
+                                 [class_colour(label)]))
+        titles.append(f"query {q}: {text}")
     # encoder attention from the centres of the detections (or from a few spread pixels if none)
     H, W = pixels.shape[-2:]
     h, w = size
@@ -245,13 +310,80 @@ def draw_attention(pixels, outputs, result, keep, classes, name):
         centres = [(H * (i + 1) / (num_pixels + 1), W * (i + 1) / (num_pixels + 1)) for i in range(num_pixels)]
     for cy, cx in centres[:num_pixels]:
         r, c = min(int(cy / H * h), h - 1), min(int(cx / W * w), w - 1)
-        heat = heat_overlay(pixels, encoder[r * w + c])
-        dot = torch.tensor([[cx - 3, cy - 3, cx + 3, cy + 3]])
-        panels.append(draw_bounding_boxes(heat, dot, colors=["cyan"], fill=True))
+        panel = heat_overlay(picture, encoder[r * w + c])
+        radius = max(3, min(panel.size) // 100)
+        ImageDraw.Draw(panel).ellipse((cx * scale - radius, cy * scale - radius, cx * scale + radius, cy * scale + radius),
+                                      fill="cyan", outline="black")
+        panels.append(panel)
         titles.append(f"encoder, from pixel ({int(cx)}, {int(cy)})")
     path = os.path.join(out_dir, f"{name}_attention.png")
     grid(panels, titles).save(path)
     return path
+
+
+def draw_matching(model, data, index, cost_weights, path):
+    """The bipartite matching of one image (paper §3.1, Eq. 1), as the loss computes it in training:
+    on the left the ground truth (thick) and the query matched to each object (thin, same colour),
+    a line from each query's box to its object's; on the right the matching cost of every query
+    against every object, then its three weighted terms (class, L1, GIoU), the Hungarian choice
+    marked on each. cost_weights: (cost_class, cost_bbox, cost_giou) of the model's training."""
+    from train import HungarianMatcher  # the training loss's own matcher, not a copy
+
+    plt = pyplot()
+    image, target = data[index]
+    if not len(target["labels"]):
+        print(f"skip: {data.paths[index]} has no objects to match")
+        return None
+    with torch.no_grad():
+        outputs = model(image[None].to(device))
+    outputs = {k: outputs[k].float().cpu() for k in ("pred_logits", "pred_boxes")}
+    targets = [{"labels": target["labels"], "boxes": target["boxes"]}]
+    matcher = HungarianMatcher(*cost_weights)
+    ((queries, objects),) = matcher(outputs, targets)
+    parts = [p[0, 0].T for p in matcher.cost(outputs, targets, parts=True)]  # (T, Q) each: objects x queries
+    pixels = read_image(data.paths[index])
+    picture, scale = for_display(pixels)
+    H, W = pixels.shape[-2:]
+    size = torch.tensor([W, H, W, H]) * scale
+
+    def pixel_boxes(boxes):  # normalised (cx, cy, w, h) -> the picture's xyxy
+        return torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], -1) * size
+
+    gt_boxes, query_boxes = pixel_boxes(target["boxes"]), pixel_boxes(outputs["pred_boxes"][0, queries])
+    colours = [class_colour(l) for l in target["labels"][objects].tolist()]
+    draw = ImageDraw.Draw(picture)
+    width = max(2, min(picture.size) // 200)
+    for g, q, colour in zip(gt_boxes[objects].tolist(), query_boxes.tolist(), colours):
+        draw.line([((g[0] + g[2]) / 2, (g[1] + g[3]) / 2), ((q[0] + q[2]) / 2, (q[1] + q[3]) / 2)], fill=colour, width=width)
+    probs = outputs["pred_logits"][0, queries].softmax(-1)[torch.arange(len(queries)), target["labels"][objects]]
+    texts = ([f"object {j}: {model.classes[target['labels'][j]]}" for j in objects.tolist()]
+             + [f"query {q} (p={p:.2f})" for q, p in zip(queries.tolist(), probs.tolist())])
+    draw_boxes(picture, torch.cat([gt_boxes[objects], query_boxes]), texts, colours * 2,
+               [2 * width] * len(objects) + [width] * len(queries))
+
+    fig = plt.figure(figsize=(20, 9))
+    layout = fig.add_gridspec(4, 2, width_ratios=[1, 1.8])
+    ax = fig.add_subplot(layout[:, 0])
+    ax.imshow(picture)
+    ax.set_title(f"{os.path.basename(data.paths[index])}: objects (thick) and their matched queries")
+    ax.axis("off")
+    names = [f"matching cost: {cost_weights[0]:g} class + {cost_weights[1]:g} L1 + {cost_weights[2]:g} GIoU "
+             "(red squares: the Hungarian choice, the lowest total over one-to-one pairings)",
+             f"class: -{cost_weights[0]:g} p(class of the object)", f"L1: {cost_weights[1]:g} |box - object's box|",
+             f"GIoU: -{cost_weights[2]:g} GIoU(box, object's box)"]
+    for row, (name, cost) in enumerate(zip(names, [sum(parts)] + parts)):
+        ax = fig.add_subplot(layout[row, 1])
+        shown = ax.imshow(cost.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.plot(queries.numpy(), objects.numpy(), "s", markerfacecolor="none", markeredgecolor="red", markersize=9,
+                markeredgewidth=2)
+        ax.set_title(name, fontsize=10)
+        if cost.shape[1] <= 40:  # every query numbered where the numbers fit
+            ax.set_xticks(range(cost.shape[1]))
+        ax.set_ylabel("object")
+        ax.set_yticks(range(len(target["labels"])))
+        fig.colorbar(shown, ax=ax, pad=0.01)
+    ax.set_xlabel("query")
+    return save_figure(fig, path, f"{len(queries)} matched queries of {outputs['pred_logits'].shape[1]}")
 
 
 def pyplot():
@@ -327,7 +459,7 @@ def plot_weights(model, out_path):
 def save_figure(fig, out_path, what):
     fig.tight_layout()
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    fig.savefig(out_path, dpi=80)
+    fig.savefig(out_path, dpi=max(80, math.ceil(MIN_SIDE / min(fig.get_size_inches()))))
     print(f"{what} -> {out_path}")
     return out_path
 
@@ -346,6 +478,17 @@ def main():
     if weights:
         plot_weights(model, os.path.join(out_dir, "weights.png"))
         return
+    if matching:
+        path = split_json(config, split or config.get("val_split", "val"))
+        split_images(path, model.classes)  # one error line for no such split, or other classes
+        data = DetectionDataset(path, val_transform(val_scale, max_size))
+        model.to(device).eval()
+        cost_weights = tuple(config.get(k, default) for k, default in (("cost_class", 1.0), ("cost_bbox", 5.0), ("cost_giou", 2.0)))
+        os.makedirs(out_dir, exist_ok=True)
+        for i in range(min(max_images, len(data))):
+            name = os.path.splitext(os.path.basename(data.paths[i]))[0]
+            draw_matching(model, data, i, cost_weights, os.path.join(out_dir, f"{name}_matching.png"))
+        return
     if json and split:  # a prepared split: the dataset's own image and category ids
         path = split_json(config, split)
         paths, image_ids, category_ids = split_images(path, model.classes)
@@ -363,12 +506,14 @@ def main():
 
 if __name__ == "__main__":
     flags = ("ckpt", "images", "out_dir", "device", "threshold", "max_images", "attention", "num_pixels", "log",
-             "weights", "json", "top_k", "batch_size", "split")
+             "weights", "json", "top_k", "batch_size", "split", "matching")
     globals().update(configure({k: globals()[k] for k in flags}, sys.argv[1:]))
     if not 0 <= threshold <= 1 or max_images < 1 or num_pixels < 1 or top_k < 0 or batch_size < 1:
         sys.exit("error: --threshold must be in [0, 1], --max_images, --num_pixels and --batch_size >= 1, --top_k >= 0")
     if json and not os.path.isdir(os.path.dirname(os.path.abspath(json))):
         sys.exit(f"error: no folder for --json={json}")
-    if split and (images or not json):
-        sys.exit("error: --split=NAME takes the images of that split for --json, instead of --images")
+    if split and (images or not (json or matching)):
+        sys.exit("error: --split=NAME takes the images of that split for --json or --matching, instead of --images")
+    if matching and (images or json or attention):
+        sys.exit("error: --matching needs the ground truth of a prepared split (--split=NAME, else the checkpoint's val split): not --images, --json or --attention")
     main()

@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 from configurator import VALUE_TYPES, configure
 from data.pipeline import ResumableSampler, collate, load_datasets, too_many_objects, worker_ignores_signals
-from detr import DETR, argument_problem, parameters_by_part, postprocess
+from detr import DETR, argument_problem, parameters_by_part
+from eval import autocast, predict
 from metrics import coco_results, compute_map, ground_truth, query_diagnostics
 from weights import (LoadError, check_checkpoint_dir, load_imagenet_backbone, load_model, load_training_checkpoint,
                      model_from_checkpoint, save_checkpoint, transfer_weights)
@@ -163,8 +164,9 @@ class HungarianMatcher(nn.Module):
             results.append(indices if outputs["pred_logits"].dim() == 4 else indices[0])
         return results
 
-    def cost(self, outputs, targets):
-        """(L, B, Q, T): every query of every layer against every target of the batch."""
+    def cost(self, outputs, targets, parts=False):
+        """(L, B, Q, T): every query of every layer against every target of the batch; parts: the
+        three weighted terms apart, [class, L1, GIoU] (sample.py --matching draws them)."""
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         if logits.dim() == 3:
             logits, boxes = logits[None], boxes[None]
@@ -173,11 +175,14 @@ class HungarianMatcher(nn.Module):
         boxes = boxes.flatten(0, 2).float()  # (L*B*Q, 4)
         tgt_labels = torch.cat([t["labels"] for t in targets])  # (T,) all targets of the batch
         tgt_boxes = torch.cat([t["boxes"] for t in targets]).float()  # (T, 4)
-        cost = (
-            -self.cost_class * prob[:, tgt_labels]  # the probability itself, not its log (App. A.1)
-            + self.cost_bbox * torch.cdist(boxes, tgt_boxes, p=1)
-            - self.cost_giou * generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"))
-        ).view(L, B, Q, -1)
+        terms = [
+            -self.cost_class * prob[:, tgt_labels],  # the probability itself, not its log (App. A.1)
+            self.cost_bbox * torch.cdist(boxes, tgt_boxes, p=1),
+            -self.cost_giou * generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy")),
+        ]
+        if parts:
+            return [t.view(L, B, Q, -1) for t in terms]
+        cost = (terms[0] + terms[1] + terms[2]).view(L, B, Q, -1)
         if "valid" in outputs:  # addition 2: the proposals of padding tokens are never matched
             cost = cost.masked_fill(~outputs["valid"][None, :, :, None], 1e6)
         return cost
@@ -433,11 +438,6 @@ def ema_update(ema_model, model, decay):
             averaged.copy_(current)
 
 
-def autocast(device, dtype):
-    device_type = "cuda" if "cuda" in str(device) else "cpu"
-    return nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
-
-
 def gather(obj, world_size):
     """[obj of every process], in rank order (a collective under DDP)."""
     if world_size == 1:
@@ -447,32 +447,21 @@ def gather(obj, world_size):
     return objs
 
 
-@torch.no_grad()
 def evaluate(model, dataset, cfg, device, rank=0, world_size=1, results_path=""):
     """mAP of the model on a dataset (compute_map), each process taking every world_size-th image;
     results_path: also write the detections there (coco_results, the image ids the json's "id")."""
-    was_training = model.training
-    model.eval()
-    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
-    loader = torch.utils.data.DataLoader(
-        shard, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=partial(collate, pad_to=cfg.pad_to),
-        worker_init_fn=worker_ignores_signals, generator=torch.Generator())  # leaves the global RNG (dropout) alone
-    detections, image_ids = [], []
-    for images, mask, targets in loader:
-        with autocast(device, cfg.dtype):
-            outputs = model(images.to(device), None if mask is None else mask.to(device))
-        results = postprocess(outputs, torch.stack([t["orig_size"] for t in targets]))
-        detections += [{k: v.cpu() if k == "labels" else v.float().cpu() for k, v in r.items()} for r in results]
-        image_ids += [t["image_id"] for t in targets]
-    gathered = gather((detections, image_ids), world_size)  # every process's shard
-    detections, image_ids = [d for part, _ in gathered for d in part], [i for _, part in gathered for i in part]
+    shard = range(rank, len(dataset), world_size)
+    predictions = {}
+    for part in gather(predict(model, dataset, device, cfg.batch_size, cfg.num_workers, cfg.pad_to, cfg.dtype, shard), world_size):
+        predictions.update(part)  # every process's shard
+    image_ids = sorted(predictions)
+    detections = [predictions[i] for i in image_ids]
     ground_truths = [ground_truth(dataset.records[i]) for i in image_ids]
     if results_path and rank == 0:
         ids = [dataset.records[i].get("id", i) for i in image_ids]
         with open(results_path, "w") as f:
             json.dump(coco_results(detections, ids, dataset.category_ids), f)
         print(f"wrote {sum(len(d['scores']) for d in detections)} detections of {len(ids)} images to {results_path}")
-    model.train(was_training)
     return compute_map(detections, ground_truths, len(dataset.classes), cfg.max_dets)
 
 

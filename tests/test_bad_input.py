@@ -69,6 +69,12 @@ def inputs(tmp_path_factory):
     run = [sys.executable, "train.py", f"--dataset={good}", *TINY_RUN]
     sample = [sys.executable, "sample.py"]
     coco = [sys.executable, "data/coco/prepare.py"]
+    evaluate = [sys.executable, "eval.py", f"--out_dir={t}/report", "--num_workers=0"]
+    (t / "undecodable").mkdir()
+    (t / "undecodable" / "0.png").write_bytes(b"no png here")
+    (t / "undecodable" / "val.json").write_text(json.dumps({"classes": ["a", "b"], "images": [image(0)]}))
+    (t / "no_images").mkdir()
+    (t / "no_images" / "val.json").write_text(json.dumps({"classes": ["a", "b"], "images": []}))
     return {
         # train.py: config values
         "batch_size 0": [*run, "--batch_size=0"],
@@ -131,6 +137,16 @@ def inputs(tmp_path_factory):
         "export not a DETR": [sys.executable, "export.py", f"--ckpt={t}/not_detr.pt", f"--out={t}/m.onnx"],
         "export garbage": [sys.executable, "export.py", f"--ckpt={t}/garbage.pt", f"--out={t}/m.onnx"],
         "bench unknown what": [sys.executable, "bench.py", "--what=memroy"],
+        # eval.py and sample.py --matching
+        "eval garbage checkpoint": [*evaluate, f"--ckpt={t}/garbage.pt", f"--dataset={good}"],
+        "eval no such split": [*evaluate, f"--ckpt={real}", f"--dataset={good}", "--split=test"],
+        "eval bad threshold": [*evaluate, f"--ckpt={real}", "--threshold=1.5"],
+        "eval bad dtype": [*evaluate, f"--ckpt={real}", "--dtype=fp8"],
+        "eval classes share no name": [*evaluate, f"--ckpt={t}/other_classes/ckpt.pt", f"--dataset={good}"],
+        "eval nothing decodable": [*evaluate, f"--ckpt={real}", f"--dataset={t}/undecodable"],
+        "eval empty split": [*evaluate, f"--ckpt={real}", f"--dataset={t}/no_images"],
+        "matching with images": [*sample, f"--ckpt={real}", "--matching", f"--images={t}/unreadable"],
+        "matching no such split": [*sample, f"--ckpt={real}", "--matching", "--split=nope"],
     }
 
 
@@ -148,6 +164,8 @@ CASES = [
     "sample bad threshold", "coco truncated json", "coco json not COCO", "coco missing json", "coco no flags",
     "voc not a devkit", "shapes bad count", "json of nothing readable", "json into no folder", "export images too small",
     "export not a DETR", "export garbage", "bench unknown what",
+    "eval garbage checkpoint", "eval no such split", "eval bad threshold", "eval bad dtype", "eval classes share no name",
+    "eval nothing decodable", "eval empty split", "matching with images", "matching no such split",
 ]
 
 

@@ -242,3 +242,13 @@ def test_coco_crowds_areas_and_ids_equal_pycocotools(seed, max_dets):
     per_class = [precision[:, :, k][precision[:, :, k] > -1].mean() for k in range(len(label))]
     assert m["AP_per_class"] == pytest.approx(per_class, abs=1e-6)
     assert sum(a["iscrowd"] for a in ground_truth["annotations"]) >= 3 and 0.05 < m["mAP"] < 0.9
+    # eval.py's per-class columns (details): AP50, AP75 and AR at max_dets as pycocotools has them per class
+    d = compute_map(dets, gts, num_classes=len(label), max_dets=max_dets, details=True)
+    recall = evaluator.eval["recall"][:, :, 0, -1]  # (IoUs, classes)
+    for k in range(len(label)):
+        for key, t in (("AP50", 0), ("AP75", 5)):
+            assert d["per_class"][key][k] == pytest.approx(precision[t, :, k][precision[t, :, k] > -1].mean(), abs=1e-6)
+        assert d["per_class"][f"AR{max_dets}"][k] == pytest.approx(recall[:, k].mean(), abs=1e-6)
+        category = ground_truth["categories"][k]["id"]
+        assert d["per_class"]["objects"][k] == sum(a["category_id"] == category and not a["iscrowd"] for a in ground_truth["annotations"])
+    assert d["per_class"]["AP"] == m["AP_per_class"] and d["mAP"] == m["mAP"]

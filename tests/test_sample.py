@@ -19,11 +19,11 @@ def sample(tmp_path):
     return module
 
 
-def fixed_box_model():
+def fixed_box_model(num_queries=3):
     """A tiny DETR whose every query says: class 1 at (cx, cy, w, h) = (0.5, 0.5, 0.5, 0.25), sure of it."""
     torch.manual_seed(0)
     model = DETR(num_classes=3, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1,
-                 num_decoder_layers=1, dim_feedforward=64, num_queries=3)
+                 num_decoder_layers=1, dim_feedforward=64, num_queries=num_queries)
     with torch.no_grad():
         model.class_head.weight.zero_()
         model.class_head.bias.copy_(torch.tensor([0.0, 10.0, 0.0, 0.0]))
@@ -39,21 +39,49 @@ def save_checkpoint(model, path, classes):
 
 
 def test_drawn_box_is_exactly_the_predicted_rectangle(sample, tmp_path):
-    save_checkpoint(fixed_box_model(), tmp_path / "ckpt.pt", ["a", "b", "c"])
+    save_checkpoint(fixed_box_model(num_queries=1), tmp_path / "ckpt.pt", ["a", "b", "c"])
     Image.new("RGB", (96, 64), (0, 0, 0)).save(tmp_path / "black.png")
     model, config = load_model(str(tmp_path / "ckpt.pt"))
     written = sample.sample(model, config["val_scale"], config["max_size"], [str(tmp_path / "black.png")])
     pixels = np.asarray(Image.open(written[0]).convert("RGB"))
+    assert pixels.shape == (512, 768, 3)  # a 96x64 image is drawn 8 times larger, to a short side of 512
     colour = np.array(sample.class_colour(1))
-    is_colour = (pixels == colour).all(-1)  # (64, 96)
-    # the box: x 24..72, y 24..40 on a 96x64 image; a 2-pixel outline
-    x0, y0, x1, y1 = 24, 24, 72, 40
+    is_colour = (pixels == colour).all(-1)
+    # the box: x 24..72, y 24..40 of the image, so 192..576, 192..320 of the picture; a 2-pixel outline
+    x0, y0, x1, y1 = 192, 192, 576, 320
     outline = np.zeros_like(is_colour)
     outline[y0 : y1 + 1, x0 : x1 + 1] = True
     outline[y0 + 2 : y1 - 1, x0 + 2 : x1 - 1] = False
-    assert is_colour[outline].all()  # inside it only the label text may share the colour
-    assert not is_colour[:y0].any() and not is_colour[y1 + 1 :].any()  # nothing outside the box
-    assert not is_colour[:, :x0].any() and not is_colour[:, x1 + 1 :].any()
+    assert is_colour[outline].all()
+    # the label sits on the box's top-left corner, above it: the only colour outside the outline
+    label = is_colour & ~outline
+    rows, columns = np.nonzero(label)
+    assert rows.max() < y0 and rows.min() > y0 - 40 and columns.min() >= x0 and columns.max() < x1
+    assert not is_colour[y1 + 1 :].any() and not is_colour[y0 + 3 : y1 - 2, x0 + 3 : x1 - 2].any()
+
+
+def test_labels_stay_inside_the_picture_and_apart(sample):
+    """Labels of boxes on the picture's edges are moved in, and boxes in one place get labels that do
+    not cover each other; the first label goes above its box's top-left corner."""
+    W, H = 600, 512
+    boxes = [(0, 0, 80, 60), (520, 450, 600, 512), (590, 100, 600, 140)] + [(200, 200, 300, 300)] * 4
+    sizes = [(150, 20), (120, 20), (90, 20)] + [(60, 20)] * 4
+    placed = sample.place_labels(boxes, sizes, (W, H))
+    for (x, y, w, h), size in zip(placed, sizes):
+        assert (w, h) == size and 0 <= x <= W - w and 0 <= y <= H - h
+    assert placed[3][:2] == (200, 180)  # free: above the top-left corner
+
+    def overlap(a, b):
+        return min(a[0] + a[2], b[0] + b[2]) > max(a[0], b[0]) and min(a[1] + a[3], b[1] + b[3]) > max(a[1], b[1])
+
+    assert not any(overlap(a, b) for i, a in enumerate(placed) for b in placed[i + 1 :])
+    # and drawn: each label a block of its colour, inside the picture
+    picture = Image.new("RGB", (W, H), "white")
+    colours = [(255, 0, 0), (0, 0, 255), (0, 160, 0)]
+    sample.draw_boxes(picture, torch.tensor(boxes[:3], dtype=torch.float32), ["top left", "bottom right", "edge"], colours)
+    pixels = np.asarray(picture)
+    for colour in colours:
+        assert (pixels == colour).all(-1).sum() > 200
 
 
 def test_attention_maps_are_distributions_over_the_feature_map(sample, tmp_path):
@@ -71,8 +99,10 @@ def test_attention_maps_are_distributions_over_the_feature_map(sample, tmp_path)
     sample.attention = True
     written = sample.sample(load_model(str(tmp_path / "ckpt.pt"))[0], 64, 200, [str(tmp_path / "grey.jpg")])
     assert [p.rsplit("/", 1)[1] for p in written] == ["grey.png", "grey_attention.png"]
-    # detections panel, 3 query panels, 3 encoder panels: a 4-column grid of two rows
-    assert Image.open(written[1]).size == (4 * 96, 2 * (64 + 14))
+    # detections panel, 3 query panels, 3 encoder panels: a 4-column grid of two rows of 768x512 panels,
+    # each under a title line
+    band = sample.text_font(Image.new("RGB", (768, 512))).size + 10
+    assert Image.open(written[1]).size == (4 * 768, 2 * (512 + band))
 
 
 def test_curves_png_from_a_hand_made_log(sample, tmp_path):
@@ -192,3 +222,34 @@ def test_json_of_a_prepared_split_has_the_datasets_own_ids(tmp_path):
     result = subprocess.run([sys.executable, "sample.py", "--ckpt=" + str(tmp_path / "ckpt.pt"), "--split=test",
                              f"--json={tmp_path / 'f.json'}"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr.startswith("error: give --images=path (no split ") and "Traceback" not in result.stderr
+
+
+def test_matching_picture_shows_the_losss_own_matching(sample, tmp_path, capsys):
+    """--matching draws the training matcher's choice, and its three cost terms add up to its cost."""
+    pytest.importorskip("matplotlib")
+    import train
+
+    torch.manual_seed(0)
+    outputs = {"pred_logits": torch.randn(2, 5, 4), "pred_boxes": torch.rand(2, 5, 4) * 0.5 + 0.25}
+    targets = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.2]])},
+               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.6, 0.4, 0.3, 0.3]])}]
+    matcher = train.HungarianMatcher(1.0, 5.0, 2.0)
+    parts = matcher.cost(outputs, targets, parts=True)
+    assert torch.equal(parts[0] + parts[1] + parts[2], matcher.cost(outputs, targets))
+    assert torch.equal(parts[0], -outputs["pred_logits"].softmax(-1)[None][..., torch.tensor([0, 2, 1])])
+    # from a checkpoint whose config names its dataset: one picture per image of the val split
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (96, 64), (40, 40, 40)).save(data / "0.png")
+    record = {"file": "0.png", "width": 96, "height": 64, "boxes": [[20, 20, 50, 40], [60, 10, 90, 30]], "labels": [1, 2]}
+    (data / "val.json").write_text(json.dumps({"classes": ["a", "b", "c"], "images": [record]}))
+    config = {"dataset": str(data), "val_split": "val", "val_scale": 64, "max_size": 200, "cost_class": 1.0,
+              "cost_bbox": 5.0, "cost_giou": 2.0}
+    model = fixed_box_model()
+    torch.save({"model": model.state_dict(), "model_args": model.config, "classes": ["a", "b", "c"], "config": config},
+               tmp_path / "ckpt.pt")
+    sample.ckpt, sample.matching = str(tmp_path / "ckpt.pt"), True
+    sample.main()
+    assert "2 matched queries of 3" in capsys.readouterr().out
+    picture = Image.open(tmp_path / "samples" / "0_matching.png")
+    assert min(picture.size) >= 512 and np.asarray(picture.convert("RGB")).std() > 10

@@ -1,0 +1,401 @@
+"""
+Evaluate a detector on a prepared split and write a report of how it does, class by class and image
+by image: the tables, curves and pictures of a paper's results section.
+
+    python eval.py --ckpt=out-shapes/best.pt                   # the checkpoint's own val split -> report/
+    python eval.py --ckpt=out-voc/best.pt --split=test --threshold=0.3
+    python eval.py --ckpt=detr-r50 --dataset=coco --split=val2017   # any model sample.py takes, on a prepared set
+
+It writes to out_dir:
+- per_class.csv and per_class.md (printed too): per class the objects COCO counts (no difficult ones,
+  no crowds), COCO's AP (IoU 0.50:0.95), AP50, AP75 and AR100 (pycocotools' per-class figures; the
+  markdown's last row holds their means, which are train.py's val_mAP, val_mAP75 and val_AR100), and
+  the precision and recall of the detections scoring above --threshold, matched at IoU 0.5;
+- summary.json: metrics.compute_map's output (VOC's mAP50 too), the settings and the image count;
+- confusion_matrix.csv / .png: rows the true class, columns the predicted one, each plus
+  "background", counting the detections above --threshold at IoU 0.5 (confusion_matrix below);
+- pr_curves.png: precision against recall per class at IoU 0.5, the --threshold point marked;
+- worst/: the --worst images with the most errors at --threshold (false positives plus missed
+  objects), true positives, false positives and missed objects drawn in three colours.
+The PNG figures need matplotlib (pip install matplotlib); without it they are one logged skip.
+
+The model's classes are matched to the dataset's by name (case aside), so the official COCO model
+can be scored on any set that names COCO classes; detections of other classes are left out.
+"""
+
+import csv
+import json
+import math
+import os
+import sys
+from contextlib import nullcontext
+from functools import partial
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torchvision.ops import box_iou
+
+from configurator import configure
+from data.pipeline import DetectionDataset, collate, dataset_dir, read_image, val_transform, worker_ignores_signals
+from detr import postprocess
+from metrics import compute_map, ground_truth, precision_recall
+from sample import draw_boxes, for_display, text_font
+from weights import LoadError, load_model
+
+# defaults, each overridable as --key=value
+ckpt = "out-shapes/best.pt"  # any model sample.py takes: a minidetr checkpoint, an official one, a transformers folder / hub id
+dataset = ""  # a prepared dataset: a name under data/ or a folder; empty: the checkpoint's own
+split = ""  # its split (<split>.json); empty: the checkpoint's val_split, else val
+out_dir = "report"
+threshold = 0.5  # a detection counts for precision, recall, the confusion matrix and worst/ when its score is above this
+max_dets = 100  # detections per image and class that COCO's AP and AR count, as train.py's key
+worst = 8  # how many images worst/ draws
+device = "cpu"
+dtype = "float32"  # autocast dtype on a GPU: float32 (none), bfloat16 or float16
+batch_size = 8
+num_workers = 2
+
+IOU_THRESHOLD = 0.5  # the matching of the precision, recall, confusion matrix and worst/ (COCO's AP50, VOC's rule)
+COLOURS = {"true positive": (0, 158, 115), "false positive": (213, 94, 0), "missed": (86, 180, 233)}  # Okabe-Ito: colour-blind safe
+
+
+def autocast(device, dtype):
+    """The forward pass in dtype (float32: as it is), as train.py's loop and every evaluation run it."""
+    device_type = "cuda" if "cuda" in str(device) else "cpu"
+    return nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
+
+
+@torch.no_grad()
+def predict(model, dataset, device, batch_size, num_workers, pad_to=1, dtype="float32", indices=None):
+    """{image index: its postprocessed detections (float32, on the CPU)} of the dataset's images (those
+    of indices, else all). An image that cannot be decoded is left out (DetectionDataset logs it and
+    returns the next one, which then comes twice: the dict keeps it once)."""
+    was_training = model.training
+    model.eval()
+    subset = torch.utils.data.Subset(dataset, range(len(dataset)) if indices is None else indices)
+    loader = torch.utils.data.DataLoader(
+        subset, batch_size=batch_size, num_workers=num_workers, collate_fn=partial(collate, pad_to=pad_to),
+        worker_init_fn=worker_ignores_signals, generator=torch.Generator())  # leaves the global RNG (dropout) alone
+    predictions = {}
+    for images, mask, targets in loader:
+        with autocast(device, dtype):
+            outputs = model(images.to(device), None if mask is None else mask.to(device))
+        results = postprocess(outputs, torch.stack([t["orig_size"] for t in targets]))
+        for target, r in zip(targets, results):
+            predictions[target["image_id"]] = {k: v.cpu() if k == "labels" else v.float().cpu() for k, v in r.items()}
+    model.train(was_training)
+    return predictions
+
+
+def class_map(model, classes):
+    """For each of the model's outputs, the dataset's class of the same name, -1 for none (its detections
+    are left out); one note line for classes on one side only, one error line when none is shared."""
+    if model.classes is None:  # an official-format file fine-tuned elsewhere: its outputs by number
+        if model.num_classes != len(classes):
+            raise SystemExit(f"error: the model names no classes and has {model.num_classes} of them, the dataset {len(classes)}")
+        print(f"note: the model names no classes: its {model.num_classes} outputs are taken as the dataset's, in order")
+        return torch.arange(len(classes))
+    names = [c.lower() for c in classes]
+    mapping = torch.tensor([names.index(c.lower()) if c.lower() in names else -1 for c in model.classes])
+    shared = set(mapping.tolist()) - {-1}
+    if not shared:
+        raise SystemExit(f"error: the model's classes {model.classes[:5]}... and the dataset's {classes[:5]}... share no name")
+    if len(shared) < len(classes):
+        missing = [c for i, c in enumerate(classes) if i not in shared]
+        print(f"note: {len(missing)} of the dataset's classes are not among the model's ({', '.join(missing[:10])}): their AP is 0")
+    if (mapping < 0).any() and len(model.classes) != len(classes):
+        print(f"note: the model's {int((mapping < 0).sum())} classes that the dataset lacks are left out")
+    return mapping
+
+
+def image_errors(match, ignored, det, gt, threshold):
+    """One image at the threshold: (true positives, false positives, missed objects) as index tensors into
+    its detections, its detections and its objects. match / ignored: compute_map's matches (class-aware,
+    COCO's rule at IoU 0.5); ignored detections (on a difficult object or a crowd) count as neither."""
+    above = (det["scores"] > threshold) & ~ignored
+    tp = torch.nonzero(above & (match >= 0)).flatten()
+    fp = torch.nonzero(above & (match < 0)).flatten()
+    found = torch.zeros(len(gt["labels"]), dtype=torch.bool)
+    found[match[tp]] = True
+    counted = ~found
+    for key in ("difficult", "iscrowd"):
+        if key in gt:
+            counted &= ~gt[key].bool()
+    return tp, fp, torch.nonzero(counted).flatten()
+
+
+def confusion_matrix(detections, ground_truths, matches, num_classes, threshold):
+    """(C + 1, C + 1) counts: row the true class, column the predicted class, the last of each
+    "background". At the threshold, a detection that COCO's rule matched at IoU 0.5 (its own class)
+    is on the diagonal; each of the others, in order of score, takes the free object of another class
+    that it overlaps most at IoU >= 0.5 (a confusion), else it is a false positive (background row).
+    The objects left over are missed (background column). So the diagonal is the true positives of
+    precision and recall, a row sums to the class's objects, and a column to its detections."""
+    matrix = np.zeros((num_classes + 1, num_classes + 1), dtype=np.int64)
+    background = num_classes
+    for det, gt, (match, ignored) in zip(detections, ground_truths, matches):
+        tp, fp, missed = image_errors(match, ignored, det, gt, threshold)
+        for d in tp.tolist():
+            matrix[gt["labels"][match[d]], det["labels"][d]] += 1
+        free = torch.zeros(len(gt["labels"]), dtype=torch.bool)
+        free[missed] = True
+        fp = fp[det["scores"][fp].argsort(descending=True, stable=True)]
+        ious = box_iou(det["boxes"][fp].double(), gt["boxes"].double().reshape(-1, 4)) if len(fp) else None
+        for k, d in enumerate(fp.tolist()):
+            candidates = free & (ious[k] >= IOU_THRESHOLD) & (gt["labels"] != det["labels"][d])
+            if candidates.any():
+                j = int(torch.where(candidates, ious[k], -1.0).argmax())
+                free[j] = False
+                matrix[gt["labels"][j], det["labels"][d]] += 1
+            else:
+                matrix[background, det["labels"][d]] += 1
+        for j in torch.nonzero(free).flatten().tolist():
+            matrix[gt["labels"][j], background] += 1
+    return matrix
+
+
+def class_curves(detections, matches, num_classes):
+    """Per class (scores, true-positive flags) of its counted detections in order of score, as
+    compute_map ranks them at IoU 0.5: the points of its precision-recall curve."""
+    scores, tps, labels = [], [], []
+    for det, (match, ignored) in zip(detections, matches):
+        keep = ~ignored
+        scores.append(det["scores"][keep])
+        tps.append(match[keep] >= 0)
+        labels.append(det["labels"][keep])
+    scores, tps, labels = torch.cat(scores), torch.cat(tps), torch.cat(labels)
+    curves = []
+    for c in range(num_classes):
+        order = scores[labels == c].argsort(descending=True, stable=True)
+        curves.append((scores[labels == c][order].numpy(), tps[labels == c][order].numpy()))
+    return curves
+
+
+def per_class_table(classes, result, curves, threshold):
+    """One row per class: class, objects, AP, AP50, AP75, AR<max_dets>, precision, recall (see the docstring)."""
+    per_class = result["per_class"]
+    rows = []
+    for c, name in enumerate(classes):
+        objects = per_class["objects"][c]
+        scores, tp = curves[c]
+        above = int((scores > threshold).sum())
+        true = int(tp[:above].sum())
+        precision = true / above if above else math.nan
+        recall = true / objects if objects else math.nan
+        rows.append([name, objects] + [per_class[k][c] for k in ("AP", "AP50", "AP75", f"AR{max_dets}")] + [precision, recall])
+    return rows
+
+
+def markdown_table(header, rows, result):
+    """The per-class rows and their means as a markdown table, columns aligned for a terminal too."""
+    def cell(v):
+        return "-" if isinstance(v, float) and math.isnan(v) else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    counted = [r for r in rows if r[1] > 0]
+    means = ["mean", sum(r[1] for r in rows), result["mAP"], float(np.nanmean([r[3] for r in counted])) if counted else math.nan,
+             result["mAP75"], result[f"AR{max_dets}"]] + [float(np.nanmean(col)) if not np.isnan(col).all() else math.nan
+                                                          for col in np.array([r[6:] for r in counted] or [[math.nan] * 2]).T]
+    table = [header] + [[cell(v) for v in r] for r in rows + [means]]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    lines = ["| " + " | ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))) + " |" for r in table]
+    lines.insert(1, "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|")
+    return "\n".join(lines) + "\n"
+
+
+def pyplot():
+    """matplotlib's pyplot, or None with one logged line: the figures are optional."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("skip: pr_curves.png and confusion_matrix.png need matplotlib (pip install matplotlib)")
+        return None
+    return plt
+
+
+def plot_pr_curves(plt, classes, curves, rows, threshold, path):
+    """One panel per class: precision against recall at IoU 0.5 (COCO's enveloped curve dashed), the
+    point at the threshold marked."""
+    columns = min(len(classes), 5)
+    grid_rows = math.ceil(len(classes) / columns)
+    fig, axes = plt.subplots(grid_rows, columns, figsize=(3.2 * columns, 3.0 * grid_rows + 0.6), squeeze=False)
+    for ax, name, (scores, tp), row in zip(axes.flat, classes, curves, rows):
+        objects = row[1]
+        ax.set_title(f"{name} ({objects} objects): AP50 {row[3]:.3f}" if objects else f"{name}: no objects", fontsize=9)
+        if objects and len(tp):
+            precision, recall = precision_recall(tp, objects)
+            ax.plot(np.concatenate([[0], recall]), np.concatenate([[precision[0]], precision]), color="C0")
+            ax.plot(recall, np.maximum.accumulate(precision[::-1])[::-1], color="C0", linestyle="--", linewidth=0.8)
+            above = int((scores > threshold).sum())
+            if above:
+                ax.plot(recall[above - 1], precision[above - 1], "o", color="C3", label=f"score > {threshold:g}")
+                ax.legend(fontsize=7, loc="lower left")
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("recall", fontsize=8)
+        ax.set_ylabel("precision", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(classes):]:
+        ax.axis("off")
+    fig.suptitle("precision-recall at IoU 0.5")
+    save_figure(fig, path, dpi=max(100, math.ceil(512 / fig.get_size_inches().min())))
+
+
+def plot_confusion_matrix(plt, classes, matrix, threshold, path):
+    """The matrix as a heat map, each row scaled by its total (what share of a class's objects went
+    where), with the counts written in when there are few enough classes to read them."""
+    names = list(classes) + ["background"]
+    n = len(names)
+    shares = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    side = max(6.0, 0.35 * n + 2)
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the row")
+    ax.set_xticks(range(n), names, rotation=90 if n > 6 else 0, fontsize=8)
+    ax.set_yticks(range(n), names, fontsize=8)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"confusion matrix at IoU 0.5, score > {threshold:g}")
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if matrix[i, j]:
+                    ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if shares[i, j] > 0.5 else "black")
+    save_figure(fig, path, dpi=100)
+
+
+def save_figure(fig, path, dpi):
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    fig.clf()
+    print(f"-> {path}")
+
+
+def draw_errors(path, det, gt, errors, classes, title):
+    """One image, upscaled as sample.py draws (short side >= 512): true positives, false positives and
+    missed objects in their COLOURS, under a title line with the counts."""
+    pixels = read_image(path)
+    if pixels is None:
+        return None
+    picture, scale = for_display(pixels)
+    tp, fp, missed = errors
+    boxes = torch.cat([det["boxes"][tp], det["boxes"][fp], gt["boxes"][missed].float().reshape(-1, 4)]) * scale
+    texts = ([f"{classes[l]} {s:.2f}" for l, s in zip(det["labels"][tp].tolist(), det["scores"][tp].tolist())]
+             + [f"{classes[l]} {s:.2f}" for l, s in zip(det["labels"][fp].tolist(), det["scores"][fp].tolist())]
+             + [f"missed {classes[l]}" for l in gt["labels"][missed].tolist()])
+    colours = [COLOURS["true positive"]] * len(tp) + [COLOURS["false positive"]] * len(fp) + [COLOURS["missed"]] * len(missed)
+    draw_boxes(picture, boxes, texts, colours)
+    # the title line: the file, then each kind with its count on its own colour
+    font = text_font(picture)
+    band = font.size + 12
+    sheet = Image.new("RGB", (picture.width, picture.height + band), "white")
+    sheet.paste(picture, (0, band))
+    draw = ImageDraw.Draw(sheet)
+    x = 4
+    for text, colour in [(title, None)] + [(f"{n} {kind}", COLOURS[kind]) for n, kind in zip(map(len, errors), COLOURS)]:
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        if colour:
+            draw.rectangle((x, 4, x + right - left + 6, band - 4), fill=colour)
+        draw.text((x + 3 - left, 6 - top), text, fill="black", font=font)
+        x += right - left + 14
+    return sheet
+
+
+def report(model, data, predictions, out_dir, threshold):
+    """Score the predictions (compute_map) and write every file of the report; returns compute_map's output."""
+    mapping = class_map(model, data.classes)
+    indices = sorted(predictions)
+    detections = []
+    for i in indices:
+        det = predictions[i]
+        labels = mapping[det["labels"]]
+        keep = labels >= 0
+        detections.append({"boxes": det["boxes"][keep], "scores": det["scores"][keep], "labels": labels[keep]})
+    ground_truths = [ground_truth(data.records[i]) for i in indices]
+    result = compute_map(detections, ground_truths, len(data.classes), max_dets, details=True)
+    matches = result.pop("matches")
+    os.makedirs(out_dir, exist_ok=True)
+
+    curves = class_curves(detections, matches, len(data.classes))
+    rows = per_class_table(data.classes, result, curves, threshold)
+    header = ["class", "objects", "AP", "AP50", "AP75", f"AR{max_dets}", "precision", "recall"]
+    with open(os.path.join(out_dir, "per_class.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows([r[:2] + [f"{v:.6f}" for v in r[2:]] for r in rows])
+    table = markdown_table(header, rows, result)
+    with open(os.path.join(out_dir, "per_class.md"), "w") as f:
+        f.write(table)
+    print(table, end="")
+    print(f"mAP {result['mAP']:.4f}, mAP50 (VOC, all-point) {result['mAP50']:.4f}, mAP75 {result['mAP75']:.4f}, "
+          f"AR{max_dets} {result[f'AR{max_dets}']:.4f} (max_dets={max_dets}); precision and recall at score > {threshold:g}, IoU 0.5")
+
+    matrix = confusion_matrix(detections, ground_truths, matches, len(data.classes), threshold)
+    names = list(data.classes) + ["background"]
+    with open(os.path.join(out_dir, "confusion_matrix.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["true \\ predicted"] + names)
+        writer.writerows([[name] + row.tolist() for name, row in zip(names, matrix)])
+    summary = {"checkpoint": ckpt, "json": data.json_path, "images": len(indices), "images_unreadable": len(data) - len(indices),
+               "threshold": threshold, "max_dets": max_dets, "iou_threshold": IOU_THRESHOLD, "classes": data.classes, **result}
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1, default=lambda v: None)
+    plt = pyplot()
+    if plt is not None:
+        plot_pr_curves(plt, data.classes, curves, rows, threshold, os.path.join(out_dir, "pr_curves.png"))
+        plot_confusion_matrix(plt, data.classes, matrix, threshold, os.path.join(out_dir, "confusion_matrix.png"))
+
+    # worst/: the images with the most false positives plus missed objects
+    errors = [image_errors(m, ig, d, g, threshold) for (m, ig), d, g in zip(matches, detections, ground_truths)]
+    counts = [len(fp) + len(missed) for _, fp, missed in errors]
+    ranked = [k for k in sorted(range(len(indices)), key=lambda k: -counts[k]) if counts[k] > 0][:worst]
+    worst_dir = os.path.join(out_dir, "worst")
+    os.makedirs(worst_dir, exist_ok=True)
+    for rank, k in enumerate(ranked):
+        i = indices[k]
+        record = data.records[i]
+        picture = draw_errors(data.paths[i], detections[k], ground_truths[k], errors[k], data.classes, record["file"])
+        if picture is not None:
+            name = os.path.splitext(os.path.basename(record["file"]))[0]
+            picture.save(os.path.join(worst_dir, f"{rank:02d}_{name}.png"))
+    print(f"{len(ranked)} images with the most errors -> {worst_dir}/ ({sum(counts)} errors in {len(indices)} images)")
+    return result
+
+
+def main():
+    try:
+        model, config = load_model(ckpt)
+    except LoadError as e:
+        raise SystemExit(f"error: {e}")
+    name = dataset or config.get("dataset")
+    if not name:
+        raise SystemExit(f"error: {ckpt} names no dataset: give --dataset=NAME_OR_PATH (and --split)")
+    path = os.path.join(dataset_dir(name), f"{split or config.get('val_split', 'val')}.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no {path} (a prepared split: see data/format.py)")
+    data = DetectionDataset(path, val_transform(config["val_scale"], config["max_size"]))
+    if not len(data):
+        raise SystemExit(f"error: {path} has no images")
+    model.to(device)
+    try:
+        predictions = predict(model, data, device, batch_size, num_workers, dtype=dtype)
+    except RuntimeError as e:  # DetectionDataset's: every image of the split is unreadable
+        if "could be decoded" not in str(e):
+            raise
+        raise SystemExit(f"error: no image of {path} could be decoded")
+    report(model, data, predictions, out_dir, threshold)
+
+
+if __name__ == "__main__":
+    flags = ("ckpt", "dataset", "split", "out_dir", "threshold", "max_dets", "worst", "device", "dtype", "batch_size",
+             "num_workers")
+    globals().update(configure({k: globals()[k] for k in flags}, sys.argv[1:]))
+    if not 0 <= threshold < 1 or max_dets < 1 or worst < 0 or batch_size < 1 or num_workers < 0:
+        sys.exit("error: --threshold must be in [0, 1), --max_dets and --batch_size >= 1, --worst and --num_workers >= 0")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        sys.exit(f"error: --dtype={dtype} should be float32, bfloat16 or float16")
+    main()

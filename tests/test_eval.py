@@ -1,0 +1,140 @@
+"""eval.py's report: per-class numbers as compute_map and train.py give them, precision, recall and the
+confusion matrix counted by hand, classes matched by name, and the worst images drawn."""
+
+import csv
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from conftest import load_script
+from data.pipeline import DetectionDataset, val_transform
+from detr import DETR
+from metrics import compute_map
+
+BOX = [24, 24, 72, 40]  # where every query of fixed_box_model puts its box on a 96x64 image
+
+
+def fixed_box_model(classes):
+    """A tiny DETR whose 3 queries all say: class 1 at BOX, sure of it (as tests/test_sample.py's)."""
+    torch.manual_seed(0)
+    model = DETR(num_classes=3, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1,
+                 num_decoder_layers=1, dim_feedforward=64, num_queries=3)
+    with torch.no_grad():
+        model.class_head.weight.zero_()
+        model.class_head.bias.copy_(torch.tensor([0.0, 10.0, 0.0, 0.0]))
+        model.box_head[-1].weight.zero_()
+        model.box_head[-1].bias.copy_(torch.logit(torch.tensor([0.5, 0.5, 0.5, 0.25])))
+    model.classes = list(classes)
+    return model.eval()
+
+
+def three_images(folder, classes=("a", "b", "c")):
+    """img0: a "b" at BOX (1 true positive, 2 duplicates); img1: an "a" at BOX (taken for a "b": a
+    confusion, 2 more false positives); img2: a "c" in the corner (missed, 3 false positives)."""
+    folder.mkdir(exist_ok=True)
+    label = {c.lower(): i for i, c in enumerate(classes)}
+    objects = [("b", BOX), ("a", BOX), ("c", [0, 0, 20, 20])]
+    records = []
+    for i, (name, box) in enumerate(objects):
+        Image.new("RGB", (96, 64), (30 * i, 60, 90)).save(folder / f"img{i}.png")
+        records.append({"file": f"img{i}.png", "width": 96, "height": 64, "boxes": [box], "labels": [label[name]]})
+    (folder / "val.json").write_text(json.dumps({"classes": list(classes), "images": records}))
+    return DetectionDataset(folder / "val.json", val_transform(64, 200))
+
+
+@pytest.fixture
+def evaluation(tmp_path):
+    module = load_script("eval.py")
+    module.num_workers = 0
+    return module
+
+
+def run_report(evaluation, model, data, out_dir):
+    predictions = evaluation.predict(model, data, "cpu", batch_size=2, num_workers=0)
+    return evaluation.report(model, data, predictions, str(out_dir), threshold=0.5)
+
+
+def test_report_counts_every_kind_of_error_as_by_hand(evaluation, tmp_path):
+    data = three_images(tmp_path / "data")
+    run_report(evaluation, fixed_box_model(["a", "b", "c"]), data, tmp_path / "report")
+    with open(tmp_path / "report" / "per_class.csv") as f:
+        rows = {r["class"]: r for r in csv.DictReader(f)}
+    assert list(rows["a"]) == ["class", "objects", "AP", "AP50", "AP75", "AR100", "precision", "recall"]
+    assert {c: int(r["objects"]) for c, r in rows.items()} == {"a": 1, "b": 1, "c": 1}
+    # "b": 9 detections above 0.5, one of them right (exact box: AP 1 at every IoU)
+    assert float(rows["b"]["precision"]) == pytest.approx(1 / 9) and float(rows["b"]["recall"]) == 1.0
+    assert [float(rows["b"][k]) for k in ("AP", "AP50", "AP75", "AR100")] == [1.0, 1.0, 1.0, 1.0]
+    assert rows["a"]["precision"] == "nan" and float(rows["a"]["recall"]) == 0.0 and float(rows["c"]["AP"]) == 0.0
+    with open(tmp_path / "report" / "confusion_matrix.csv") as f:
+        matrix = list(csv.reader(f))
+    assert matrix[0] == ["true \\ predicted", "a", "b", "c", "background"]
+    assert [r[1:] for r in matrix[1:]] == [["0", "1", "0", "0"],   # the "a" taken for a "b"
+                                           ["0", "1", "0", "0"],   # the "b" found
+                                           ["0", "0", "0", "1"],   # the "c" missed
+                                           ["0", "7", "0", "0"]]   # 2 + 2 + 3 detections on nothing
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["mAP"] == pytest.approx(1 / 3) and summary["images"] == 3
+    # worst/: the two images with 4 errors, then the one with 2, each at least 512 pixels on its short side
+    worst = sorted(p.name for p in (tmp_path / "report" / "worst").iterdir())
+    assert worst == ["00_img1.png", "01_img2.png", "02_img0.png"]
+    picture = np.asarray(Image.open(tmp_path / "report" / "worst" / "01_img2.png").convert("RGB"))
+    assert min(picture.shape[:2]) >= 512
+    below_title = picture[40:]  # the title line has a swatch of each colour
+    for kind in ("false positive", "missed"):  # img2 has both, and no true positive
+        assert (below_title == evaluation.COLOURS[kind]).all(-1).sum() > 100
+    assert not (below_title == evaluation.COLOURS["true positive"]).all(-1).any()
+
+
+def test_per_class_numbers_equal_train_evaluate_and_compute_map(evaluation, tmp_path):
+    """On a model with random weights (varied boxes and scores) the report's AP column and means are
+    train.py's evaluation of the same model on the same split, and compute_map's."""
+    data = three_images(tmp_path / "data")
+    torch.manual_seed(3)
+    model = DETR(num_classes=3, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1,
+                 num_decoder_layers=1, dim_feedforward=64, num_queries=30).eval()
+    model.classes = ["a", "b", "c"]
+    with torch.no_grad():  # boxes scattered about BOX, classes and scores varied
+        model.class_head.bias.copy_(torch.tensor([1.0, 1.0, 1.0, 0.0]))
+        model.box_head[-1].bias.copy_(torch.logit(torch.tensor([0.5, 0.5, 0.5, 0.25])))
+    result = run_report(evaluation, model, data, tmp_path / "report")
+    cfg = train.get_config(["--batch_size=2", "--num_workers=0", "--dtype=float32"])
+    logged = train.evaluate(model, data, SimpleNamespace(**cfg), "cpu")
+    with open(tmp_path / "report" / "per_class.csv") as f:
+        ap = [float(r["AP"]) for r in csv.DictReader(f)]
+    assert ap == pytest.approx(logged["AP_per_class"], abs=1e-6) and result["mAP"] == logged["mAP"]
+    for key, value in logged.items():
+        assert result[key] == pytest.approx(value, nan_ok=True)
+    table = (tmp_path / "report" / "per_class.md").read_text().splitlines()
+    assert table[-1].split("|")[3].strip() == f"{logged['mAP']:.3f}" and len(table) == 2 + 3 + 1
+    assert any(0 < v < 1 for v in ap)  # a real curve, not all or nothing
+
+
+def test_classes_listed_in_another_order_give_the_same_per_class_numbers(evaluation, tmp_path):
+    model = fixed_box_model(["a", "b", "c"])
+    run_report(evaluation, model, three_images(tmp_path / "one"), tmp_path / "r1")
+    run_report(evaluation, model, three_images(tmp_path / "two", classes=("C", "a", "B")), tmp_path / "r2")
+    rows = []
+    for report in ("r1", "r2"):
+        with open(tmp_path / report / "per_class.csv") as f:
+            rows.append({r["class"].lower(): r for r in csv.DictReader(f)})
+    assert sorted(rows[0]) == sorted(rows[1]) == ["a", "b", "c"]
+    for name in "abc":
+        assert {k: v for k, v in rows[0][name].items() if k != "class"} == {k: v for k, v in rows[1][name].items() if k != "class"}
+
+
+def test_compute_map_matches_are_in_the_callers_order():
+    """details=True: each detection's matched object and ignored flag, in the order the detections came."""
+    boxes = torch.tensor([[0, 0, 10, 10], [50, 50, 60, 60], [0, 0, 10, 10], [0, 0, 11, 10]], dtype=torch.float64)
+    det = {"boxes": boxes, "scores": torch.tensor([0.2, 0.9, 0.8, 0.5]), "labels": torch.tensor([0, 0, 0, 0])}
+    gt = {"boxes": torch.tensor([[0, 0, 10, 10], [50, 50, 60, 60.0]]), "labels": torch.tensor([0, 0]),
+          "difficult": torch.tensor([False, True])}
+    result = compute_map([det], [gt], 1, details=True)
+    match, ignored = result["matches"][0]
+    # by score: det 1 takes the difficult object (ignored), det 2 the real one, dets 3 and 0 are left
+    assert match.tolist() == [-1, 1, 0, -1] and ignored.tolist() == [False, True, False, False]
+    assert result["per_class"]["objects"] == [1]
