@@ -21,6 +21,11 @@ The PNG figures need matplotlib (pip install matplotlib); without it they are on
 
 The model's classes are matched to the dataset's by name (case aside), so the official COCO model
 can be scored on any set that names COCO classes; detections of other classes are left out.
+
+A batch pads its images to the largest (and to a multiple of pad_to), and DETR's outputs change a
+little with the padding: the attention masks it out, but the backbone's convolutions see its zeros
+near the image's edge. So a minidetr checkpoint is evaluated as train.py evaluated it, with its own
+batch_size and pad_to, and gives exactly its logged val numbers.
 """
 
 import csv
@@ -53,7 +58,7 @@ max_dets = 100  # detections per image and class that COCO's AP and AR count, as
 worst = 8  # how many images worst/ draws
 device = "cpu"
 dtype = "float32"  # autocast dtype on a GPU: float32 (none), bfloat16 or float16
-batch_size = 8
+batch_size = 0  # images per forward pass; 0: the checkpoint's own batch_size (else 8), see below
 num_workers = 2
 
 IOU_THRESHOLD = 0.5  # the matching of the precision, recall, confusion matrix and worst/ (COCO's AP50, VOC's rule)
@@ -382,7 +387,8 @@ def main():
         raise SystemExit(f"error: {path} has no images")
     model.to(device)
     try:
-        predictions = predict(model, data, device, batch_size, num_workers, dtype=dtype)
+        predictions = predict(model, data, device, batch_size or config.get("batch_size", 8), num_workers,
+                              config.get("pad_to", 1), dtype)
     except RuntimeError as e:  # DetectionDataset's: every image of the split is unreadable
         if "could be decoded" not in str(e):
             raise
@@ -394,8 +400,8 @@ if __name__ == "__main__":
     flags = ("ckpt", "dataset", "split", "out_dir", "threshold", "max_dets", "worst", "device", "dtype", "batch_size",
              "num_workers")
     globals().update(configure({k: globals()[k] for k in flags}, sys.argv[1:]))
-    if not 0 <= threshold < 1 or max_dets < 1 or worst < 0 or batch_size < 1 or num_workers < 0:
-        sys.exit("error: --threshold must be in [0, 1), --max_dets and --batch_size >= 1, --worst and --num_workers >= 0")
+    if not 0 <= threshold < 1 or max_dets < 1 or worst < 0 or batch_size < 0 or num_workers < 0:
+        sys.exit("error: --threshold must be in [0, 1), --max_dets >= 1, --worst, --batch_size and --num_workers >= 0")
     if dtype not in ("float32", "bfloat16", "float16"):
         sys.exit(f"error: --dtype={dtype} should be float32, bfloat16 or float16")
     main()

@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -52,7 +53,7 @@ threshold = 0.7  # keep detections whose class probability is above this
 max_images = 8
 json = ""  # --json=PATH: write the detections of every image of --images to PATH instead of drawing
 top_k = 0  # with --json: keep the top_k detections per image instead of those above threshold
-batch_size = 8  # with --json: images per forward pass
+batch_size = 0  # with --json: images per forward pass; 0: the checkpoint's own (else 8), padded as it was (eval.py's docstring says why)
 attention = False  # also draw the attention maps of every kept detection
 num_pixels = 4  # encoder self-attention is shown from this many pixels (the centres of detections)
 log = ""  # a log.jsonl: draw its training curves instead of sampling
@@ -111,24 +112,25 @@ class ImageFiles(torch.utils.data.Dataset):
         return self.transform(pixels).float(), {"orig_size": torch.tensor(pixels.shape[-2:]), "index": i}
 
 
-def collate_readable(batch):
+def collate_readable(batch, pad_to=1):
     """collate over the images that could be read; None when none could."""
     batch = [b for b in batch if b is not None]
-    return collate(batch) if batch else None
+    return collate(batch, pad_to) if batch else None
 
 
-def detect(model, category_ids, val_scale, max_size, paths, root, out_path, image_ids=None):
-    """Batched inference over paths; writes the kept detections as COCO results records (see the
-    docstring; image_ids: each path's, else its index) to out_path and returns them."""
+def detect(model, category_ids, val_scale, max_size, paths, root, out_path, image_ids=None, batch=8, pad_to=1):
+    """Batched inference over paths, batch images at a time, padded to a multiple of pad_to; writes the
+    kept detections as COCO results records (see the docstring; image_ids: each path's, else its
+    index) to out_path and returns them."""
     from tqdm import tqdm
 
     transform = val_transform(val_scale, max_size)
     loader = torch.utils.data.DataLoader(
-        ImageFiles(paths, transform), batch_size=batch_size, num_workers=min(4, os.cpu_count() or 1),
-        collate_fn=collate_readable)
+        ImageFiles(paths, transform), batch_size=batch, num_workers=min(4, os.cpu_count() or 1),
+        collate_fn=partial(collate_readable, pad_to=pad_to))
     model.to(device).eval()
     records, read, start = [], 0, time.perf_counter()
-    for batch in tqdm(loader, desc="detect", unit="batch", disable=len(paths) < 2 * batch_size):
+    for batch in tqdm(loader, desc="detect", unit="batch", disable=len(paths) < 2 * batch):
         if batch is None:
             continue
         pixels, mask, targets = batch
@@ -492,14 +494,16 @@ def main():
     if json and split:  # a prepared split: the dataset's own image and category ids
         path = split_json(config, split)
         paths, image_ids, category_ids = split_images(path, model.classes)
-        detect(model, category_ids or model.category_ids, val_scale, max_size, paths, os.path.dirname(path), json, image_ids)
+        detect(model, category_ids or model.category_ids, val_scale, max_size, paths, os.path.dirname(path), json, image_ids,
+               batch_size or config.get("batch_size", 8), config.get("pad_to", 1))
         return
     if json:
         if not images:
             raise SystemExit("error: --json needs --images=DIR (or one image file), or --split=NAME of the checkpoint's dataset")
         paths = image_paths(images, None, model.classes)
         root = images if os.path.isdir(images) else os.path.dirname(images)
-        detect(model, model.category_ids, val_scale, max_size, paths, root, json)
+        detect(model, model.category_ids, val_scale, max_size, paths, root, json, None,
+               batch_size or config.get("batch_size", 8), config.get("pad_to", 1))
         return
     sample(model, val_scale, max_size, image_paths(images, split_json(config, config.get("val_split")), model.classes))
 
@@ -508,8 +512,8 @@ if __name__ == "__main__":
     flags = ("ckpt", "images", "out_dir", "device", "threshold", "max_images", "attention", "num_pixels", "log",
              "weights", "json", "top_k", "batch_size", "split", "matching")
     globals().update(configure({k: globals()[k] for k in flags}, sys.argv[1:]))
-    if not 0 <= threshold <= 1 or max_images < 1 or num_pixels < 1 or top_k < 0 or batch_size < 1:
-        sys.exit("error: --threshold must be in [0, 1], --max_images, --num_pixels and --batch_size >= 1, --top_k >= 0")
+    if not 0 <= threshold <= 1 or max_images < 1 or num_pixels < 1 or top_k < 0 or batch_size < 0:
+        sys.exit("error: --threshold must be in [0, 1], --max_images and --num_pixels >= 1, --top_k and --batch_size >= 0")
     if json and not os.path.isdir(os.path.dirname(os.path.abspath(json))):
         sys.exit(f"error: no folder for --json={json}")
     if split and (images or not (json or matching)):

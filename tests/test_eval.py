@@ -138,3 +138,39 @@ def test_compute_map_matches_are_in_the_callers_order():
     # by score: det 1 takes the difficult object (ignored), det 2 the real one, dets 3 and 0 are left
     assert match.tolist() == [-1, 1, 0, -1] and ignored.tolist() == [False, True, False, False]
     assert result["per_class"]["objects"] == [1]
+
+
+def test_a_checkpoint_is_evaluated_as_its_run_evaluated_it(evaluation, tmp_path, monkeypatch):
+    """eval.py batches and pads as the checkpoint's own run did (its batch_size and pad_to), since DETR's
+    outputs change with the padding: its numbers are then exactly train.py's for that checkpoint."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    records = []
+    for i, (w, h) in enumerate([(96, 64), (64, 96), (80, 64), (96, 48)]):
+        Image.new("RGB", (w, h), (50 * i, 120, 200 - 40 * i)).save(folder / f"{i}.png")
+        records.append({"file": f"{i}.png", "width": w, "height": h, "boxes": [[10, 10, 40, 30]], "labels": [i % 3]})
+    (folder / "val.json").write_text(json.dumps({"classes": ["a", "b", "c"], "images": records}))
+    torch.manual_seed(1)
+    model = DETR(num_classes=3, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1,
+                 num_decoder_layers=1, dim_feedforward=64, num_queries=30).eval()
+    with torch.no_grad():
+        model.box_head[-1].bias.copy_(torch.logit(torch.tensor([0.3, 0.3, 0.3, 0.3])))
+    cfg = train.get_config([f"--dataset={folder}", "--batch_size=2", "--pad_to=32", "--val_scale=64", "--max_size=200",
+                            "--train_scales=[64]", "--crop_scales=[64]", "--crop_size=(48, 64)",
+                            "--num_workers=0", "--dtype=float32"])
+    torch.save({"model": model.state_dict(), "model_args": model.config, "classes": ["a", "b", "c"], "config": cfg},
+               tmp_path / "best.pt")
+    evaluation.ckpt, evaluation.out_dir = str(tmp_path / "best.pt"), str(tmp_path / "report")
+    report = evaluation.report
+    seen = {}
+    monkeypatch.setattr(evaluation, "report", lambda model, data, predictions, *args: seen.update(
+        predictions=predictions, result=report(model, data, predictions, *args)))
+    evaluation.main()
+    data = DetectionDataset(folder / "val.json", val_transform(64, 200))
+    logged = train.evaluate(model, data, SimpleNamespace(**cfg), "cpu")
+    assert seen["result"]["AP_per_class"] == logged["AP_per_class"] and seen["result"]["mAP"] == logged["mAP"]
+    # the detections are those of the run's batches, and the padding matters: one image at a time gives other boxes
+    padded = evaluation.predict(model, data, "cpu", batch_size=2, num_workers=0, pad_to=32)
+    alone = evaluation.predict(model, data, "cpu", batch_size=1, num_workers=0)
+    assert all(torch.equal(seen["predictions"][i]["boxes"], padded[i]["boxes"]) for i in padded)
+    assert not all(torch.equal(alone[i]["boxes"], padded[i]["boxes"]) for i in padded)

@@ -176,8 +176,8 @@ def test_json_boxes_are_the_drawn_ones_in_original_pixels(sample, tmp_path, capf
     model, config = load_model(str(tmp_path / "ckpt.pt"))
     val_scale, max_size = config["val_scale"], config["max_size"]
     paths = sample.image_paths(str(folder), None, model.classes)
-    sample.batch_size, sample.top_k = 2, 0
-    records = sample.detect(model, model.category_ids, val_scale, max_size, paths, str(folder), str(tmp_path / "d.json"))
+    sample.top_k = 0
+    records = sample.detect(model, model.category_ids, val_scale, max_size, paths, str(folder), str(tmp_path / "d.json"), batch=2)
     assert records == json.loads((tmp_path / "d.json").read_text())
     assert "skip: cannot decode" in capfd.readouterr().err  # logged by a loader worker
     by_file = {r["file_name"]: r for r in records}
@@ -187,7 +187,7 @@ def test_json_boxes_are_the_drawn_ones_in_original_pixels(sample, tmp_path, capf
     assert by_file["b.png"]["bbox"] == pytest.approx([20, 18.75, 40, 12.5], abs=1e-3)
     assert {r["category_id"] for r in records} == {20} and {r["image_id"] for r in records} == {0, 1}
     sample.top_k = 1
-    assert len(sample.detect(model, None, val_scale, max_size, paths, str(folder), str(tmp_path / "e.json"))) == 2
+    assert len(sample.detect(model, None, val_scale, max_size, paths, str(folder), str(tmp_path / "e.json"), batch=2)) == 2
 
 
 def test_json_of_a_prepared_split_has_the_datasets_own_ids(tmp_path):
