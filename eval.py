@@ -282,7 +282,7 @@ def save_figure(fig, path, dpi):
 
 def draw_errors(path, det, gt, errors, classes, title):
     """One image, upscaled as sample.py draws (short side >= 512): true positives, false positives and
-    missed objects in their COLOURS, under a title line with the counts."""
+    missed objects in their COLOURS, under a title with the counts."""
     pixels = read_image(path)
     if pixels is None:
         return None
@@ -294,19 +294,26 @@ def draw_errors(path, det, gt, errors, classes, title):
              + [f"missed {classes[l]}" for l in gt["labels"][missed].tolist()])
     colours = [COLOURS["true positive"]] * len(tp) + [COLOURS["false positive"]] * len(fp) + [COLOURS["missed"]] * len(missed)
     draw_boxes(picture, boxes, texts, colours)
-    # the title line: the file, then each kind with its count on its own colour
+    # the title: the file, then each kind with its count on its own colour, on as many lines as it takes
     font = text_font(picture)
-    band = font.size + 12
-    sheet = Image.new("RGB", (picture.width, picture.height + band), "white")
-    sheet.paste(picture, (0, band))
-    draw = ImageDraw.Draw(sheet)
-    x = 4
-    for text, colour in [(title, None)] + [(f"{n} {kind}", COLOURS[kind]) for n, kind in zip(map(len, errors), COLOURS)]:
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        if colour:
-            draw.rectangle((x, 4, x + right - left + 6, band - 4), fill=colour)
-        draw.text((x + 3 - left, 6 - top), text, fill="black", font=font)
+    line = font.size + 12
+    items = [(title, None)] + [(f"{n} {kind}{'s' if n != 1 and kind != 'missed' else ''}", COLOURS[kind])
+                               for n, kind in zip(map(len, errors), COLOURS)]
+    measure = ImageDraw.Draw(picture)
+    places, x, y = [], 4, 0
+    for text, colour in items:
+        left, top, right, bottom = measure.textbbox((0, 0), text, font=font)
+        if x > 4 and x + right - left + 6 > picture.width:  # no room left on this line
+            x, y = 4, y + line
+        places.append((x, y, text, colour, left, top, right))
         x += right - left + 14
+    sheet = Image.new("RGB", (picture.width, picture.height + y + line), "white")
+    sheet.paste(picture, (0, y + line))
+    draw = ImageDraw.Draw(sheet)
+    for x, y, text, colour, left, top, right in places:
+        if colour:
+            draw.rectangle((x, y + 4, x + right - left + 6, y + line - 4), fill=colour)
+        draw.text((x + 3 - left, y + 6 - top), text, fill="black", font=font)
     return sheet
 
 
@@ -360,10 +367,13 @@ def report(model, data, predictions, out_dir, threshold):
     ranked = [k for k in sorted(range(len(indices)), key=lambda k: -counts[k]) if counts[k] > 0][:worst]
     worst_dir = os.path.join(out_dir, "worst")
     os.makedirs(worst_dir, exist_ok=True)
+    for stale in os.listdir(worst_dir):  # an earlier report's pictures: they would read as this one's
+        if stale.endswith(".png"):
+            os.remove(os.path.join(worst_dir, stale))
     for rank, k in enumerate(ranked):
         i = indices[k]
         record = data.records[i]
-        picture = draw_errors(data.paths[i], detections[k], ground_truths[k], errors[k], data.classes, record["file"])
+        picture = draw_errors(data.paths[i], detections[k], ground_truths[k], errors[k], data.classes, os.path.basename(record["file"]))
         if picture is not None:
             name = os.path.splitext(os.path.basename(record["file"]))[0]
             picture.save(os.path.join(worst_dir, f"{rank:02d}_{name}.png"))
