@@ -73,3 +73,12 @@ def read_config_file(path, config):
         elif not key.startswith("_") and isinstance(value, VALUE_TYPES):
             raise SystemExit(f"error: {path} sets '{key}', which is not a config key")
     return overrides
+
+
+def device_problem(device):
+    """Why a --device value cannot run here (None if it can): cpu, or cuda[:N] on a machine with a GPU."""
+    import torch  # only when asked: the parser itself needs no torch
+
+    if device == "cpu" or (device.startswith("cuda") and torch.cuda.is_available()):
+        return None
+    return f"--device={device} must be cpu, or cuda on a machine with a GPU"

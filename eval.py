@@ -25,13 +25,15 @@ can be scored on any set that names COCO classes; detections of other classes ar
 A batch pads its images to the largest (and to a multiple of pad_to), and DETR's outputs change a
 little with the padding: the attention masks it out, but the backbone's convolutions see its zeros
 near the image's edge. So a minidetr checkpoint is evaluated as train.py evaluated it, with its own
-batch_size and pad_to, and gives exactly its logged val numbers.
+batch_size and pad_to, and gives exactly the val numbers that its run logged on one process (under
+torchrun each process evaluated its own share of the images, in batches of its own).
 """
 
 import csv
 import json
 import math
 import os
+import re
 import sys
 from contextlib import nullcontext
 from functools import partial
@@ -41,7 +43,7 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision.ops import box_iou
 
-from configurator import configure
+from configurator import configure, device_problem
 from data.pipeline import DetectionDataset, collate, dataset_dir, read_image, val_transform, worker_ignores_signals
 from detr import postprocess
 from metrics import compute_map, ground_truth, precision_recall
@@ -109,8 +111,9 @@ def class_map(model, classes):
     if len(shared) < len(classes):
         missing = [c for i, c in enumerate(classes) if i not in shared]
         print(f"note: {len(missing)} of the dataset's classes are not among the model's ({', '.join(missing[:10])}): their AP is 0")
-    if (mapping < 0).any() and len(model.classes) != len(classes):
-        print(f"note: the model's {int((mapping < 0).sum())} classes that the dataset lacks are left out")
+    if (mapping < 0).any():
+        dropped = [c for c, m in zip(model.classes, mapping.tolist()) if m < 0]
+        print(f"note: the detections of the model's {len(dropped)} classes that the dataset lacks ({', '.join(dropped[:10])}) are left out")
     return mapping
 
 
@@ -352,10 +355,14 @@ def report(model, data, predictions, out_dir, threshold):
         writer = csv.writer(f)
         writer.writerow(["true \\ predicted"] + names)
         writer.writerows([[name] + row.tolist() for name, row in zip(names, matrix)])
+    def no_nan(v):
+        return [no_nan(x) for x in v] if isinstance(v, list) else {k: no_nan(x) for k, x in v.items()} if isinstance(v, dict) \
+            else None if isinstance(v, float) and math.isnan(v) else v
+
     summary = {"checkpoint": ckpt, "json": data.json_path, "images": len(indices), "images_unreadable": len(data) - len(indices),
                "threshold": threshold, "max_dets": max_dets, "iou_threshold": IOU_THRESHOLD, "classes": data.classes, **result}
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1, default=lambda v: None)
+        json.dump(no_nan(summary), f, indent=1, allow_nan=False)
     plt = pyplot()
     if plt is not None:
         plot_pr_curves(plt, data.classes, curves, rows, threshold, os.path.join(out_dir, "pr_curves.png"))
@@ -367,8 +374,8 @@ def report(model, data, predictions, out_dir, threshold):
     ranked = [k for k in sorted(range(len(indices)), key=lambda k: -counts[k]) if counts[k] > 0][:worst]
     worst_dir = os.path.join(out_dir, "worst")
     os.makedirs(worst_dir, exist_ok=True)
-    for stale in os.listdir(worst_dir):  # an earlier report's pictures: they would read as this one's
-        if stale.endswith(".png"):
+    for stale in os.listdir(worst_dir):  # an earlier report's pictures (NN_name.png): they would read as this one's
+        if re.fullmatch(r"\d{2}_.+\.png", stale):
             os.remove(os.path.join(worst_dir, stale))
     for rank, k in enumerate(ranked):
         i = indices[k]
@@ -414,4 +421,10 @@ if __name__ == "__main__":
         sys.exit("error: --threshold must be in [0, 1), --max_dets >= 1, --worst, --batch_size and --num_workers >= 0")
     if dtype not in ("float32", "bfloat16", "float16"):
         sys.exit(f"error: --dtype={dtype} should be float32, bfloat16 or float16")
+    if device_problem(device):
+        sys.exit(f"error: {device_problem(device)}")
+    try:  # before the model runs over the split, not after
+        os.makedirs(os.path.join(out_dir, "worst"), exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: cannot write the report to --out_dir={out_dir} ({e.strerror})")
     main()

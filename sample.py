@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 from json import dump, loads  # the name json is the --json flag's
 
 import metrics
-from configurator import configure
+from configurator import configure, device_problem
 from data.format import IMAGE_EXTENSIONS, read_dataset_json
 from data.pipeline import DetectionDataset, collate, dataset_dir, read_image, val_transform
 from detr import parameters_by_part, postprocess
@@ -72,7 +72,9 @@ def split_images(split_path, classes):
     """A prepared split's image paths, the dataset's own image ids (its json's "id", else the index) and
     category ids (or None), or one error line: no such split, or other classes than the model's."""
     if split_path is None or not os.path.isfile(split_path):
-        raise SystemExit(f"error: give --images=path (no split {split_path or 'of a minidetr checkpoint'} to take images from)")
+        instead = "" if matching else "give --images=path, or "
+        raise SystemExit(f"error: {instead}--split=NAME of a prepared split of the checkpoint's dataset (no split "
+                         f"{split_path or 'of a minidetr checkpoint'})")
     data = read_dataset_json(split_path)
     if data["classes"] != classes:
         raise SystemExit(f"error: {split_path} has classes {data['classes']}, the checkpoint {classes}")
@@ -187,7 +189,7 @@ def place_labels(boxes, sizes, picture_size):
     placed = []
     for (x0, y0, x1, y1), (w, h) in zip(boxes, sizes):
         candidates = [(x0, y0 - h), (x0, y0), (x0, y1), (x0, y1 - h), (x1 - w, y0 - h), (x1 - w, y1)]
-        candidates = [(min(max(x, 0), W - w), min(max(y, 0), H - h)) for x, y in candidates]
+        candidates = [(max(0, min(x, W - w)), max(0, min(y, H - h))) for x, y in candidates]  # inside, or from the left/top edge
 
         def covered(corner):
             x, y = corner
@@ -325,14 +327,17 @@ def draw_attention(pixels, outputs, result, drawn, keep, classes, name):
 
 def draw_matching(model, data, index, cost_weights, path):
     """The bipartite matching of one image (paper §3.1, Eq. 1), as the loss computes it in training:
-    on the left the ground truth (thick) and the query matched to each object (thin, same colour),
-    a line from each query's box to its object's; on the right the matching cost of every query
+    on the left the ground truth (thick, its class's colour) and the query matched to each object
+    (thin, white), a line from each query's box centre to its object's; on the right the matching cost of every query
     against every object, then its three weighted terms (class, L1, GIoU), the Hungarian choice
     marked on each. cost_weights: (cost_class, cost_bbox, cost_giou) of the model's training."""
     from train import HungarianMatcher  # the training loss's own matcher, not a copy
 
     plt = pyplot()
-    image, target = data[index]
+    pixels = read_image(data.paths[index])  # None (logged) for an image that cannot be decoded
+    if pixels is None:
+        return None
+    image, target = data.make_sample(index, pixels)
     if not len(target["labels"]):
         print(f"skip: {data.paths[index]} has no objects to match")
         return None
@@ -343,7 +348,6 @@ def draw_matching(model, data, index, cost_weights, path):
     matcher = HungarianMatcher(*cost_weights)
     ((queries, objects),) = matcher(outputs, targets)
     parts = [p[0, 0].T for p in matcher.cost(outputs, targets, parts=True)]  # (T, Q) each: objects x queries
-    pixels = read_image(data.paths[index])
     picture, scale = for_display(pixels)
     H, W = pixels.shape[-2:]
     size = torch.tensor([W, H, W, H]) * scale
@@ -353,21 +357,26 @@ def draw_matching(model, data, index, cost_weights, path):
 
     gt_boxes, query_boxes = pixel_boxes(target["boxes"]), pixel_boxes(outputs["pred_boxes"][0, queries])
     colours = [class_colour(l) for l in target["labels"][objects].tolist()]
-    draw = ImageDraw.Draw(picture)
-    width = max(2, min(picture.size) // 200)
-    for g, q, colour in zip(gt_boxes[objects].tolist(), query_boxes.tolist(), colours):
-        draw.line([((g[0] + g[2]) / 2, (g[1] + g[3]) / 2), ((q[0] + q[2]) / 2, (q[1] + q[3]) / 2)], fill=colour, width=width)
     probs = outputs["pred_logits"][0, queries].softmax(-1)[torch.arange(len(queries)), target["labels"][objects]]
+    width = max(2, min(picture.size) // 200)
+    # the objects in their class's colour (thick), the queries matched to them in white (thin)
     texts = ([f"object {j}: {model.classes[target['labels'][j]]}" for j in objects.tolist()]
-             + [f"query {q} (p={p:.2f})" for q, p in zip(queries.tolist(), probs.tolist())])
-    draw_boxes(picture, torch.cat([gt_boxes[objects], query_boxes]), texts, colours * 2,
+             + [f"query {q} -> object {j} (p={p:.2f})" for q, j, p in zip(queries.tolist(), objects.tolist(), probs.tolist())])
+    draw_boxes(picture, torch.cat([gt_boxes[objects], query_boxes]), texts, colours + [(255, 255, 255)] * len(queries),
                [2 * width] * len(objects) + [width] * len(queries))
+    draw = ImageDraw.Draw(picture)
+    for g, q in zip(gt_boxes[objects].tolist(), query_boxes.tolist()):  # query centre -> object centre, on top
+        ends = [((q[0] + q[2]) / 2, (q[1] + q[3]) / 2), ((g[0] + g[2]) / 2, (g[1] + g[3]) / 2)]
+        draw.line(ends, fill="black", width=width + 2)
+        draw.line(ends, fill="white", width=width)
+        for (x, y), fill in zip(ends, ("white", "black")):  # white dot: the query's centre; black: the object's
+            draw.ellipse((x - 2 * width, y - 2 * width, x + 2 * width, y + 2 * width), fill=fill, outline="black")
 
     fig = plt.figure(figsize=(20, 9))
     layout = fig.add_gridspec(4, 2, width_ratios=[1, 1.8])
     ax = fig.add_subplot(layout[:, 0])
     ax.imshow(picture)
-    ax.set_title(f"{os.path.basename(data.paths[index])}: objects (thick) and their matched queries")
+    ax.set_title(f"{os.path.basename(data.paths[index])}: objects (thick) and the queries matched to them (white)")
     ax.axis("off")
     names = [f"matching cost: {cost_weights[0]:g} class + {cost_weights[1]:g} L1 + {cost_weights[2]:g} GIoU "
              "(red squares: the Hungarian choice, the lowest total over one-to-one pairings)",
@@ -518,6 +527,13 @@ if __name__ == "__main__":
         sys.exit(f"error: no folder for --json={json}")
     if split and (images or not (json or matching)):
         sys.exit("error: --split=NAME takes the images of that split for --json or --matching, instead of --images")
+    if device_problem(device):
+        sys.exit(f"error: {device_problem(device)}")
+    try:
+        if not json:  # every picture goes there
+            os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: cannot write to --out_dir={out_dir} ({e.strerror})")
     if matching and (images or json or attention):
         sys.exit("error: --matching needs the ground truth of a prepared split (--split=NAME, else the checkpoint's val split): not --images, --json or --attention")
     main()

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.ops import box_convert, generalized_box_iou, generalized_box_iou_loss
 from tqdm import tqdm
 
-from configurator import VALUE_TYPES, configure
+from configurator import VALUE_TYPES, configure, device_problem
 from data.pipeline import ResumableSampler, collate, load_datasets, too_many_objects, worker_ignores_signals
 from detr import DETR, argument_problem, parameters_by_part
 from eval import autocast, predict
@@ -381,8 +381,7 @@ def check_config(c):
         ("dataset", c["dataset"] != "", "a prepared dataset's name or folder"),
         ("save_detections", not c["save_detections"] or (c["eval_only"] and os.path.isdir(
             os.path.dirname(os.path.abspath(c["save_detections"])))), "a path in an existing folder, with eval_only=True"),
-        ("device", c["device"] == "cpu" or (c["device"].startswith("cuda") and torch.cuda.is_available()),
-         "cpu, or cuda on a machine with a GPU"),
+        ("device", device_problem(c["device"]) is None, "cpu, or cuda on a machine with a GPU"),
     ]
     problem = next(((key, want) for key, ok, want in rules if not ok), None) or argument_problem(c)
     if problem:

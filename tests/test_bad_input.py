@@ -147,6 +147,10 @@ def inputs(tmp_path_factory):
         "eval empty split": [*evaluate, f"--ckpt={real}", f"--dataset={t}/no_images"],
         "matching with images": [*sample, f"--ckpt={real}", "--matching", f"--images={t}/unreadable"],
         "matching no such split": [*sample, f"--ckpt={real}", "--matching", "--split=nope"],
+        "eval no such device": [*evaluate, f"--ckpt={real}", f"--dataset={good}", "--device=tpu"],
+        "eval out_dir a file": [*evaluate[:2], f"--out_dir={t}/notes.txt", f"--ckpt={real}", f"--dataset={good}"],
+        "sample no such device": [*sample, f"--ckpt={real}", "--device=foo"],
+        "sample out_dir a file": [*sample, f"--ckpt={real}", f"--out_dir={t}/notes.txt"],
     }
 
 
@@ -166,6 +170,7 @@ CASES = [
     "export not a DETR", "export garbage", "bench unknown what",
     "eval garbage checkpoint", "eval no such split", "eval bad threshold", "eval bad dtype", "eval classes share no name",
     "eval nothing decodable", "eval empty split", "matching with images", "matching no such split",
+    "eval no such device", "eval out_dir a file", "sample no such device", "sample out_dir a file",
 ]
 
 

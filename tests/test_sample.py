@@ -221,7 +221,7 @@ def test_json_of_a_prepared_split_has_the_datasets_own_ids(tmp_path):
     assert {(r["file_name"], r["image_id"]) for r in records} == {("a.png", 0), ("b.png", 1)}
     result = subprocess.run([sys.executable, "sample.py", "--ckpt=" + str(tmp_path / "ckpt.pt"), "--split=test",
                              f"--json={tmp_path / 'f.json'}"], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 1 and result.stderr.startswith("error: give --images=path (no split ") and "Traceback" not in result.stderr
+    assert result.returncode == 1 and result.stderr.startswith("error: give --images=path, or --split=NAME") and "test.json" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_matching_picture_shows_the_losss_own_matching(sample, tmp_path, capsys):
@@ -242,7 +242,9 @@ def test_matching_picture_shows_the_losss_own_matching(sample, tmp_path, capsys)
     data.mkdir()
     Image.new("RGB", (96, 64), (40, 40, 40)).save(data / "0.png")
     record = {"file": "0.png", "width": 96, "height": 64, "boxes": [[20, 20, 50, 40], [60, 10, 90, 30]], "labels": [1, 2]}
-    (data / "val.json").write_text(json.dumps({"classes": ["a", "b", "c"], "images": [record]}))
+    (data / "broken.png").write_bytes(b"not a png")  # a logged skip, and the next image is not drawn in its place
+    broken = {**record, "file": "broken.png"}
+    (data / "val.json").write_text(json.dumps({"classes": ["a", "b", "c"], "images": [broken, record]}))
     config = {"dataset": str(data), "val_split": "val", "val_scale": 64, "max_size": 200, "cost_class": 1.0,
               "cost_bbox": 5.0, "cost_giou": 2.0}
     model = fixed_box_model()
@@ -250,6 +252,8 @@ def test_matching_picture_shows_the_losss_own_matching(sample, tmp_path, capsys)
                tmp_path / "ckpt.pt")
     sample.ckpt, sample.matching = str(tmp_path / "ckpt.pt"), True
     sample.main()
-    assert "2 matched queries of 3" in capsys.readouterr().out
+    output = capsys.readouterr()
+    assert "2 matched queries of 3" in output.out and "skip: cannot decode" in output.err
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["0_matching.png"]
     picture = Image.open(tmp_path / "samples" / "0_matching.png")
     assert min(picture.size) >= 512 and np.asarray(picture.convert("RGB")).std() > 10
