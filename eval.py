@@ -195,19 +195,22 @@ def per_class_table(classes, result, curves, threshold):
     return rows
 
 
-def markdown_table(header, rows, result):
-    """The per-class rows and their means as a markdown table, columns aligned for a terminal too."""
+def markdown_table(header, rows):
+    """The per-class rows and, last, their means over the classes with objects (for AP, AP75 and AR
+    those are compute_map's mAP, mAP75 and AR) as a markdown table, its columns aligned for a terminal."""
+    def mean(values):
+        values = [v for v in values if not math.isnan(v)]
+        return sum(values) / len(values) if values else math.nan
+
     def cell(v):
-        return "-" if isinstance(v, float) and math.isnan(v) else f"{v:.3f}" if isinstance(v, float) else str(v)
+        return ("-" if math.isnan(v) else f"{v:.3f}") if isinstance(v, float) else str(v)
 
     counted = [r for r in rows if r[1] > 0]
-    means = ["mean", sum(r[1] for r in rows), result["mAP"], float(np.nanmean([r[3] for r in counted])) if counted else math.nan,
-             result["mAP75"], result[f"AR{max_dets}"]] + [float(np.nanmean(col)) if not np.isnan(col).all() else math.nan
-                                                          for col in np.array([r[6:] for r in counted] or [[math.nan] * 2]).T]
+    means = ["mean", sum(r[1] for r in rows)] + [mean([r[k] for r in counted]) for k in range(2, len(header))]
     table = [header] + [[cell(v) for v in r] for r in rows + [means]]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     lines = ["| " + " | ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))) + " |" for r in table]
-    lines.insert(1, "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|")
+    lines.insert(1, "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|")  # numbers right-aligned
     return "\n".join(lines) + "\n"
 
 
@@ -342,12 +345,13 @@ def report(model, data, predictions, out_dir, threshold):
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows([r[:2] + [f"{v:.6f}" for v in r[2:]] for r in rows])
-    table = markdown_table(header, rows, result)
+    table = markdown_table(header, rows)
     with open(os.path.join(out_dir, "per_class.md"), "w") as f:
         f.write(table)
     print(table, end="")
-    print(f"mAP {result['mAP']:.4f}, mAP50 (VOC, all-point) {result['mAP50']:.4f}, mAP75 {result['mAP75']:.4f}, "
-          f"AR{max_dets} {result[f'AR{max_dets}']:.4f} (max_dets={max_dets}); precision and recall at score > {threshold:g}, IoU 0.5")
+    print(f"mAP {result['mAP']:.4f}, mAP75 {result['mAP75']:.4f}, AR{max_dets} {result[f'AR{max_dets}']:.4f} (max_dets={max_dets}); "
+          f"VOC's mAP50 {result['mAP50']:.4f} (train.py's val_mAP50; the table's AP50 is COCO's); "
+          f"precision and recall at score > {threshold:g}, IoU 0.5")
 
     matrix = confusion_matrix(detections, ground_truths, matches, len(data.classes), threshold)
     names = list(data.classes) + ["background"]
