@@ -56,7 +56,7 @@ dataset = ""  # a prepared dataset: a name under data/ or a folder; empty: the c
 split = ""  # its split (<split>.json); empty: the checkpoint's val_split, else val
 out_dir = "report"
 threshold = 0.5  # a detection counts for precision, recall, the confusion matrix and worst/ when its score is above this
-max_dets = 100  # detections per image and class that COCO's AP and AR count, as train.py's key
+max_dets = 0  # detections per image and class that COCO's AP and AR count (train.py's key); 0: the checkpoint's own, else 100
 worst = 8  # how many images worst/ draws
 device = "cpu"
 dtype = "float32"  # autocast dtype on a GPU: float32 (none), bfloat16 or float16
@@ -393,10 +393,12 @@ def report(model, data, predictions, out_dir, threshold):
 
 
 def main():
+    global max_dets
     try:
         model, config = load_model(ckpt)
     except LoadError as e:
         raise SystemExit(f"error: {e}")
+    max_dets = max_dets or config.get("max_dets", 100)
     name = dataset or config.get("dataset")
     if not name:
         raise SystemExit(f"error: {ckpt} names no dataset: give --dataset=NAME_OR_PATH (and --split)")
@@ -421,8 +423,8 @@ if __name__ == "__main__":
     flags = ("ckpt", "dataset", "split", "out_dir", "threshold", "max_dets", "worst", "device", "dtype", "batch_size",
              "num_workers")
     globals().update(configure({k: globals()[k] for k in flags}, sys.argv[1:]))
-    if not 0 <= threshold < 1 or max_dets < 1 or worst < 0 or batch_size < 0 or num_workers < 0:
-        sys.exit("error: --threshold must be in [0, 1), --max_dets >= 1, --worst, --batch_size and --num_workers >= 0")
+    if not 0 <= threshold < 1 or min(max_dets, worst, batch_size, num_workers) < 0:
+        sys.exit("error: --threshold must be in [0, 1), --max_dets, --worst, --batch_size and --num_workers >= 0")
     if dtype not in ("float32", "bfloat16", "float16"):
         sys.exit(f"error: --dtype={dtype} should be float32, bfloat16 or float16")
     if device_problem(device):

@@ -50,7 +50,7 @@ def three_images(folder, classes=("a", "b", "c")):
 @pytest.fixture
 def evaluation(tmp_path):
     module = load_script("eval.py")
-    module.num_workers = 0
+    module.num_workers, module.max_dets = 0, 100
     return module
 
 
@@ -161,9 +161,10 @@ def test_a_checkpoint_is_evaluated_as_its_run_evaluated_it(evaluation, tmp_path,
         model.box_head[-1].bias.copy_(torch.logit(torch.tensor([0.3, 0.3, 0.3, 0.3])))
     cfg = train.get_config([f"--dataset={folder}", "--batch_size=2", "--pad_to=32", "--val_scale=64", "--max_size=200",
                             "--train_scales=[64]", "--crop_scales=[64]", "--crop_size=(48, 64)",
-                            "--num_workers=0", "--dtype=float32"])
+                            "--num_workers=0", "--dtype=float32", "--max_dets=5"])
     torch.save({"model": model.state_dict(), "model_args": model.config, "classes": ["a", "b", "c"], "config": cfg},
                tmp_path / "best.pt")
+    evaluation.max_dets = 0  # the default: the checkpoint's own
     evaluation.ckpt, evaluation.out_dir = str(tmp_path / "best.pt"), str(tmp_path / "report")
     report = evaluation.report
     seen = {}
@@ -173,6 +174,7 @@ def test_a_checkpoint_is_evaluated_as_its_run_evaluated_it(evaluation, tmp_path,
     data = DetectionDataset(folder / "val.json", val_transform(64, 200))
     logged = train.evaluate(model, data, SimpleNamespace(**cfg), "cpu")
     assert seen["result"]["AP_per_class"] == logged["AP_per_class"] and seen["result"]["mAP"] == logged["mAP"]
+    assert seen["result"]["AR5"] == logged["AR5"]  # the run's max_dets, not COCO's 100
     # the detections are those of the run's batches, and the padding matters: one image at a time gives other boxes
     padded = evaluation.predict(model, data, "cpu", batch_size=2, num_workers=0, pad_to=32)
     alone = evaluation.predict(model, data, "cpu", batch_size=1, num_workers=0)
