@@ -238,7 +238,7 @@ def plot_pr_curves(plt, classes, curves, rows, threshold, path):
         ax.set_title(f"{name} ({objects} objects): AP50 {row[3]:.3f}" if objects else f"{name}: no objects", fontsize=9)
         if objects and len(tp):
             precision, recall = precision_recall(tp, objects)
-            ax.plot(np.concatenate([[0], recall]), np.concatenate([[precision[0]], precision]), color="C0")
+            ax.step(np.concatenate([[0], recall]), np.concatenate([[precision[0]], precision]), where="pre", color="C0")
             ax.plot(recall, np.maximum.accumulate(precision[::-1])[::-1], color="C0", linestyle="--", linewidth=0.8)
             above = int((scores > threshold).sum())
             if above:
