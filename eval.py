@@ -47,7 +47,7 @@ from configurator import configure, device_problem
 from data.pipeline import DetectionDataset, collate, dataset_dir, read_image, val_transform, worker_ignores_signals
 from detr import postprocess
 from metrics import compute_map, ground_truth, precision_recall
-from sample import draw_boxes, for_display, text_font
+from sample import draw_boxes, for_display, pyplot, save_figure, text_font
 from weights import LoadError, load_model
 
 # defaults, each overridable as --key=value
@@ -133,17 +133,16 @@ def image_errors(match, ignored, det, gt, threshold):
     return tp, fp, torch.nonzero(counted).flatten()
 
 
-def confusion_matrix(detections, ground_truths, matches, num_classes, threshold):
+def confusion_matrix(detections, ground_truths, matches, errors, num_classes):
     """(C + 1, C + 1) counts: row the true class, column the predicted class, the last of each
-    "background". At the threshold, a detection that COCO's rule matched at IoU 0.5 (its own class)
+    "background"; errors: image_errors of each image at the threshold. A detection that COCO's rule matched at IoU 0.5 (its own class)
     is on the diagonal; each of the others, in order of score, takes the free object of another class
     that it overlaps most at IoU >= 0.5 (a confusion), else it is a false positive (background row).
     The objects left over are missed (background column). So the diagonal is the true positives of
     precision and recall, a row sums to the class's objects, and a column to its detections."""
     matrix = np.zeros((num_classes + 1, num_classes + 1), dtype=np.int64)
     background = num_classes
-    for det, gt, (match, ignored) in zip(detections, ground_truths, matches):
-        tp, fp, missed = image_errors(match, ignored, det, gt, threshold)
+    for det, gt, (match, _), (tp, fp, missed) in zip(detections, ground_truths, matches, errors):
         for d in tp.tolist():
             matrix[gt["labels"][match[d]], det["labels"][d]] += 1
         free = torch.zeros(len(gt["labels"]), dtype=torch.bool)
@@ -214,19 +213,6 @@ def markdown_table(header, rows):
     return "\n".join(lines) + "\n"
 
 
-def pyplot():
-    """matplotlib's pyplot, or None with one logged line: the figures are optional."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("skip: pr_curves.png and confusion_matrix.png need matplotlib (pip install matplotlib)")
-        return None
-    return plt
-
-
 def plot_pr_curves(plt, classes, curves, rows, threshold, path):
     """One panel per class: precision against recall at IoU 0.5 (COCO's enveloped curve dashed), the
     point at the threshold marked."""
@@ -252,7 +238,7 @@ def plot_pr_curves(plt, classes, curves, rows, threshold, path):
     for ax in axes.flat[len(classes):]:
         ax.axis("off")
     fig.suptitle("precision-recall at IoU 0.5")
-    save_figure(fig, path, dpi=max(100, math.ceil(512 / fig.get_size_inches().min())))
+    save_figure(fig, path, f"{len(classes)} classes' curves")
 
 
 def plot_confusion_matrix(plt, classes, matrix, threshold, path):
@@ -276,14 +262,7 @@ def plot_confusion_matrix(plt, classes, matrix, threshold, path):
                 if matrix[i, j]:
                     ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
                             color="white" if shares[i, j] > 0.5 else "black")
-    save_figure(fig, path, dpi=100)
-
-
-def save_figure(fig, path, dpi):
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    fig.clf()
-    print(f"-> {path}")
+    save_figure(fig, path, f"{n - 1} classes and background")
 
 
 def draw_errors(path, det, gt, errors, classes, title):
@@ -353,7 +332,8 @@ def report(model, data, predictions, out_dir, threshold):
           f"VOC's mAP50 {result['mAP50']:.4f} (train.py's val_mAP50; the table's AP50 is COCO's); "
           f"precision and recall at score > {threshold:g}, IoU 0.5")
 
-    matrix = confusion_matrix(detections, ground_truths, matches, len(data.classes), threshold)
+    errors = [image_errors(m, ig, d, g, threshold) for (m, ig), d, g in zip(matches, detections, ground_truths)]
+    matrix = confusion_matrix(detections, ground_truths, matches, errors, len(data.classes))
     names = list(data.classes) + ["background"]
     with open(os.path.join(out_dir, "confusion_matrix.csv"), "w", newline="") as f:
         writer = csv.writer(f)
@@ -367,13 +347,16 @@ def report(model, data, predictions, out_dir, threshold):
                "threshold": threshold, "max_dets": max_dets, "iou_threshold": IOU_THRESHOLD, "classes": data.classes, **result}
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(no_nan(summary), f, indent=1, allow_nan=False)
-    plt = pyplot()
+    try:
+        plt = pyplot()
+    except SystemExit:  # matplotlib is optional here: the tables and worst/ need none
+        plt = None
+        print("skip: pr_curves.png and confusion_matrix.png need matplotlib (pip install matplotlib)")
     if plt is not None:
         plot_pr_curves(plt, data.classes, curves, rows, threshold, os.path.join(out_dir, "pr_curves.png"))
         plot_confusion_matrix(plt, data.classes, matrix, threshold, os.path.join(out_dir, "confusion_matrix.png"))
 
     # worst/: the images with the most false positives plus missed objects
-    errors = [image_errors(m, ig, d, g, threshold) for (m, ig), d, g in zip(matches, detections, ground_truths)]
     counts = [len(fp) + len(missed) for _, fp, missed in errors]
     ranked = [k for k in sorted(range(len(indices)), key=lambda k: -counts[k]) if counts[k] > 0][:worst]
     worst_dir = os.path.join(out_dir, "worst")

@@ -3,6 +3,7 @@ confusion matrix counted by hand, classes matched by name, and the worst images 
 
 import csv
 import json
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -180,3 +181,11 @@ def test_a_checkpoint_is_evaluated_as_its_run_evaluated_it(evaluation, tmp_path,
     alone = evaluation.predict(model, data, "cpu", batch_size=1, num_workers=0)
     assert all(torch.equal(seen["predictions"][i]["boxes"], padded[i]["boxes"]) for i in padded)
     assert not all(torch.equal(alone[i]["boxes"], padded[i]["boxes"]) for i in padded)
+
+
+def test_without_matplotlib_the_figures_are_one_logged_skip(evaluation, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails, as where it is not installed
+    run_report(evaluation, fixed_box_model(["a", "b", "c"]), three_images(tmp_path / "data"), tmp_path / "report")
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [
+        "confusion_matrix.csv", "per_class.csv", "per_class.md", "summary.json", "worst"]
+    assert "skip: pr_curves.png and confusion_matrix.png need matplotlib" in capsys.readouterr().out
