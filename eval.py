@@ -174,8 +174,9 @@ def class_curves(detections, matches, num_classes):
     scores, tps, labels = torch.cat(scores), torch.cat(tps), torch.cat(labels)
     curves = []
     for c in range(num_classes):
-        order = scores[labels == c].argsort(descending=True, stable=True)
-        curves.append((scores[labels == c][order].numpy(), tps[labels == c][order].numpy()))
+        mine = labels == c
+        order = scores[mine].argsort(descending=True, stable=True)
+        curves.append((scores[mine][order].numpy(), tps[mine][order].numpy()))
     return curves
 
 
@@ -302,6 +303,15 @@ def draw_errors(path, det, gt, errors, classes, title):
     return sheet
 
 
+def no_nan(value):
+    """value with every NaN (a class or area range without objects) as None: null in json, which every reader takes."""
+    if isinstance(value, list):
+        return [no_nan(v) for v in value]
+    if isinstance(value, dict):
+        return {k: no_nan(v) for k, v in value.items()}
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 def report(model, data, predictions, out_dir, threshold):
     """Score the predictions (compute_map) and write every file of the report; returns compute_map's output."""
     mapping = class_map(model, data.classes)
@@ -339,9 +349,6 @@ def report(model, data, predictions, out_dir, threshold):
         writer = csv.writer(f)
         writer.writerow(["true \\ predicted"] + names)
         writer.writerows([[name] + row.tolist() for name, row in zip(names, matrix)])
-    def no_nan(v):
-        return [no_nan(x) for x in v] if isinstance(v, list) else {k: no_nan(x) for k, x in v.items()} if isinstance(v, dict) \
-            else None if isinstance(v, float) and math.isnan(v) else v
 
     summary = {"checkpoint": ckpt, "json": data.json_path, "images": len(indices), "images_unreadable": len(data) - len(indices),
                "threshold": threshold, "max_dets": max_dets, "iou_threshold": IOU_THRESHOLD, "classes": data.classes, **result}

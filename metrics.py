@@ -85,7 +85,7 @@ def compute_map(detections, ground_truths, num_classes, max_dets=100, details=Fa
     for name, (low, high) in AREA_RANGES.items():
         gt_ignored = gt_difficult | gt_crowd | (gt_area < low) | (gt_area > high)
         tp, ignored, matched = match_coco(ious, gt_ignored, gt_crowd, iou_thresholds, det_counted)
-        if name == "":
+        if name == "" and details:  # back in each image's given order: o.argsort() inverts the sort
             matches = [(matched[0, n, :len(o)][o.argsort()], ignored[0, n, :len(o)][o.argsort()]) for n, o in enumerate(orders)]
         ignored |= ~tp & ((det_area < low) | (det_area > high))  # an unmatched detection outside the range
         coco[name] = gt_ignored, tp.flatten(1)[:, order], ignored.flatten(1)[:, order]

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from torchvision.ops import box_convert
 
 from json import dump, loads  # the name json is the --json flag's
 
@@ -352,10 +353,8 @@ def draw_matching(model, data, index, cost_weights, path):
     H, W = pixels.shape[-2:]
     size = torch.tensor([W, H, W, H]) * scale
 
-    def pixel_boxes(boxes):  # normalised (cx, cy, w, h) -> the picture's xyxy
-        return torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], -1) * size
-
-    gt_boxes, query_boxes = pixel_boxes(target["boxes"]), pixel_boxes(outputs["pred_boxes"][0, queries])
+    gt_boxes = box_convert(target["boxes"], "cxcywh", "xyxy") * size  # the picture's pixels
+    query_boxes = box_convert(outputs["pred_boxes"][0, queries], "cxcywh", "xyxy") * size
     colours = [class_colour(l) for l in target["labels"][objects].tolist()]
     probs = outputs["pred_logits"][0, queries].softmax(-1)[torch.arange(len(queries)), target["labels"][objects]]
     width = max(2, min(picture.size) // 200)
