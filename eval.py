@@ -73,11 +73,17 @@ def autocast(device, dtype):
     return nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
 
 
+def is_out_of_memory(error):
+    """Whether a RuntimeError is an out-of-memory error: torch's, or the CPU allocator's."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
 @torch.no_grad()
-def predict(model, dataset, device, batch_size, num_workers, pad_to=1, dtype="float32", indices=None):
+def predict(model, dataset, device, batch_size, num_workers, pad_to=1, dtype="float32", indices=None, stop=None):
     """{image index: its postprocessed detections (float32, on the CPU)} of the dataset's images (those
     of indices, else all). An image that cannot be decoded is left out (DetectionDataset logs it and
-    returns the next one, which then comes twice: the dict keeps it once)."""
+    returns the next one, which then comes twice: the dict keeps it once). None when stop() turns true
+    before a batch (a signal); out of memory is one error line naming the batch."""
     was_training = model.training
     model.eval()
     subset = torch.utils.data.Subset(dataset, range(len(dataset)) if indices is None else indices)
@@ -86,8 +92,18 @@ def predict(model, dataset, device, batch_size, num_workers, pad_to=1, dtype="fl
         worker_init_fn=worker_ignores_signals, generator=torch.Generator())  # leaves the global RNG (dropout) alone
     predictions = {}
     for images, mask, targets in loader:
-        with autocast(device, dtype):
-            outputs = model(images.to(device), None if mask is None else mask.to(device))
+        if stop is not None and stop():
+            predictions = None
+            break
+        try:
+            with autocast(device, dtype):
+                outputs = model(images.to(device), None if mask is None else mask.to(device))
+        except RuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
+            raise SystemExit(f"error: out of memory evaluating a batch of {len(images)} images padded to "
+                             f"{images.shape[2]}x{images.shape[3]} on {device}; lower the evaluation's "
+                             f"batch_size={batch_size} or its image size (val_scale)") from None
         results = postprocess(outputs, torch.stack([t["orig_size"] for t in targets]))
         for target, r in zip(targets, results):
             predictions[target["image_id"]] = {k: v.cpu() if k == "labels" else v.float().cpu() for k, v in r.items()}

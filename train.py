@@ -18,8 +18,9 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from importlib.util import find_spec
 from functools import partial
 from types import SimpleNamespace
@@ -35,9 +36,10 @@ from torchvision.ops import box_convert, generalized_box_iou, generalized_box_io
 from tqdm import tqdm
 
 from configurator import VALUE_TYPES, configure, device_problem
-from data.pipeline import ResumableSampler, collate, load_datasets, too_many_objects, worker_ignores_signals
+from data.pipeline import (ResumableSampler, collate, kill_data_workers, load_datasets, too_many_objects,
+                           worker_ignores_signals)
 from detr import DETR, argument_problem, parameters_by_part
-from eval import autocast, predict
+from eval import autocast, is_out_of_memory, predict
 from metrics import coco_results, compute_map, ground_truth, query_diagnostics
 from weights import (LoadError, check_checkpoint_dir, load_imagenet_backbone, load_model, load_training_checkpoint,
                      model_from_checkpoint, save_checkpoint, transfer_weights)
@@ -53,6 +55,7 @@ init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), or weights to fi
 eval_interval = 1000  # evaluate (and checkpoint) every this many iterations, and at the end
 checkpoint_minutes = 0.0  # also write ckpt.pt this often, without evaluating (0: only at evaluations)
 log_interval = 10  # print and log the losses every this many iterations
+overwrite = False  # a new run into an out_dir that holds a run deletes its ckpt.pt, best.pt and log.jsonl (else: an error)
 eval_only = False  # evaluate the initial model and exit
 save_detections = ""  # with eval_only: also write the val detections to this path as a COCO results json
 best_metric = "mAP50"  # the val metric that decides best.pt
@@ -446,13 +449,17 @@ def gather(obj, world_size):
     return objs
 
 
-def evaluate(model, dataset, cfg, device, rank=0, world_size=1, results_path=""):
-    """mAP of the model on a dataset (compute_map), each process taking every world_size-th image;
-    results_path: also write the detections there (coco_results, the image ids the json's "id")."""
-    shard = range(rank, len(dataset), world_size)
-    predictions = {}
-    for part in gather(predict(model, dataset, device, cfg.batch_size, cfg.num_workers, cfg.pad_to, cfg.dtype, shard), world_size):
-        predictions.update(part)  # every process's shard
+def evaluate(model, dataset, cfg, device, rank=0, world_size=1, results_path="", stop=None):
+    """mAP of the model on a dataset (compute_map), each process taking every world_size-th batch;
+    results_path: also write the detections there (coco_results, the image ids the json's "id"). None
+    when stop() turned true on any process (a signal: the evaluation is left for the resume)."""
+    batches = range(rank, math.ceil(len(dataset) / cfg.batch_size), world_size)  # whole batches: one process's padding
+    shard = [i for b in batches for i in range(b * cfg.batch_size, min((b + 1) * cfg.batch_size, len(dataset)))]
+    parts = gather(predict(model, dataset, device, cfg.batch_size, cfg.num_workers, cfg.pad_to, cfg.dtype, shard, stop),
+                   world_size)
+    if any(part is None for part in parts):
+        return None
+    predictions = {i: p for part in parts for i, p in part.items()}  # every process's shard
     image_ids = sorted(predictions)
     detections = [predictions[i] for i in image_ids]
     ground_truths = [ground_truth(dataset.records[i]) for i in image_ids]
@@ -472,6 +479,7 @@ def setup_process(cfg):
     device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
     if "cuda" in device:
         torch.cuda.set_device(device)
+    exit_with_the_launcher(dist.get_rank())
     return True, dist.get_rank(), dist.get_world_size(), device
 
 
@@ -495,16 +503,21 @@ def initial_model(cfg, config, classes):
     if not os.path.isfile(ckpt_path):
         raise SystemExit(f"error: init_from='resume' but there is no {ckpt_path}")
     checkpoint = load_training_checkpoint(ckpt_path, classes)
-    if checkpoint["iter_num"] >= cfg.max_iters and not cfg.eval_only:
+    if checkpoint["iter_num"] >= cfg.max_iters and not cfg.eval_only and not checkpoint.get("evaluation_due"):
         raise SystemExit(f"error: {ckpt_path} is already at iteration {checkpoint['iter_num']}; raise "
                          f"max_iters={cfg.max_iters} to go on")
     return model_from_checkpoint(checkpoint, ckpt_path, ema=False), checkpoint
 
 
 def append_log(out_dir, record, writer=None, classes=()):
-    """One line of out_dir/log.jsonl; with a TensorBoard writer, each of its numbers too (the per-class APs by class name)."""
-    with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One line of out_dir/log.jsonl; with a TensorBoard writer, each of its numbers too (the per-class APs by class name).
+    A failed append (a full disk) is one error line."""
+    path = os.path.join(out_dir, "log.jsonl")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise SystemExit(f"error: could not append to {path} ({e.strerror or e}); the last checkpoint is left as it was") from None
     for key, value in record.items() if writer is not None else ():
         for name, x in zip(classes, value) if isinstance(value, list) else [(None, value)]:
             if key != "iter" and isinstance(x, (int, float)) and math.isfinite(x):
@@ -531,6 +544,124 @@ def training_diagnostics(model, outputs, targets, matcher):
 
 
 # -----------------------------------------------------------------------------
+# how a run ends (README, "How a run ends"): promptly, with one line, on every rank, the last checkpoint kept
+RUN_FILES = ("ckpt.pt", "best.pt", "log.jsonl")  # what a run writes in out_dir, and a fresh run never overwrites
+NONE_BAD = 2**62  # first_bad_iter when every loss so far was finite
+
+
+def check_out_dir(cfg, master):
+    """Before a run writes anything. A fresh run into an out_dir that holds another run's files stops with one
+    line that gives the choices, or with overwrite=True deletes them first, so that log.jsonl holds one run
+    only; the master then checks that out_dir can be written (one error line, before any training)."""
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, f))]
+    if found and cfg.init_from != "resume" and not cfg.overwrite:
+        raise SystemExit(f"error: out_dir={cfg.out_dir} holds a run ({', '.join(found)}); resume it with "
+                         f"--init_from=resume, give another --out_dir, or delete it and start over with --overwrite"
+                         if master else 1)  # the master's line says why
+    if master:
+        for f in found if cfg.init_from != "resume" else ():
+            os.remove(os.path.join(cfg.out_dir, f))
+        check_checkpoint_dir(cfg.out_dir)
+
+
+def cut_log(out_dir, iter_num):
+    """A resume drops log.jsonl's records past its checkpoint's iteration: it trains those steps again."""
+    path = os.path.join(out_dir, "log.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if json.loads(line)["iter"] <= iter_num]
+        with open(path, "w") as f:
+            f.writelines(lines)
+
+
+@contextmanager
+def stop_signals():
+    """Pre-emption: a list that SIGTERM, SIGUSR1 (a scheduler's warning) and a first SIGINT (Ctrl-C) add their
+    name to; the loop then finishes its step (or leaves its evaluation for the resume), writes ckpt.pt and
+    stops. A second SIGINT stops at once. The handlers before come back at the end, also after an error:
+    left behind, they would swallow the signals of whatever runs next."""
+    signals = []
+
+    def note(number, frame):
+        if number == signal.SIGINT and "SIGINT" in signals:
+            raise KeyboardInterrupt
+        signals.append(signal.Signals(number).name)
+
+    previous = {n: signal.signal(n, note) for n in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        yield signals
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def exit_with_the_launcher(rank):
+    """torchrun starts each rank in a session of its own: when torchrun itself is killed (SIGKILL, the OOM
+    killer), nothing reaches the ranks, which would wait on its store forever, holding their GPU. A thread
+    watches the parent: once it is gone, the rank and its data workers end within seconds."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        print(f"error: rank {rank}: its launcher (pid {parent}) is gone; stopping. The last checkpoint is left as it was",
+              file=sys.stderr, flush=True)
+        kill_data_workers()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="launcher watchdog", daemon=True).start()
+
+
+def on_master(write, ddp, master, device):
+    """Run write() on the master alone; under DDP the other ranks learn whether it failed and stop with it,
+    rather than wait for the master at their next collective. A failed write is the master's SystemExit (its
+    one line); the other ranks exit 1."""
+    failed = None
+    if master:
+        try:
+            write()
+        except SystemExit as error:
+            failed = error
+    if ddp:
+        flag = torch.tensor(int(failed is not None), device=device)
+        dist.broadcast(flag, 0)
+        if flag.item() and not master:
+            raise SystemExit(1)
+    if failed is not None:
+        raise failed
+
+
+def stop_if_not_finite(first_bad_iter, ddp, master, ckpt_path):
+    """Before anything is logged or saved: stop every rank, with one line from the master, when a loss went
+    non-finite on any of them (a host sync, so at log and checkpoint points only)."""
+    bad = first_bad_iter.clone()
+    if ddp:
+        dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+    if bad.item() != NONE_BAD:
+        if master:
+            tqdm.write(f"error: the loss is not finite at iteration {bad.item()}; stopping. "
+                       f"The last good checkpoint ({ckpt_path}) is left as it was.")
+        raise SystemExit(1)
+
+
+def same_on_every_rank(model, ddp):
+    """Under DDP, the master's weights and buffers on every rank, so that each evaluates what best.pt saves.
+    A trained BatchNorm's running statistics (frozen_bn=False), and an EMA of them, differ between ranks:
+    each rank updates them with its own batches (DDP sends the master's buffers only at each forward)."""
+    for tensor in model.state_dict().values() if ddp else ():
+        dist.broadcast(tensor, 0)
+
+
+def out_of_memory(it, images, cfg, device, ckpt_path):
+    """The exit for a training step that ran out of memory: one line with the batch and the keys that size it."""
+    B, _, H, W = images.shape
+    return SystemExit(f"error: out of memory at iteration {it} on {device}, a batch of {B} images padded to {H}x{W}; "
+                      f"lower batch_size={cfg.batch_size} (a larger gradient_accumulation_steps keeps the batch), "
+                      f"max_size={cfg.max_size} or train_scales (up to {max(cfg.train_scales)}; val_scale={cfg.val_scale} "
+                      f"at evaluation). {ckpt_path} is left as it was")
+
+
+# -----------------------------------------------------------------------------
 # training
 
 
@@ -539,6 +670,8 @@ def train(config):
     cfg = SimpleNamespace(**config)
     ddp, rank, world_size, device = setup_process(cfg)
     master = rank == 0
+    if not cfg.eval_only:
+        check_out_dir(cfg, master)
     torch.manual_seed(cfg.seed + rank)
     if "cuda" in device:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -561,8 +694,17 @@ def train(config):
     scaler = torch.amp.GradScaler("cuda" if "cuda" in device else "cpu", enabled=cfg.dtype == "float16")
     # the EMA of the weights (RT-DETR), which evaluation and best.pt use; a new one starts from the weights
     ema_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
+        changed = []
+        for group, key in zip(optimizer.param_groups, ("learning_rate", "lr_backbone")):  # the config's rates, not the checkpoint's
+            if group["base_lr"] != config[key]:
+                changed.append(f"{key} {group['base_lr']:g} -> {config[key]:g}")
+                group["base_lr"] = config[key]
+        if master:
+            print(f"init_from=resume: {ckpt_path} at iteration {iter_num}, best val {cfg.best_metric} {best_val:.4f}"
+                  + (f"; {', '.join(changed)}" if changed else ""))
         if checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
         if ema_model is not None and "ema_model" in checkpoint:
@@ -576,13 +718,11 @@ def train(config):
     eval_model = ema_model or model  # not the DDP wrapper: its forward is a collective, and shards may differ by a batch
     if ddp:
         model = DDP(model, device_ids=[device] if "cuda" in device else None)
-        for tensor in ema_model.state_dict().values() if ema_model is not None else ():
-            dist.broadcast(tensor, 0)  # DDP gave every rank rank 0's weights: the EMA starts from them too
+        if ema_model is not None:
+            same_on_every_rank(ema_model, ddp)  # DDP gave every rank rank 0's weights: the EMA starts from them too
     criterion = new_criterion(config, raw_model.query_groups).to(device)
 
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if master:
-        check_checkpoint_dir(cfg.out_dir)
         n_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         print(f"{cfg.dataset}: {len(train_set) if train_set else 0} train / {len(val_set)} val images, {len(classes)} classes; "
               f"model {n_params / 1e6:.2f}M trainable parameters; {device}, {cfg.dtype}, world size {world_size}")
@@ -591,16 +731,19 @@ def train(config):
                   f"{cfg.max_dets} best detections of an image and class (raise max_dets to count them all)")
         for warning in filter(None, (too_many_objects(d, cfg.num_queries) for d in (train_set, val_set) if d)):
             print(warning)
-    writer = None
-    if cfg.tensorboard and master and not cfg.eval_only:
-        from torch.utils.tensorboard import SummaryWriter  # optional: imported only when asked for
-
-        writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
     if cfg.eval_only:
+        same_on_every_rank(eval_model, ddp)
         metrics = evaluate(eval_model, val_set, cfg, device, rank, world_size, cfg.save_detections)
         if master:
             print(json.dumps(metrics))
         return raw_model, metrics
+    if checkpoint is not None and master:
+        cut_log(cfg.out_dir, iter_num)
+    writer = None
+    if cfg.tensorboard and master:
+        from torch.utils.tensorboard import SummaryWriter  # optional: imported only when asked for
+
+        writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
 
     # data order: a pure function of (seed, samples consumed), so that a resumed run continues exactly
     sampler = ResumableSampler(len(train_set), cfg.seed, iter_num * cfg.batch_size * cfg.gradient_accumulation_steps,
@@ -610,168 +753,152 @@ def train(config):
         collate_fn=partial(collate, pad_to=cfg.pad_to), worker_init_fn=worker_ignores_signals,
         pin_memory="cuda" in device, persistent_workers=cfg.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed)))
 
-    def write_checkpoint(best):
+    def write_checkpoint(best, evaluation_due=False):
         # every process's RNG states, so that a resumed DDP run draws the same dropout masks
         rng = {"cpu": gather(torch.get_rng_state(), world_size),
                "cuda": gather(torch.cuda.get_rng_state(), world_size) if "cuda" in device else []}
-        failed = None
-        if master:
-            ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": raw_model.config,
-                    "iter_num": iter_num, "best_val": best_val, "config": config, "classes": classes, "rng": rng,
-                    "category_ids": val_set.category_ids, "scaler": scaler.state_dict(),
-                    **({"ema_model": ema_model.state_dict()} if ema_model is not None else {})}
-            try:
-                save_checkpoint(ckpt, ckpt_path)
-                if best:
-                    save_checkpoint(ckpt, os.path.join(cfg.out_dir, "best.pt"))
-            except SystemExit as error:  # a failed write: its one line
-                failed = error
-        if ddp:  # the other ranks stop with the master's failed write, rather than wait for it at their next collective
-            flag = torch.tensor(int(failed is not None), device=device)
-            dist.broadcast(flag, 0)
-            if flag.item() and not master:
-                raise SystemExit(1)  # the master's line says why
-        if failed is not None:
-            raise failed
+        ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": raw_model.config,
+                "iter_num": iter_num, "best_val": best_val, "config": config, "classes": classes, "rng": rng,
+                "category_ids": val_set.category_ids, "scaler": scaler.state_dict(), "evaluation_due": evaluation_due,
+                **({"ema_model": ema_model.state_dict()} if ema_model is not None else {})}
 
-    first_bad_iter = torch.tensor(-1, device=device)  # where the loss first went non-finite, kept on the device
+        def save():
+            save_checkpoint(ckpt, ckpt_path)
+            if best:
+                save_checkpoint(ckpt, os.path.join(cfg.out_dir, "best.pt"))
 
-    def not_finite(it):
-        """The exit for a loss that went non-finite at iteration it, with one line from the master."""
-        if master:
-            tqdm.write(f"error: the loss is not finite at iteration {it}; stopping. "
-                       f"The last good checkpoint ({ckpt_path}) is left as it was.")
-        return SystemExit(1)
+        on_master(save, ddp, master, device)
 
-    def out_of_memory(it, images):
-        """The exit for a training step that ran out of memory: one line with the batch and the keys that size it."""
-        B, _, H, W = images.shape
-        return SystemExit(f"error: out of memory at iteration {it} on {device}, a batch of {B} images padded to {H}x{W}; "
-                          f"lower batch_size={cfg.batch_size} (a larger gradient_accumulation_steps keeps the batch), "
-                          f"max_size={cfg.max_size} or train_scales (up to {max(cfg.train_scales)}; val_scale={cfg.val_scale} "
-                          f"at evaluation). {ckpt_path} is left as it was")
-
-    def stop_if_not_finite():
-        bad = first_bad_iter.item()  # a host sync, so only at log intervals
-        if bad >= 0:
-            raise not_finite(bad)
+    def evaluation_owed():  # at an evaluation point not yet evaluated, or a resume whose evaluation a signal cut short
+        return evaluation_due or ((iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and checkpoint_iter != iter_num)
 
     metrics, sums, iters_since_log, images_since_log, skipped_steps = {}, {}, 0, 0, 0
-    progress = tqdm(range(iter_num, cfg.max_iters), initial=iter_num, total=cfg.max_iters, disable=not master,
-                    dynamic_ncols=True)
+    first_bad_iter = torch.tensor(NONE_BAD, device=device)  # where a loss first went non-finite, kept on the device
+    start_iter, evaluation_due, stop, images = iter_num, bool(checkpoint and checkpoint.get("evaluation_due")), False, None
     if cfg.compile and master:
         tqdm.write("compiling the backbone and the transformer layers (compile_model): the first step takes longer")
-    # pre-emption: SIGTERM or SIGUSR1 (a scheduler's warning) finishes the step, writes ckpt.pt and stops
-    signals = []
-    previous = {n: signal.signal(n, lambda n, frame: signals.append(signal.Signals(n).name))
-                for n in (signal.SIGTERM, signal.SIGUSR1)}
     t_start = t_log = t_checkpoint = time.time()  # the clock of checkpoint_minutes starts at the (re)start
     checkpoint_iter = iter_num
-    try:
-        for it in progress:
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_factor(it, cfg)
-            micro_batches = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
-            # normalisers for the whole accumulated batch (local counts; the criterion averages boxes over processes)
-            all_targets = [t for _, _, targets in micro_batches for t in targets]
-            num_boxes = sum(len(t["labels"]) for t in all_targets)
-            class_weight_sum = cross_entropy_normaliser(all_targets, raw_model.num_queries, cfg.eos_coef)
-            for micro_step, (images, mask, targets) in enumerate(micro_batches):
-                images = images.to(device, non_blocking=True)
-                if "cuda" in device:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                # a mask even when nothing is padded: under compile, one graph rather than two
-                mask = (mask.to(device, non_blocking=True) if mask is not None
-                        else images.new_zeros(images[:, 0].shape, dtype=torch.bool))
-                targets = [{k: t[k].to(device, non_blocking=True) for k in ("labels", "boxes")} for t in targets]
-                last_micro_step = micro_step == cfg.gradient_accumulation_steps - 1
-                with model.no_sync() if ddp and not last_micro_step else nullcontext():  # all-reduce grads once
-                    with autocast(device, cfg.dtype):  # the targets only feed denoising queries
-                        outputs = model(images, mask, targets if raw_model.denoising_groups else None)
-                    try:
-                        losses = criterion(outputs, targets, num_boxes, class_weight_sum)
-                    except FloatingPointError:  # the matcher found non-finite outputs
-                        bad = first_bad_iter.item()  # an earlier step's loss may have gone first
-                        raise not_finite(bad if bad >= 0 else it) from None
-                    scaler.scale(losses["loss"]).backward()
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach()
-                bad_now = (first_bad_iter < 0) & ~torch.isfinite(losses["loss"].detach())
-                first_bad_iter = first_bad_iter.masked_fill(bad_now, it)
-            scaler.unscale_(optimizer)  # float16: clipping and the logged norms see the true gradients
-            log_now = (it + 1) % cfg.log_interval == 0
-            if log_now and master:  # before clipping: what the loss asks of each part
-                diagnostics = training_diagnostics(raw_model, outputs, targets, criterion.matcher)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-            scale = scaler.get_scale() if scaler.is_enabled() else None  # a host sync: float16 only
-            scaler.step(optimizer)  # without float16, optimizer.step()
-            scaler.update()
-            if scale is not None:
-                skipped_steps += scaler.get_scale() < scale  # the scale drops when the gradients overflowed
-            optimizer.zero_grad(set_to_none=True)
-            if cfg.compile and master and it == progress.initial:
-                tqdm.write(f"compiled: the first step took {time.time() - t_start:.0f} s")
-            iter_num, iters_since_log = it + 1, iters_since_log + 1
-            if ema_model is not None:
-                ema_update(ema_model, raw_model, cfg.ema_decay * (1 - math.exp(-iter_num / cfg.ema_warmup_iters)))
-            images_since_log += len(all_targets) * world_size
-
-            last = iter_num == cfg.max_iters
-            if iter_num % cfg.log_interval == 0 or iter_num % cfg.eval_interval == 0 or last:
-                stop_if_not_finite()  # before anything is logged or saved
-                if master:
-                    record = {"iter": iter_num, "time": round(time.time() - t_start, 1),
-                              **{k: v.item() / iters_since_log for k, v in sums.items()},
-                              "lr": optimizer.param_groups[0]["lr"], "img_per_s": images_since_log / (time.time() - t_log),
-                              **({"skipped_steps": skipped_steps} if scaler.is_enabled() else {}),
-                              **(diagnostics if log_now else {})}
-                    progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}",
-                                         img_s=f"{record['img_per_s']:.1f}")
-                    tqdm.write(f"iter {iter_num}: " + ", ".join(f"{k} {record[k]:.4f}" for k in
-                               ("loss", "loss_ce", "loss_bbox", "loss_giou")) + f", lr {record['lr']:.1e}, "
-                               f"{record['img_per_s']:.1f} img/s")
-                    append_log(cfg.out_dir, record, writer)
-                sums, iters_since_log, images_since_log, skipped_steps = {}, 0, 0, 0
-                if iter_num % cfg.eval_interval == 0 or last:
-                    metrics = {f"val_{k}": v for k, v in evaluate(eval_model, val_set, cfg, device, rank, world_size).items()}
+    with stop_signals() as signals, tqdm(total=cfg.max_iters, initial=iter_num, disable=not master, dynamic_ncols=True) as progress:
+        try:
+            while True:
+                # evaluation, log and best.pt: every eval_interval, at the end, and one that a signal cut short
+                if evaluation_owed() and not stop:
+                    same_on_every_rank(eval_model, ddp)
+                    result = evaluate(eval_model, val_set, cfg, device, rank, world_size, stop=lambda: bool(signals))
+                    if result is None:  # a signal on some rank: ckpt.pt (below) asks the resume to evaluate first
+                        stop = True
+                        break
+                    metrics = {f"val_{k}": v for k, v in result.items()}
                     improved = metrics[f"val_{cfg.best_metric}"] > best_val
                     best_val = max(best_val, metrics[f"val_{cfg.best_metric}"])
                     if master:
                         aps = ", ".join(f"{c} {ap:.3f}" for c, ap in zip(classes, metrics["val_AP50_per_class"]) if ap == ap)
                         tqdm.write(f"iter {iter_num}: val mAP50 {metrics['val_mAP50']:.4f}, mAP50 (VOC07) {metrics['val_mAP50_07']:.4f}, "
                                    f"mAP {metrics['val_mAP']:.4f} (at most {cfg.max_dets} detections) | AP50 {aps}")
-                        append_log(cfg.out_dir, {"iter": iter_num, "time": round(time.time() - t_start, 1), **metrics}, writer, classes)
+                    record = {"iter": iter_num, "time": round(time.time() - t_start, 1), **metrics}
+                    on_master(lambda: append_log(cfg.out_dir, record, writer, classes), ddp, master, device)
                     write_checkpoint(improved)
-                    t_checkpoint, checkpoint_iter = time.time(), iter_num
-                t_log = time.time()
-            stop = bool(signals)
-            due = cfg.checkpoint_minutes > 0 and time.time() - t_checkpoint > 60 * cfg.checkpoint_minutes
-            if ddp:  # every rank stops, or checkpoints, at the same step: any rank's signal, the master's clock
-                flags = torch.tensor([stop, due and master], dtype=torch.int32, device=device)
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                stop, due = flags.tolist()
-            if (stop or due) and not last:
-                if checkpoint_iter != iter_num:  # not just written by an evaluation
-                    stop_if_not_finite()
+                    t_checkpoint, checkpoint_iter, evaluation_due = time.time(), iter_num, False
+                if iter_num >= cfg.max_iters or stop:
+                    break
+
+                # one optimizer step: gradient_accumulation_steps micro-batches
+                for group in optimizer.param_groups:
+                    group["lr"] = group["base_lr"] * lr_factor(iter_num, cfg)
+                micro_batches = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
+                # normalisers for the whole accumulated batch (local counts; the criterion averages boxes over processes)
+                all_targets = [t for _, _, targets in micro_batches for t in targets]
+                num_boxes = sum(len(t["labels"]) for t in all_targets)
+                class_weight_sum = cross_entropy_normaliser(all_targets, raw_model.num_queries, cfg.eos_coef)
+                for micro_step, (images, mask, targets) in enumerate(micro_batches):
+                    images = images.to(device, non_blocking=True)
+                    if "cuda" in device:
+                        images = images.contiguous(memory_format=torch.channels_last)
+                    # a mask even when nothing is padded: under compile, one graph rather than two
+                    mask = (mask.to(device, non_blocking=True) if mask is not None
+                            else images.new_zeros(images[:, 0].shape, dtype=torch.bool))
+                    targets = [{k: t[k].to(device, non_blocking=True) for k in ("labels", "boxes")} for t in targets]
+                    last_micro_step = micro_step == cfg.gradient_accumulation_steps - 1
+                    with model.no_sync() if ddp and not last_micro_step else nullcontext():  # all-reduce grads once
+                        with autocast(device, cfg.dtype):  # the targets only feed denoising queries
+                            outputs = model(images, mask, targets if raw_model.denoising_groups else None)
+                        try:
+                            losses = criterion(outputs, targets, num_boxes, class_weight_sum)
+                        except FloatingPointError:  # the matcher found non-finite outputs: a NaN loss, through every
+                            outputs_sum = sum(t.float().sum() for t in torch.utils._pytree.tree_leaves(outputs)  # output, so
+                                              if torch.is_tensor(t) and t.requires_grad)  # that DDP's backward still meets
+                            losses = {"loss": outputs_sum * math.nan}  # the other ranks'; every rank stops at the check
+                        scaler.scale(losses["loss"]).backward()
+                    for k, v in losses.items():
+                        sums[k] = sums.get(k, 0.0) + v.detach()
+                    first_bad_iter = torch.where(torch.isfinite(losses["loss"].detach()), first_bad_iter,
+                                                 first_bad_iter.clamp(max=iter_num))
+                scaler.unscale_(optimizer)  # float16: clipping and the logged norms see the true gradients
+                log_now = (iter_num + 1) % cfg.log_interval == 0
+                if log_now and master and torch.isfinite(losses["loss"]):  # before clipping: what the loss asks of each part
+                    diagnostics = training_diagnostics(raw_model, outputs, targets, criterion.matcher)
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+                scale = scaler.get_scale() if scaler.is_enabled() else None  # a host sync: float16 only
+                scaler.step(optimizer)  # without float16, optimizer.step()
+                scaler.update()
+                if scale is not None:
+                    skipped_steps += scaler.get_scale() < scale  # the scale drops when the gradients overflowed
+                optimizer.zero_grad(set_to_none=True)
+                if cfg.compile and master and iter_num == start_iter:
+                    tqdm.write(f"compiled: the first step took {time.time() - t_start:.0f} s")
+                iter_num, iters_since_log = iter_num + 1, iters_since_log + 1
+                progress.update()
+                if ema_model is not None:
+                    ema_update(ema_model, raw_model, cfg.ema_decay * (1 - math.exp(-iter_num / cfg.ema_warmup_iters)))
+                images_since_log += len(all_targets) * world_size
+
+                # the losses' log
+                if iter_num % cfg.log_interval == 0 or evaluation_owed():
+                    stop_if_not_finite(first_bad_iter, ddp, master, ckpt_path)  # before anything is logged or saved
+                    if master:
+                        record = {"iter": iter_num, "time": round(time.time() - t_start, 1),
+                                  **{k: v.item() / iters_since_log for k, v in sums.items()},
+                                  "lr": optimizer.param_groups[0]["lr"], "img_per_s": images_since_log / (time.time() - t_log),
+                                  **({"skipped_steps": skipped_steps} if scaler.is_enabled() else {}),
+                                  **(diagnostics if log_now else {})}
+                        progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}",
+                                             img_s=f"{record['img_per_s']:.1f}")
+                        tqdm.write(f"iter {iter_num}: " + ", ".join(f"{k} {record[k]:.4f}" for k in
+                                   ("loss", "loss_ce", "loss_bbox", "loss_giou")) + f", lr {record['lr']:.1e}, "
+                                   f"{record['img_per_s']:.1f} img/s")
+                    on_master(lambda: append_log(cfg.out_dir, record, writer), ddp, master, device)
+                    sums, iters_since_log, images_since_log, skipped_steps, t_log = {}, 0, 0, 0, time.time()
+
+                # a signal stops every rank after the same step; ckpt.pt on the clock (an evaluation point writes it anyway)
+                stop = bool(signals)
+                due = cfg.checkpoint_minutes > 0 and time.time() - t_checkpoint > 60 * cfg.checkpoint_minutes
+                if ddp:  # any rank's signal, the master's clock
+                    flags = torch.tensor([stop, due and master], dtype=torch.int32, device=device)
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                    stop, due = bool(flags[0]), bool(flags[1])
+                if due and not stop and not evaluation_owed():
+                    stop_if_not_finite(first_bad_iter, ddp, master, ckpt_path)
                     write_checkpoint(best=False)
                     t_checkpoint, checkpoint_iter = time.time(), iter_num
-                if stop:
-                    if master:
-                        tqdm.write(f"{signals[0] if signals else 'a signal on another rank'}: stopped at iteration "
-                                   f"{iter_num}; {ckpt_path} written, resume with --init_from=resume")
-                    break
-    except RuntimeError as e:  # out of memory anywhere in a step or its evaluation: torch's, or the CPU allocator's
-        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
-            raise
-        raise out_of_memory(it, images) from None
-    finally:  # also after an error: a handler left behind would swallow the signals of whatever runs next
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-        if writer is not None:
-            writer.close()
+        except RuntimeError as e:  # out of memory in a training step: torch's, or the CPU allocator's
+            if not is_out_of_memory(e):
+                raise
+            raise out_of_memory(iter_num, images, cfg, device, ckpt_path) from None
+        if stop:  # pre-empted: ckpt.pt at this step, unless an evaluation has just written it
+            if checkpoint_iter != iter_num or evaluation_owed():
+                stop_if_not_finite(first_bad_iter, ddp, master, ckpt_path)
+                write_checkpoint(best=False, evaluation_due=evaluation_owed())
+            if master:
+                tqdm.write(f"{signals[0] if signals else 'a signal on another rank'}: stopped at iteration {iter_num}; "
+                           f"{ckpt_path} written, resume with --init_from=resume")
+    if writer is not None:
+        writer.close()
     if ddp:
         dist.destroy_process_group()
+    if signals and signals[0] == "SIGINT":
+        raise SystemExit(130)  # Ctrl-C: the shell's status for an interrupted command, so that `train.py && ...` stops
     return raw_model, metrics
 
 
@@ -781,6 +908,6 @@ if __name__ == "__main__":
     except LoadError as e:  # a checkpoint or weights that cannot be loaded: one line, no traceback
         raise SystemExit(f"error: {e}")
     except RuntimeError as e:  # under torchrun, a rank that stopped (its own line says why) while this one waited on it
-        if "RANK" not in os.environ or not (isinstance(e, dist.DistError) or "closed by peer" in str(e)):
+        if "RANK" not in os.environ or not (isinstance(e, dist.DistError) or "by peer" in str(e)):  # gloo: closed, reset
             raise
         raise SystemExit(f"error: rank {os.environ['RANK']} stopped: another rank of the run did ({type(e).__name__})") from None

@@ -204,8 +204,9 @@ def load_official_state_dict(model, state_dict, source="checkpoint"):
 # classes (the names of its outputs), category_ids (the dataset's own id of each class, or None),
 # config (train.py's whole config), ema_model (with ema_decay: the averaged weights, which evaluation,
 # best.pt and every later use take), and for an exact resume optimizer (its state dict), scaler (the
-# float16 loss scaler's, {} without), iter_num, best_val (the best val metric so far) and rng (every
-# process's CPU and CUDA generator states).
+# float16 loss scaler's, {} without), iter_num, best_val (the best val metric so far), rng (every
+# process's CPU and CUDA generator states) and evaluation_due (True when a signal cut the evaluation at
+# iter_num short: the resume evaluates first).
 # Every file is read with weights_only=True: a checkpoint runs no code.
 
 

@@ -7,7 +7,9 @@ the padded batch and a training order that a resumed run can re-enter.
     train_set = DetectionDataset("data/shapes/train.json", make_transforms(True, [64], 96, [64], (48, 64), 64))
 """
 
+import atexit
 import math
+import multiprocessing.util  # its exit handler is registered first, so end_data_workers (below) runs before it
 import os
 import signal
 import sys
@@ -144,13 +146,30 @@ class DetectionDataset(torch.utils.data.Dataset):
 
 
 def worker_ignores_signals(worker_id):
-    """A data worker leaves SIGTERM and SIGUSR1 to the main process: a scheduler may send them to every
-    process of a job (scancel, a time limit, SLURM's --signal). The main process finishes its step, saves,
-    then closes the workers through their queues (torch's shutdown); a worker whose main process is gone
-    exits by itself within seconds (torch's watchdog). Without this a worker dies of the SIGTERM, and the
-    main process stops with torch's "DataLoader worker ... is killed by signal" instead of saving."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    """A data worker leaves SIGTERM, SIGUSR1 and SIGINT to the main process: a scheduler may send them to
+    every process of a job (scancel, a time limit, SLURM's --signal), and a terminal's Ctrl-C goes to its
+    whole process group. The main process finishes its step, saves, then closes the workers through their
+    queues (torch's shutdown); a worker whose main process is gone exits by itself within seconds (torch's
+    watchdog). Without this a worker dies of the signal, and the main process stops with torch's
+    "DataLoader worker ... is killed by signal" instead of saving."""
+    for number in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(number, signal.SIG_IGN)
+
+
+def kill_data_workers():
+    """SIGKILL every data worker of this process (multiprocessing's daemon children)."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+@atexit.register
+def end_data_workers():
+    """At the exit of any script, a crash too: the data workers ignore SIGTERM (above), and an exception's
+    traceback keeps their loader alive, so multiprocessing's own exit handler, which sends them SIGTERM and
+    then joins them with no time limit, would wait forever. They hold nothing to save: they are killed."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report each killed worker as an error
+    kill_data_workers()
 
 
 def collate(batch, pad_to=1):
