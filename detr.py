@@ -6,9 +6,9 @@ in one file, top to bottom in the order the data flows:
       -> 6 encoder layers -> 6 decoder layers over 100 learned object queries
       -> class head (K + 1) and box head (cx, cy, w, h) for every query
 
-This file is the model and nothing else: it reads and writes no file. Every weight format (the
-official checkpoints, minidetr's own, Hugging Face transformers folders) lives in weights.py, which
-`DETR.from_pretrained('detr-r50')` calls; the loss is in train.py. The paper's DETR ends at the
+This file is the model and nothing else: it reads and writes no file and imports no other file of
+minidetr. Every weight format (the official checkpoints, minidetr's own, Hugging Face transformers
+folders) lives in weights.py (`weights.load_model('detr-r50')`); the loss is in train.py. The paper's DETR ends at the
 banner "Additions beyond the paper": what follows it is optional, each section one follow-up paper.
 
     python detr.py                               # parameter count per part of DETR-R50 (91 classes)
@@ -150,27 +150,27 @@ class Attention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None, spatial=None):
-        """query (B, L, C), key and value (B, S, C), key_padding_mask (B, S) True on padding;
-        attn_mask (L, S) or (B, 1, L, S), True where query l may attend to key s (None: everywhere);
-        spatial: only for conditional_cross_attn (addition 5), a second part (B, L, C), (B, S, C) that
-        each head's query and key get beside their own (its first two items).
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=False):
+        """query (B, L, C), key and value (B, S, C), key_padding_mask (B, S) True on padding.
         Returns the output (B, L, C) and, if asked, the attention weights (B, heads, L, S)."""
-        B, L, C = query.shape
-        S = key.shape[1]
-        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        h = self.num_heads
-        q = F.linear(query, w_q, b_q).view(B, L, h, C // h).transpose(1, 2)  # (B, h, L, C/h)
-        k = F.linear(key, w_k, b_k).view(B, S, h, C // h).transpose(1, 2)  # (B, h, S, C/h)
-        v = F.linear(value, w_v, b_v).view(B, S, h, C // h).transpose(1, 2)
-        if spatial is not None:  # each head's dot product becomes content . content + space . space
-            q = torch.cat([q, spatial[0].view(B, L, h, C // h).transpose(1, 2)], dim=-1)  # (B, h, L, 2C/h)
-            k = torch.cat([k, spatial[1].view(B, S, h, C // h).transpose(1, 2)], dim=-1)
+        q, k, v = self.heads(query, key, value)
         # SDPA's boolean mask is True where attention is allowed: every query sees every real key
         allowed = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
-        if attn_mask is not None:
-            allowed = attn_mask if allowed is None else allowed & attn_mask
+        return self.attend(q, k, v, allowed, need_weights)
+
+    def heads(self, query, key, value):
+        """The input projections, split into heads: q (B, h, L, C/h), k and v (B, h, S, C/h)."""
+        (B, L, C), S, h = query.shape, key.shape[1], self.num_heads
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        q = F.linear(query, w_q, b_q).view(B, L, h, C // h).transpose(1, 2)
+        k = F.linear(key, w_k, b_k).view(B, S, h, C // h).transpose(1, 2)
+        v = F.linear(value, w_v, b_v).view(B, S, h, C // h).transpose(1, 2)
+        return q, k, v
+
+    def attend(self, q, k, v, allowed, need_weights):
+        """softmax(q k^T / sqrt(d)) v over the keys allowed (None: all), then the output projection."""
+        B, h, L, _ = q.shape
         dropout = self.dropout if self.training else 0.0
         weights = None
         if need_weights:  # the same computation written out, to keep the weights for plots
@@ -181,7 +181,7 @@ class Attention(nn.Module):
             out = F.dropout(weights, dropout, self.training) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
-        out = out.transpose(1, 2).reshape(B, L, C)
+        out = out.transpose(1, 2).reshape(B, L, h * v.shape[-1])
         return self.out_proj(out), weights
 
 
@@ -217,18 +217,13 @@ class DecoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, content, query_pos, memory, pos, mask, need_weights=False, self_attn_mask=None, spatial=None):
-        """content, query_pos (B, Q, C); memory, pos (B, HW, C); mask (B, HW) True on padding, or None;
-        self_attn_mask: which queries see which (only for the additions: query groups, denoising);
-        spatial: only for conditional_cross_attn (addition 5), the cross-attention's spatial query and
-        key, and whether the positions are added to its content part too (its first layer only)."""
+    def forward(self, content, query_pos, memory, pos, mask, need_weights=False):
+        """content, query_pos (B, Q, C); memory, pos (B, HW, C); mask (B, HW) True on padding, or None."""
         q = k = content + query_pos  # the queries talk to each other: this is what removes duplicates
-        attn, _ = self.self_attn(q, k, content, attn_mask=self_attn_mask)
+        attn, _ = self.self_attn(q, k, content)
         content = self.norm1(content + F.dropout(attn, self.dropout, self.training))
-        query, key = content + query_pos, memory + pos  # then to the image, positions on queries and keys
-        if spatial is not None and not spatial[2]:  # addition 5 after its first layer: position is in the spatial part alone
-            query, key = content, memory
-        attn, weights = self.cross_attn(query, key, memory, mask, need_weights, spatial=spatial)
+        # then to the image, positions on queries and keys
+        attn, weights = self.cross_attn(content + query_pos, memory + pos, memory, mask, need_weights)
         content = self.norm2(content + F.dropout(attn, self.dropout, self.training))
         ffn = self.linear2(F.dropout(F.relu(self.linear1(content)), self.dropout, self.training))
         content = self.norm3(content + F.dropout(ffn, self.dropout, self.training))
@@ -281,6 +276,9 @@ class DETR(nn.Module):
         self.denoising_groups, self.query_groups = denoising_groups, query_groups
         self.conditional_cross_attn = conditional_cross_attn
         self.classes = self.category_ids = None  # the outputs' names and dataset ids, where the weights' file gives them
+        # how images are run through it (inference.py): the paper's evaluation (2 images a batch as its training, DC5 1),
+        # or the sizes, batch and autocast of the run that trained it (weights.load_model)
+        self.eval_config = dict(val_scale=800, max_size=1333, batch_size=1 if dilation else 2, pad_to=1, dtype="float32")
         self.backbone = Backbone(backbone, dilation, trainable_layers, frozen_bn, feature_stride)
         self.input_proj = nn.Conv2d(self.backbone.num_channels, hidden_dim, kernel_size=1)
         self.encoder = nn.ModuleList(
@@ -288,7 +286,7 @@ class DETR(nn.Module):
         )
         self.decoder = nn.ModuleList(
             DecoderLayer(hidden_dim, num_heads, dim_feedforward, dropout) for _ in range(num_decoder_layers)
-        )
+        )  # (with an addition, AdditionsDecoderLayer: add_addition_modules below)
         self.decoder_norm = nn.LayerNorm(hidden_dim)  # shared by every decoder layer's output
         self.query_embed = nn.Embedding(num_queries * query_groups, hidden_dim)  # the object queries (x query_groups: addition 4)
         self.class_head = nn.Linear(hidden_dim, num_classes + 1)  # the last class is "no object"
@@ -320,62 +318,36 @@ class DETR(nn.Module):
         src = self.input_proj(features).flatten(2).transpose(1, 2).contiguous()  # (B, hw, C), laid out as every layer's output
         token_mask = None if mask is None else feature_mask.flatten(1)  # (B, hw) True on padding
 
-        enc_weights, dec_weights = [], []
+        enc_weights = []
         memory = src
         for layer in self.encoder:
             memory, weights = layer(memory, pos, token_mask, need_weights)
             enc_weights.append(weights)
+        if self.anchor_queries or self.query_groups > 1:  # not in the paper: see "Additions beyond the paper" below
+            return decode_with_additions(self, memory, pos, feature_mask, token_mask, targets, need_weights, enc_weights)
 
         # the paper (§3.2): the decoder starts from zeros, and the N object queries enter as positions
-        Q = self.num_queries * (self.query_groups if self.training else 1)  # addition 4 trains K groups, infers with one
-        additions = {}  # the additions' own outputs (encoder proposals, denoising queries, start boxes)
-        if self.anchor_queries or self.query_groups > 1:  # not in the paper: see "Additions beyond the paper" below
-            content, query_pos, boxes, self_attn_mask, additions["enc_outputs"] = initial_queries(self, Q, memory, feature_mask, targets)
-        else:
-            query_pos = self.query_embed.weight[None].expand(B, -1, -1)  # (B, N, C)
-            content, boxes, self_attn_mask = torch.zeros_like(query_pos), None, None
-
-        hs, layer_boxes, spatial = [], [], None
-        start_boxes = boxes  # None in the paper; the additions' anchor boxes
-        for i, layer in enumerate(self.decoder):
-            if boxes is not None:  # addition 1 (and 5): each layer's positions come from the current boxes
-                query_pos, spatial = box_positions(self, i, content, boxes, pos)
-            content, weights = layer(content, query_pos, memory, pos, token_mask, need_weights, self_attn_mask, spatial)
+        query_pos = self.query_embed.weight[None].expand(B, -1, -1)  # (B, N, C)
+        content = torch.zeros_like(query_pos)
+        hs, dec_weights = [], []
+        for layer in self.decoder:
+            content, weights = layer(content, query_pos, memory, pos, token_mask, need_weights)
             hs.append(self.decoder_norm(content))
             dec_weights.append(weights)
-            if boxes is not None:  # addition 1: ... and each layer moves the boxes; the next layer starts from them,
-                layer_boxes.append(refine_boxes(self, hs[-1], boxes))  # but the refinement is not back-propagated
-                boxes = layer_boxes[-1].detach()  # through the layers (Deformable DETR, DAB-DETR)
-        hs = torch.stack(hs)  # (num_decoder_layers, B, Q, C)
-
-        logits = self.class_head(hs)  # (L, B, Q, K+1)
-        if start_boxes is None:
-            boxes = mlp(self.box_head, hs).sigmoid()  # (L, B, Q, 4) cx, cy, w, h relative to the image's own size
-        else:  # addition 1 (and 3): the refined boxes; the denoising queries' outputs set apart
-            logits, boxes, additions["start_boxes"], additions["dn_outputs"] = split_denoising_queries(
-                logits, torch.stack(layer_boxes), start_boxes, Q, self.denoising_groups)
+        hs = torch.stack(hs)  # (num_decoder_layers, B, N, C)
+        logits = self.class_head(hs)  # (L, B, N, K+1)
+        boxes = mlp(self.box_head, hs).sigmoid()  # (L, B, N, 4) cx, cy, w, h relative to the image's own size
         out = {
             "pred_logits": logits[-1],
             "pred_boxes": boxes[-1],
             # every earlier decoder layer is supervised too (paper §3.2, "Auxiliary decoding losses")
             "aux_outputs": [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])],
-            **{k: v for k, v in additions.items() if v is not None},
         }
         if need_weights:
             out["enc_attn"] = enc_weights  # per layer (B, heads, hw, hw)
-            out["dec_attn"] = dec_weights  # per layer (B, heads, Q, hw): cross-attention over the features
+            out["dec_attn"] = dec_weights  # per layer (B, heads, N, hw): cross-attention over the features
             out["feat_size"] = (h, w)
         return out
-
-    @classmethod
-    def from_pretrained(cls, name_or_path, **kwargs):
-        """A DETR with pretrained weights and the names of its classes (`model.classes`): an official
-        checkpoint ('detr-r50', 'detr-r50-dc5', 'detr-r101', 'detr-r101-dc5' or a .pth file), a minidetr
-        checkpoint, or a Hugging Face transformers folder or hub id ('facebook/detr-resnet-50'). The
-        architecture is read off the file; kwargs override the rest (weights.load_model reads them all)."""
-        from weights import load_model  # here, not at the top: weights.py imports this file
-
-        return load_model(name_or_path, **kwargs)[0]
 
 
 def argument_problem(args):
@@ -435,13 +407,17 @@ def mlp(linears, x):
 
 
 # -----------------------------------------------------------------------------
-# Where the additions enter DETR: their modules, and five marked calls in forward
+# Where the additions enter DETR: their modules, the decoder layer they need, and the decoder's loop
+# with anchor boxes, proposals, denoising queries and groups (DETR.forward's one marked dispatch)
 
 
 def add_addition_modules(model):
     """The parameters of each addition switched on (each explained in its section below)."""
     c, dim = model.config, model.config["hidden_dim"]
     queries = c["num_queries"] * c["query_groups"]
+    if c["anchor_queries"] or c["query_groups"] > 1:  # the same parameters, a forward that takes masks and spatial parts
+        for layer in model.decoder:
+            layer.__class__ = AdditionsDecoderLayer
     if c["anchor_queries"]:  # a query's position is an MLP of its box's sine encoding (DAB-DETR Eq. 2)
         model.box_pos_head = mlp_layers(2 * dim, dim, dim, 2)
         if not c["encoder_proposals"]:  # learned boxes (before the sigmoid), one per query
@@ -464,6 +440,73 @@ def add_addition_modules(model):
             for p in part.parameters():
                 if p.dim() > 1:  # Xavier, as Conditional DETR's and DAB-DETR's code give every transformer matrix
                     nn.init.xavier_uniform_(p)
+
+
+class AdditionsDecoderLayer(DecoderLayer):
+    """DecoderLayer with what the additions add: a self-attention mask (which queries see which: query
+    groups, denoising) and, for conditional_cross_attn (addition 5), the cross-attention's spatial query
+    and key with whether the positions are added to its content part too (its first layer only)."""
+
+    def forward(self, content, query_pos, memory, pos, mask, need_weights=False, self_attn_mask=None, spatial=None):
+        q = k = content + query_pos
+        attn, _ = masked_attention(self.self_attn, q, k, content, self_attn_mask)
+        content = self.norm1(content + F.dropout(attn, self.dropout, self.training))
+        query, key = content + query_pos, memory + pos
+        if spatial is not None and not spatial[2]:  # addition 5 after its first layer: position is in the spatial part alone
+            query, key = content, memory
+        allowed = None if mask is None else ~mask[:, None, None, :]
+        attn, weights = masked_attention(self.cross_attn, query, key, memory, allowed, need_weights, spatial)
+        content = self.norm2(content + F.dropout(attn, self.dropout, self.training))
+        ffn = self.linear2(F.dropout(F.relu(self.linear1(content)), self.dropout, self.training))
+        content = self.norm3(content + F.dropout(ffn, self.dropout, self.training))
+        return content, weights
+
+
+def masked_attention(attn, query, key, value, allowed=None, need_weights=False, spatial=None):
+    """An Attention's computation where allowed (L, S) or (B, 1, L, S) is True where query l may attend
+    to key s, and spatial, a second part (B, L, C), (B, S, C) that each head's query and key get beside
+    their own: each head's dot product becomes content . content + space . space (addition 5)."""
+    q, k, v = attn.heads(query, key, value)  # (B, h, L, C/h), (B, h, S, C/h)
+    if spatial is not None:
+        B, h, L, S = *q.shape[:3], k.shape[2]
+        q = torch.cat([q, spatial[0].view(B, L, h, -1).transpose(1, 2)], dim=-1)  # (B, h, L, 2C/h)
+        k = torch.cat([k, spatial[1].view(B, S, h, -1).transpose(1, 2)], dim=-1)
+    return attn.attend(q, k, v, allowed, need_weights)
+
+
+def decode_with_additions(model, memory, pos, feature_mask, token_mask, targets, need_weights, enc_weights):
+    """DETR.forward's decoder and heads when an addition changes the queries: the paper's outputs, and the
+    additions' own (enc_outputs: the encoder proposals, dn_outputs: the denoising queries', start_boxes)."""
+    Q = model.num_queries * (model.query_groups if model.training else 1)  # addition 4 trains K groups, infers with one
+    additions = {}
+    content, query_pos, boxes, self_attn_mask, additions["enc_outputs"] = initial_queries(model, Q, memory, feature_mask, targets)
+    hs, dec_weights, layer_boxes, spatial = [], [], [], None
+    start_boxes = boxes  # None with query groups alone
+    for i, layer in enumerate(model.decoder):
+        if boxes is not None:  # addition 1 (and 5): each layer's positions come from the current boxes
+            query_pos, spatial = box_positions(model, i, content, boxes, pos)
+        content, weights = layer(content, query_pos, memory, pos, token_mask, need_weights, self_attn_mask, spatial)
+        hs.append(model.decoder_norm(content))
+        dec_weights.append(weights)
+        if boxes is not None:  # addition 1: ... and each layer moves the boxes; the next layer starts from them,
+            layer_boxes.append(refine_boxes(model, hs[-1], boxes))  # but the refinement is not back-propagated
+            boxes = layer_boxes[-1].detach()  # through the layers (Deformable DETR, DAB-DETR)
+    hs = torch.stack(hs)  # (num_decoder_layers, B, Q, C)
+    logits = model.class_head(hs)  # (L, B, Q, K+1)
+    if start_boxes is None:
+        boxes = mlp(model.box_head, hs).sigmoid()
+    else:  # addition 1 (and 3): the refined boxes; the denoising queries' outputs set apart
+        logits, boxes, additions["start_boxes"], additions["dn_outputs"] = split_denoising_queries(
+            logits, torch.stack(layer_boxes), start_boxes, Q, model.denoising_groups)
+    out = {
+        "pred_logits": logits[-1],
+        "pred_boxes": boxes[-1],
+        "aux_outputs": [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])],
+        **{k: v for k, v in additions.items() if v is not None},
+    }
+    if need_weights:
+        out.update(enc_attn=enc_weights, dec_attn=dec_weights, feat_size=tuple(feature_mask.shape[-2:]))
+    return out
 
 
 def initial_queries(model, Q, memory, feature_mask, targets):

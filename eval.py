@@ -24,9 +24,10 @@ can be scored on any set that names COCO classes; detections of other classes ar
 
 A batch pads its images to the largest (and to a multiple of pad_to), and DETR's outputs change a
 little with the padding: the attention masks it out, but the backbone's convolutions see its zeros
-near the image's edge. So a minidetr checkpoint is evaluated as train.py evaluated it, with its own
-batch_size and pad_to, and gives exactly the val numbers that its run logged on one process (under
-torchrun each process evaluated its own share of the images, in batches of its own).
+near the image's edge. So a model is evaluated as its run evaluated it (inference.predict, model.eval_config): a
+minidetr checkpoint with its own batch_size and pad_to, the official and transformers models two
+images a batch (DC5: one), as they were trained; it then gives exactly the val numbers that its run
+logged (under torchrun too: each process evaluated whole batches of the same images).
 """
 
 import csv
@@ -35,8 +36,6 @@ import math
 import os
 import re
 import sys
-from contextlib import nullcontext
-from functools import partial
 
 import numpy as np
 import torch
@@ -44,10 +43,10 @@ from PIL import Image, ImageDraw
 from torchvision.ops import box_iou
 
 from configurator import configure, device_problem
-from data.pipeline import DetectionDataset, collate, dataset_dir, read_image, val_transform, worker_ignores_signals
-from detr import postprocess
+from data.pipeline import DetectionDataset, dataset_dir, read_image, val_transform
+from draw import draw_boxes, for_display, pyplot, save_figure, text_font
+from inference import class_map, predict, run_dtype
 from metrics import compute_map, ground_truth, precision_recall
-from sample import draw_boxes, for_display, pyplot, save_figure, text_font
 from weights import LoadError, load_model
 
 # defaults, each overridable as --key=value
@@ -59,78 +58,12 @@ threshold = 0.5  # a detection counts for precision, recall, the confusion matri
 max_dets = 0  # detections per image and class that COCO's AP and AR count (train.py's key); 0: the checkpoint's own, else 100
 worst = 8  # how many images worst/ draws
 device = "cpu"
-dtype = "float32"  # autocast dtype on a GPU: float32 (none), bfloat16 or float16
-batch_size = 0  # images per forward pass; 0: the checkpoint's own batch_size (else 8), see below
+dtype = ""  # autocast dtype: float32 (none), bfloat16 or float16; empty: the checkpoint's own on a GPU, float32 on a CPU
+batch_size = 0  # images per forward pass; 0: the checkpoint's own batch_size (the official models': 2), see above
 num_workers = 2
 
 IOU_THRESHOLD = 0.5  # the matching of the precision, recall, confusion matrix and worst/ (COCO's AP50, VOC's rule)
 COLOURS = {"true positive": (0, 158, 115), "false positive": (213, 94, 0), "missed": (86, 180, 233)}  # Okabe-Ito: colour-blind safe
-
-
-def autocast(device, dtype):
-    """The forward pass in dtype (float32: as it is), as train.py's loop and every evaluation run it."""
-    device_type = "cuda" if "cuda" in str(device) else "cpu"
-    return nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
-
-
-def is_out_of_memory(error):
-    """Whether a RuntimeError is an out-of-memory error: torch's, or the CPU allocator's."""
-    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
-
-
-@torch.no_grad()
-def predict(model, dataset, device, batch_size, num_workers, pad_to=1, dtype="float32", indices=None, stop=None):
-    """{image index: its postprocessed detections (float32, on the CPU)} of the dataset's images (those
-    of indices, else all). An image that cannot be decoded is left out (DetectionDataset logs it and
-    returns the next one, which then comes twice: the dict keeps it once). None when stop() turns true
-    before a batch (a signal); out of memory is one error line naming the batch."""
-    was_training = model.training
-    model.eval()
-    subset = torch.utils.data.Subset(dataset, range(len(dataset)) if indices is None else indices)
-    loader = torch.utils.data.DataLoader(
-        subset, batch_size=batch_size, num_workers=num_workers, collate_fn=partial(collate, pad_to=pad_to),
-        worker_init_fn=worker_ignores_signals, generator=torch.Generator())  # leaves the global RNG (dropout) alone
-    predictions = {}
-    for images, mask, targets in loader:
-        if stop is not None and stop():
-            predictions = None
-            break
-        try:
-            with autocast(device, dtype):
-                outputs = model(images.to(device), None if mask is None else mask.to(device))
-        except RuntimeError as e:
-            if not is_out_of_memory(e):
-                raise
-            raise SystemExit(f"error: out of memory evaluating a batch of {len(images)} images padded to "
-                             f"{images.shape[2]}x{images.shape[3]} on {device}; lower the evaluation's "
-                             f"batch_size={batch_size} or its image size (val_scale)") from None
-        results = postprocess(outputs, torch.stack([t["orig_size"] for t in targets]))
-        for target, r in zip(targets, results):
-            predictions[target["image_id"]] = {k: v.cpu() if k == "labels" else v.float().cpu() for k, v in r.items()}
-    model.train(was_training)
-    return predictions
-
-
-def class_map(model, classes):
-    """For each of the model's outputs, the dataset's class of the same name, -1 for none (its detections
-    are left out); one note line for classes on one side only, one error line when none is shared."""
-    if model.classes is None:  # an official-format file fine-tuned elsewhere: its outputs by number
-        if model.num_classes != len(classes):
-            raise SystemExit(f"error: the model names no classes and has {model.num_classes} of them, the dataset {len(classes)}")
-        print(f"note: the model names no classes: its {model.num_classes} outputs are taken as the dataset's, in order")
-        return torch.arange(len(classes))
-    names = [c.lower() for c in classes]
-    mapping = torch.tensor([names.index(c.lower()) if c.lower() in names else -1 for c in model.classes])
-    shared = set(mapping.tolist()) - {-1}
-    if not shared:
-        raise SystemExit(f"error: the model's classes {model.classes[:5]}... and the dataset's {classes[:5]}... share no name")
-    if len(shared) < len(classes):
-        missing = [c for i, c in enumerate(classes) if i not in shared]
-        print(f"note: {len(missing)} of the dataset's classes are not among the model's ({', '.join(missing[:10])}): their AP is 0")
-    if (mapping < 0).any():
-        dropped = [c for c, m in zip(model.classes, mapping.tolist()) if m < 0]
-        print(f"note: the detections of the model's {len(dropped)} classes that the dataset lacks ({', '.join(dropped[:10])}) are left out")
-    return mapping
 
 
 def image_errors(match, ignored, det, gt, threshold):
@@ -196,7 +129,7 @@ def class_curves(detections, matches, num_classes):
     return curves
 
 
-def per_class_table(classes, result, curves, threshold):
+def per_class_table(classes, result, curves, threshold, max_dets):
     """One row per class: class, objects, AP, AP50, AP75, AR<max_dets>, precision, recall (see the docstring)."""
     per_class = result["per_class"]
     rows = []
@@ -328,8 +261,9 @@ def no_nan(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def report(model, data, predictions, out_dir, threshold):
-    """Score the predictions (compute_map) and write every file of the report; returns compute_map's output."""
+def report(model, data, predictions, out_dir, threshold, max_dets=100, worst=8, source=""):
+    """Score the predictions (compute_map) and write every file of the report (worst/: the worst images;
+    source: the model's file, for summary.json); returns compute_map's output."""
     mapping = class_map(model, data.classes)
     indices = sorted(predictions)
     detections = []
@@ -344,7 +278,7 @@ def report(model, data, predictions, out_dir, threshold):
     os.makedirs(out_dir, exist_ok=True)
 
     curves = class_curves(detections, matches, len(data.classes))
-    rows = per_class_table(data.classes, result, curves, threshold)
+    rows = per_class_table(data.classes, result, curves, threshold, max_dets)
     header = ["class", "objects", "AP", "AP50", "AP75", f"AR{max_dets}", "precision", "recall"]
     with open(os.path.join(out_dir, "per_class.csv"), "w", newline="") as f:
         writer = csv.writer(f)
@@ -366,7 +300,7 @@ def report(model, data, predictions, out_dir, threshold):
         writer.writerow(["true \\ predicted"] + names)
         writer.writerows([[name] + row.tolist() for name, row in zip(names, matrix)])
 
-    summary = {"checkpoint": ckpt, "json": data.json_path, "images": len(indices), "images_unreadable": len(data) - len(indices),
+    summary = {"checkpoint": source, "json": data.json_path, "images": len(indices), "images_unreadable": len(data) - len(indices),
                "threshold": threshold, "max_dets": max_dets, "iou_threshold": IOU_THRESHOLD, "classes": data.classes, **result}
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(no_nan(summary), f, indent=1, allow_nan=False)
@@ -399,12 +333,11 @@ def report(model, data, predictions, out_dir, threshold):
 
 
 def main():
-    global max_dets
     try:
         model, config = load_model(ckpt)
     except LoadError as e:
         raise SystemExit(f"error: {e}")
-    max_dets = max_dets or config.get("max_dets", 100)
+    dets = max_dets or config.get("max_dets", 100)
     name = dataset or config.get("dataset")
     if not name:
         raise SystemExit(f"error: {ckpt} names no dataset: give --dataset=NAME_OR_PATH (and --split)")
@@ -416,13 +349,12 @@ def main():
         raise SystemExit(f"error: {path} has no images")
     model.to(device)
     try:
-        predictions = predict(model, data, device, batch_size or config.get("batch_size", 8), num_workers,
-                              config.get("pad_to", 1), dtype)
+        predictions = predict(model, data, device, batch_size or None, None, dtype or run_dtype(model, device), num_workers)
     except RuntimeError as e:  # DetectionDataset's: every image of the split is unreadable
         if "could be decoded" not in str(e):
             raise
         raise SystemExit(f"error: no image of {path} could be decoded")
-    report(model, data, predictions, out_dir, threshold)
+    report(model, data, predictions, out_dir, threshold, dets, worst, ckpt)
 
 
 if __name__ == "__main__":
@@ -431,7 +363,7 @@ if __name__ == "__main__":
     globals().update(configure({k: globals()[k] for k in flags}, sys.argv[1:]))
     if not 0 <= threshold < 1 or min(max_dets, worst, batch_size, num_workers) < 0:
         sys.exit("error: --threshold must be in [0, 1), --max_dets, --worst, --batch_size and --num_workers >= 0")
-    if dtype not in ("float32", "bfloat16", "float16"):
+    if dtype not in ("", "float32", "bfloat16", "float16"):
         sys.exit(f"error: --dtype={dtype} should be float32, bfloat16 or float16")
     if device_problem(device):
         sys.exit(f"error: {device_problem(device)}")

@@ -27,12 +27,11 @@ import math
 import os
 import sys
 import time
-from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from torchvision.ops import box_convert
 
 from json import dump, loads  # the name json is the --json flag's
@@ -40,48 +39,49 @@ from json import dump, loads  # the name json is the --json flag's
 import metrics
 from configurator import configure, device_problem
 from data.format import IMAGE_EXTENSIONS, read_dataset_json
-from data.pipeline import DetectionDataset, collate, dataset_dir, read_image, val_transform
-from detr import parameters_by_part, postprocess
+from data.pipeline import DetectionDataset, dataset_dir, read_image, val_transform
+from detr import parameters_by_part
+from draw import class_colour, draw_boxes, for_display, pyplot, save_figure, text_font
+from inference import ImageFiles, autocast, class_map, data_workers, predict, run_dtype
 from weights import LoadError, load_model
 
 # defaults, each overridable as --key=value
 ckpt = "out-shapes/ckpt.pt"  # a minidetr checkpoint, an official one (file, or 'detr-r50' ...), or a transformers folder / hub id
 images = ""  # an image file or a folder of them; empty: the checkpoint's val split
-split = ""  # instead of --images: a split of the checkpoint's dataset (val, train ...), with its own image and category ids
+split = ""  # instead of --images: a split of a prepared dataset (val, train ...), with its own image and category ids
+dataset = ""  # with --split: a prepared dataset (a name under data/ or a folder); empty: the checkpoint's own
 out_dir = "samples"
 device = "cpu"
 threshold = 0.7  # keep detections whose class probability is above this
 max_images = 8
 json = ""  # --json=PATH: write the detections of every image of --images to PATH instead of drawing
 top_k = 0  # with --json: keep the top_k detections per image instead of those above threshold
-batch_size = 0  # with --json: images per forward pass; 0: the checkpoint's own (else 8), padded as it was (eval.py's docstring says why)
+batch_size = 0  # images per forward pass; 0: the checkpoint's own (the official models': 2), padded as it was (inference.py says why)
 attention = False  # also draw the attention maps of every kept detection
 num_pixels = 4  # encoder self-attention is shown from this many pixels (the centres of detections)
 log = ""  # a log.jsonl: draw its training curves instead of sampling
 weights = False  # draw the checkpoint's weight histograms, one per part of the model, instead of sampling
 matching = False  # draw the bipartite matching of queries to objects (paper §3.1) on images of a split (--split, else val)
 
-def split_json(config, split):
-    """A split's json of a minidetr checkpoint's dataset (weights.load_model's config), else None: only
-    a minidetr checkpoint names its dataset."""
-    if "dataset" not in config:
-        return None
-    return os.path.join(dataset_dir(config["dataset"]), f"{split}.json")
+def split_json(config, split, dataset=""):
+    """A split's json of a prepared dataset, by default a minidetr checkpoint's own (weights.load_model's
+    config), else None: only a minidetr checkpoint names its dataset."""
+    name = dataset or config.get("dataset")
+    return os.path.join(dataset_dir(name), f"{split}.json") if name else None
 
 
-def split_images(split_path, classes):
-    """A prepared split's image paths, the dataset's own image ids (its json's "id", else the index) and
-    category ids (or None), or one error line: no such split, or other classes than the model's."""
+def split_images(split_path, classes=None, hint="give --images=path, or "):
+    """A prepared split's image paths, the dataset's own image ids (its json's "id", else the index), its
+    classes and category ids (or None), or one error line: no such split, or (given classes) others."""
     if split_path is None or not os.path.isfile(split_path):
-        instead = "" if matching else "give --images=path, or "
-        raise SystemExit(f"error: {instead}--split=NAME of a prepared split of the checkpoint's dataset (no split "
+        raise SystemExit(f"error: {hint}--split=NAME of a prepared split (--dataset, else the checkpoint's own; no split "
                          f"{split_path or 'of a minidetr checkpoint'})")
     data = read_dataset_json(split_path)
-    if data["classes"] != classes:
+    if classes is not None and data["classes"] != classes:
         raise SystemExit(f"error: {split_path} has classes {data['classes']}, the checkpoint {classes}")
     root = os.path.dirname(os.path.abspath(split_path))
     return ([os.path.join(root, r["file"]) for r in data["images"]], [r.get("id", i) for i, r in enumerate(data["images"])],
-            data.get("category_ids"))
+            data["classes"], data.get("category_ids"))
 
 
 def image_paths(images, val_json, classes):
@@ -98,125 +98,48 @@ def image_paths(images, val_json, classes):
     return [images]
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Image files -> (image (3, h, w) normalised, {orig_size, index}); None for a file that cannot be
-    decoded (logged, then dropped by the collate)."""
-
-    def __init__(self, paths, transform):
-        self.paths, self.transform = paths, transform
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        pixels = read_image(self.paths[i])
-        if pixels is None:
-            return None
-        return self.transform(pixels).float(), {"orig_size": torch.tensor(pixels.shape[-2:]), "index": i}
-
-
-def collate_readable(batch, pad_to=1):
-    """collate over the images that could be read; None when none could."""
-    batch = [b for b in batch if b is not None]
-    return collate(batch, pad_to) if batch else None
-
-
-def detect(model, category_ids, val_scale, max_size, paths, root, out_path, image_ids=None, batch=8, pad_to=1):
-    """Batched inference over paths, batch images at a time, padded to a multiple of pad_to; writes the
-    kept detections as COCO results records (see the docstring; image_ids: each path's, else its
-    index) to out_path and returns them."""
-    from tqdm import tqdm
-
-    transform = val_transform(val_scale, max_size)
-    loader = torch.utils.data.DataLoader(
-        ImageFiles(paths, transform), batch_size=batch, num_workers=min(4, os.cpu_count() or 1),
-        collate_fn=partial(collate_readable, pad_to=pad_to))
-    model.to(device).eval()
-    records, read, start = [], 0, time.perf_counter()
-    for batch in tqdm(loader, desc="detect", unit="batch", disable=len(paths) < 2 * batch):
-        if batch is None:
+def detect(model, images, threshold=0.5, device="cpu", top_k=0, num_workers=0):
+    """The Python API: the detections of a model (weights.load_model's) on images, run as its training
+    run evaluated them (inference.predict). images: file paths or PIL images, as displayed (EXIF applied).
+    Returns one dict per image: boxes (N, 4) xyxy in the displayed image's pixels, scores (N,) above
+    threshold (or the top_k best), labels (N,) and names (N,), surest first; None for a file that cannot
+    be read (logged)."""
+    model.to(device)
+    data = ImageFiles(images, model)
+    predictions = predict(model, data, device, dtype=run_dtype(model, device), num_workers=num_workers)
+    found = []
+    for i in range(len(data)):
+        if i not in predictions:
+            found.append(None)
             continue
-        pixels, mask, targets = batch
-        with torch.no_grad():
-            outputs = model(pixels.to(device), None if mask is None else mask.to(device))
-        results = postprocess(outputs, torch.stack([t["orig_size"] for t in targets]))
-        for target, result in zip(targets, results):
-            result = {k: v.cpu() for k, v in result.items()}
-            keep = result["scores"].argsort(descending=True)[:top_k] if top_k else result["scores"] > threshold
-            i = target["index"]
-            image_id = i if image_ids is None else image_ids[i]
-            for record in metrics.coco_results([{k: v[keep] for k, v in result.items()}], [image_id], category_ids):
+        p = predictions[i]
+        order = p["scores"].argsort(descending=True)
+        keep = order[:top_k] if top_k else order[p["scores"][order] > threshold]
+        classes = model.classes or [f"class {k}" for k in range(model.num_classes)]
+        found.append({**{k: p[k][keep] for k in ("boxes", "scores", "labels")},
+                      "names": [classes[label] for label in p["labels"][keep].tolist()]})
+    return found
+
+
+def write_json(model, paths, root, out_path, image_ids=None, category_ids=None, threshold=0.7, top_k=0, device="cpu"):
+    """--json: detect over paths, and write each kept detection as a COCO results record (see the
+    docstring) to out_path. image_ids: each path's, else its index; category_ids: each output's id in the
+    dataset, -1 to leave its detections out (a class the dataset lacks), else the label."""
+    start = time.perf_counter()
+    found = detect(model, paths, threshold, device, top_k, data_workers())
+    records = []
+    for i, d in enumerate(found):
+        image_id = i if image_ids is None else image_ids[i]
+        for record in metrics.coco_results([d] if d else [], [image_id] if d else [], category_ids):
+            if record["category_id"] != -1:
                 records.append({"file_name": os.path.relpath(paths[i], root), **record})
-            read += 1
+    read = sum(d is not None for d in found)
     if not read:
         raise SystemExit(f"error: none of the {len(paths)} images could be read")
     with open(out_path, "w") as f:
         dump(records, f)
     print(f"{len(records)} detections of {read} images ({read / (time.perf_counter() - start):.1f} images/s) -> {out_path}")
     return records
-
-
-def class_colour(label):
-    """A distinct, stable colour per class: hues spaced by the golden angle."""
-    hue = (label * 0.618033988749895) % 1.0
-    rgb = Image.new("HSV", (1, 1), (int(hue * 255), 200, 255)).convert("RGB").getpixel((0, 0))
-    return rgb
-
-
-MIN_SIDE = 512  # every picture is drawn with at least this short side: small images are upscaled first
-
-
-def for_display(image):
-    """(3, H, W) uint8 -> (the PIL image to draw on, upscaled to a short side of MIN_SIDE if smaller, the scale)."""
-    H, W = image.shape[-2:]
-    scale = max(1.0, MIN_SIDE / min(H, W))
-    picture = Image.fromarray(image.permute(1, 2, 0).numpy())
-    if scale > 1:
-        picture = picture.resize((round(W * scale), round(H * scale)), Image.BILINEAR)
-    return picture, scale
-
-
-def text_font(picture):
-    """A font sized to the picture (Pillow's own, scalable), so that labels stay readable on any image."""
-    return ImageFont.load_default(size=max(12, min(picture.size) // 32))
-
-
-def place_labels(boxes, sizes, picture_size):
-    """Where each label goes, (x, y, w, h) in the order given (the surest first): at the first of a few
-    places at its box's corners (above the top-left one first) that lies inside the picture and covers
-    no earlier label, else at the one that covers least. So no label is cut off, and few sit on top
-    of each other. boxes: (x0, y0, x1, y1) each; sizes: (w, h) each."""
-    W, H = picture_size
-    placed = []
-    for (x0, y0, x1, y1), (w, h) in zip(boxes, sizes):
-        candidates = [(x0, y0 - h), (x0, y0), (x0, y1), (x0, y1 - h), (x1 - w, y0 - h), (x1 - w, y1)]
-        candidates = [(max(0, min(x, W - w)), max(0, min(y, H - h))) for x, y in candidates]  # inside, or from the left/top edge
-
-        def covered(corner):
-            x, y = corner
-            return sum(max(0, min(x + w, a + c) - max(x, a)) * max(0, min(y + h, b + d) - max(y, b)) for a, b, c, d in placed)
-
-        x, y = min(candidates, key=covered)  # min keeps the first of equals: the first free place
-        placed.append((x, y, w, h))
-    return placed
-
-
-def draw_boxes(picture, boxes, texts, colours, widths=None):
-    """Draw boxes (K, 4) xyxy in the picture's pixels (widths: their line widths, else one to suit the
-    picture), each with its text on a label filled with its colour, after every box (place_labels)."""
-    draw = ImageDraw.Draw(picture)
-    font = text_font(picture)
-    widths = widths or [max(2, min(picture.size) // 200)] * len(boxes)
-    for (x0, y0, x1, y1), colour, width in zip(boxes.tolist(), colours, widths):
-        draw.rectangle((x0 - 1, y0 - 1, x1 + 1, y1 + 1), outline="black", width=width + 2)  # a dark edge: seen on any background
-        draw.rectangle((x0, y0, x1, y1), outline=colour, width=width)
-    extents = [draw.textbbox((0, 0), text, font=font) for text in texts]  # (left, top, right, bottom) each
-    sizes = [(right - left + 6, bottom - top + 4) for left, top, right, bottom in extents]
-    for (x, y, w, h), (left, top, _, _), text, colour in zip(place_labels(boxes.tolist(), sizes, picture.size), extents, texts, colours):
-        draw.rectangle((x, y, x + w - 1, y + h - 1), fill=colour, outline="black")
-        dark = sum(c * k for c, k in zip(colour, (0.299, 0.587, 0.114))) < 140
-        draw.text((x + 3 - left, y + 2 - top), text, fill="white" if dark else "black", font=font)
-    return picture
 
 
 def draw_detections(image, result, classes, threshold):
@@ -264,33 +187,32 @@ def grid(panels, titles, columns=4):
     return sheet
 
 
-def sample(model, val_scale, max_size, paths):
-    transform = val_transform(val_scale, max_size)
-    model.to(device).eval()
+def sample(model, paths, out_dir, threshold=0.7, device="cpu", attention=False, num_pixels=4):
+    """Draw the detections above threshold on each image into out_dir (and, with attention, what they
+    attend to: draw_attention)."""
     os.makedirs(out_dir, exist_ok=True)
+    model.to(device)
+    predictions = predict(model, ImageFiles(paths, model), device, dtype=run_dtype(model, device))
     written = []
-    for path in paths[:max_images]:
-        pixels = read_image(path)  # (3, H, W) uint8
-        if pixels is None:
-            continue
-        x = transform(pixels)
-        with torch.no_grad():
-            outputs = model(x[None].float().to(device), need_weights=attention)
-        (result,) = postprocess(outputs, [pixels.shape[-2:]])
-        result = {k: v.cpu() for k, v in result.items()}
+    for i in sorted(predictions):
+        pixels, result = read_image(paths[i]), predictions[i]
         drawn, keep = draw_detections(pixels, result, model.classes, threshold)
-        name = os.path.splitext(os.path.basename(path))[0]
+        name = os.path.splitext(os.path.basename(paths[i]))[0]
         drawn.save(os.path.join(out_dir, f"{name}.png"))
         written.append(os.path.join(out_dir, f"{name}.png"))
-        print(f"{path}: {len(keep)} detections above {threshold} -> {written[-1]}")
-        if attention:
-            written.append(draw_attention(pixels, outputs, result, drawn, keep, model.classes, name))
+        print(f"{paths[i]}: {len(keep)} detections above {threshold} -> {written[-1]}")
+        if attention:  # the attention of the queries kept, from a forward of the image alone (its own grid)
+            x = ImageFiles(paths[i : i + 1], model)[0][0]
+            with torch.no_grad(), autocast(device, run_dtype(model, device)):
+                outputs = model.eval()(x[None].to(device), need_weights=True)
+            written.append(draw_attention(pixels, outputs, result, drawn, keep, model.classes,
+                                          os.path.join(out_dir, f"{name}_attention.png"), num_pixels))
     if not written:
-        raise SystemExit(f"error: none of the {len(paths[:max_images])} images could be read")
+        raise SystemExit(f"error: none of the {len(paths)} images could be read")
     return written
 
 
-def draw_attention(pixels, outputs, result, drawn, keep, classes, name):
+def draw_attention(pixels, outputs, result, drawn, keep, classes, path, num_pixels=4):
     """One grid per image: the detections (drawn), then per kept query (the 8 surest) its last decoder
     layer's cross-attention (paper Fig. 6), then the last encoder layer's self-attention from a few
     pixels (paper Fig. 3)."""
@@ -321,12 +243,11 @@ def draw_attention(pixels, outputs, result, drawn, keep, classes, name):
                                       fill="cyan", outline="black")
         panels.append(panel)
         titles.append(f"encoder, from pixel ({int(cx)}, {int(cy)})")
-    path = os.path.join(out_dir, f"{name}_attention.png")
     grid(panels, titles).save(path)
     return path
 
 
-def draw_matching(model, data, index, cost_weights, path):
+def draw_matching(model, data, index, cost_weights, path, device="cpu"):
     """The bipartite matching of one image (paper §3.1, Eq. 1), as the loss computes it in training:
     on the left the ground truth (thick, its class's colour) and the query matched to each object
     (thin, white), a line from each query's box centre to its object's; on the right the matching cost of every query
@@ -396,17 +317,6 @@ def draw_matching(model, data, index, cost_weights, path):
     return save_figure(fig, path, f"{len(queries)} matched queries of {outputs['pred_logits'].shape[1]}")
 
 
-def pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("error: --log and --weights need matplotlib: pip install matplotlib") from None
-    return plt
-
-
 def plot_log(log_path, out_path):
     """Training curves of a log.jsonl: the losses (with the additions' own terms where present),
     learning rate, val mAP, and the diagnostics of train.training_diagnostics: gradient and weight
@@ -466,14 +376,6 @@ def plot_weights(model, out_path):
     return save_figure(fig, out_path, f"{len(named)} parts")
 
 
-def save_figure(fig, out_path, what):
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    fig.savefig(out_path, dpi=max(80, math.ceil(MIN_SIDE / min(fig.get_size_inches()))))
-    print(f"{what} -> {out_path}")
-    return out_path
-
-
 def main():
     if log:
         plot_log(log, os.path.join(out_dir, "curves.png"))
@@ -485,40 +387,43 @@ def main():
     if model.classes is None:  # an official-format file of a model fine-tuned elsewhere: its outputs by number
         model.classes = [f"class {i}" for i in range(model.num_classes)]
     val_scale, max_size = config["val_scale"], config["max_size"]
+    if batch_size:
+        model.eval_config["batch_size"] = batch_size
     if weights:
         plot_weights(model, os.path.join(out_dir, "weights.png"))
         return
     if matching:
-        path = split_json(config, split or config.get("val_split", "val"))
-        split_images(path, model.classes)  # one error line for no such split, or other classes
+        path = split_json(config, split or config.get("val_split", "val"), dataset)
+        split_images(path, model.classes, hint="")  # one error line for no such split, or other classes
         data = DetectionDataset(path, val_transform(val_scale, max_size))
         model.to(device).eval()
         cost_weights = tuple(config.get(k, default) for k, default in (("cost_class", 1.0), ("cost_bbox", 5.0), ("cost_giou", 2.0)))
         os.makedirs(out_dir, exist_ok=True)
         for i in range(min(max_images, len(data))):
             name = os.path.splitext(os.path.basename(data.paths[i]))[0]
-            draw_matching(model, data, i, cost_weights, os.path.join(out_dir, f"{name}_matching.png"))
+            draw_matching(model, data, i, cost_weights, os.path.join(out_dir, f"{name}_matching.png"), device)
         return
-    if json and split:  # a prepared split: the dataset's own image and category ids
-        path = split_json(config, split)
-        paths, image_ids, category_ids = split_images(path, model.classes)
-        detect(model, category_ids or model.category_ids, val_scale, max_size, paths, os.path.dirname(path), json, image_ids,
-               batch_size or config.get("batch_size", 8), config.get("pad_to", 1))
+    if json and split:  # a prepared split: the dataset's own image and category ids, its classes matched by name
+        path = split_json(config, split, dataset)
+        paths, image_ids, classes, category_ids = split_images(path)
+        ids = class_map(model, classes).tolist()  # each output's dataset class, -1 for none
+        ids = [c if c < 0 or category_ids is None else category_ids[c] for c in ids]
+        write_json(model, paths, os.path.dirname(path), json, image_ids, ids, threshold, top_k, device)
         return
     if json:
         if not images:
             raise SystemExit("error: --json needs --images=DIR (or one image file), or --split=NAME of the checkpoint's dataset")
         paths = image_paths(images, None, model.classes)
         root = images if os.path.isdir(images) else os.path.dirname(images)
-        detect(model, model.category_ids, val_scale, max_size, paths, root, json, None,
-               batch_size or config.get("batch_size", 8), config.get("pad_to", 1))
+        write_json(model, paths, root, json, None, model.category_ids, threshold, top_k, device)
         return
-    sample(model, val_scale, max_size, image_paths(images, split_json(config, config.get("val_split")), model.classes))
+    paths = image_paths(images, split_json(config, config.get("val_split")), model.classes)
+    sample(model, paths[:max_images], out_dir, threshold, device, attention, num_pixels)
 
 
 if __name__ == "__main__":
     flags = ("ckpt", "images", "out_dir", "device", "threshold", "max_images", "attention", "num_pixels", "log",
-             "weights", "json", "top_k", "batch_size", "split", "matching")
+             "weights", "json", "top_k", "batch_size", "split", "dataset", "matching")
     globals().update(configure({k: globals()[k] for k in flags}, sys.argv[1:]))
     if not 0 <= threshold <= 1 or max_images < 1 or num_pixels < 1 or top_k < 0 or batch_size < 0:
         sys.exit("error: --threshold must be in [0, 1], --max_images and --num_pixels >= 1, --top_k and --batch_size >= 0")

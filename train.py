@@ -12,15 +12,12 @@ metrics.py, every weight file from weights.py). Everything above `train()` is im
 """
 
 import copy
-import inspect
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from importlib.util import find_spec
 from functools import partial
 from types import SimpleNamespace
@@ -36,13 +33,12 @@ from torchvision.ops import box_convert, generalized_box_iou, generalized_box_io
 from tqdm import tqdm
 
 from configurator import VALUE_TYPES, configure, device_problem
-from data.pipeline import (ResumableSampler, collate, kill_data_workers, load_datasets, too_many_objects,
-                           worker_ignores_signals)
-from detr import DETR, argument_problem, parameters_by_part
-from eval import autocast, is_out_of_memory, predict
-from metrics import coco_results, compute_map, ground_truth, query_diagnostics
-from weights import (LoadError, check_checkpoint_dir, load_imagenet_backbone, load_model, load_training_checkpoint,
-                     model_from_checkpoint, save_checkpoint, transfer_weights)
+from data.pipeline import ResumableSampler, collate, load_datasets, too_many_objects, worker_ignores_signals
+from detr import argument_problem, parameters_by_part
+from inference import autocast, is_out_of_memory, predict
+from metrics import compute_map, ground_truth, query_diagnostics
+from processes import NONE_BAD, gather, on_master, same_on_every_rank, setup_process, stop_if_not_finite, stop_signals
+from weights import LoadError, check_out_dir, cut_log, initial_model, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # default config: the paper's DETR-R50 recipe (§4, App. A.4); config/*.py and --key=value override it
@@ -57,7 +53,6 @@ checkpoint_minutes = 0.0  # also write ckpt.pt this often, without evaluating (0
 log_interval = 10  # print and log the losses every this many iterations
 overwrite = False  # a new run into an out_dir that holds a run deletes its ckpt.pt, best.pt and log.jsonl (else: an error)
 eval_only = False  # evaluate the initial model and exit
-save_detections = ""  # with eval_only: also write the val detections to this path as a COCO results json
 best_metric = "mAP50"  # the val metric that decides best.pt
 max_dets = 100  # detections per image and class that COCO's mAP and AR count (pycocotools' maxDets)
 # model
@@ -382,24 +377,12 @@ def check_config(c):
         ("dtype", c["dtype"] in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
         ("best_metric", c["best_metric"] in ("mAP50", "mAP50_07", "mAP", "mAP75"), "mAP50, mAP50_07, mAP or mAP75"),
         ("dataset", c["dataset"] != "", "a prepared dataset's name or folder"),
-        ("save_detections", not c["save_detections"] or (c["eval_only"] and os.path.isdir(
-            os.path.dirname(os.path.abspath(c["save_detections"])))), "a path in an existing folder, with eval_only=True"),
         ("device", device_problem(c["device"]) is None, "cpu, or cuda on a machine with a GPU"),
     ]
     problem = next(((key, want) for key, ok, want in rules if not ok), None) or argument_problem(c)
     if problem:
         raise SystemExit(f"error: {problem[0]}={c[problem[0]]!r} must be {problem[1]}")
     return c
-
-
-def new_model(config, num_classes, trainable_layers):
-    """A new DETR with the config's model keys (they are named as DETR's arguments), its backbone
-    from ImageNet's weights with pretrained_backbone."""
-    args = {k: config[k] for k in inspect.signature(DETR).parameters if k in config}
-    model = DETR(num_classes, **{**args, "trainable_layers": trainable_layers})
-    if config["pretrained_backbone"]:
-        load_imagenet_backbone(model)
-    return model
 
 
 def new_criterion(config, query_groups):
@@ -440,73 +423,19 @@ def ema_update(ema_model, model, decay):
             averaged.copy_(current)
 
 
-def gather(obj, world_size):
-    """[obj of every process], in rank order (a collective under DDP)."""
-    if world_size == 1:
-        return [obj]
-    objs = [None] * world_size
-    dist.all_gather_object(objs, obj)
-    return objs
-
-
-def evaluate(model, dataset, cfg, device, rank=0, world_size=1, results_path="", stop=None):
-    """mAP of the model on a dataset (compute_map), each process taking every world_size-th batch;
-    results_path: also write the detections there (coco_results, the image ids the json's "id"). None
+def evaluate(model, dataset, cfg, device, rank=0, world_size=1, stop=None):
+    """mAP of the model on a dataset (compute_map), each process taking every world_size-th batch. None
     when stop() turned true on any process (a signal: the evaluation is left for the resume)."""
     batches = range(rank, math.ceil(len(dataset) / cfg.batch_size), world_size)  # whole batches: one process's padding
     shard = [i for b in batches for i in range(b * cfg.batch_size, min((b + 1) * cfg.batch_size, len(dataset)))]
-    parts = gather(predict(model, dataset, device, cfg.batch_size, cfg.num_workers, cfg.pad_to, cfg.dtype, shard, stop),
-                   world_size)
+    parts = gather(predict(model, dataset, device, cfg.batch_size, cfg.pad_to, cfg.dtype, cfg.num_workers, shard, stop), world_size)
     if any(part is None for part in parts):
         return None
     predictions = {i: p for part in parts for i, p in part.items()}  # every process's shard
     image_ids = sorted(predictions)
     detections = [predictions[i] for i in image_ids]
     ground_truths = [ground_truth(dataset.records[i]) for i in image_ids]
-    if results_path and rank == 0:
-        ids = [dataset.records[i].get("id", i) for i in image_ids]
-        with open(results_path, "w") as f:
-            json.dump(coco_results(detections, ids, dataset.category_ids), f)
-        print(f"wrote {sum(len(d['scores']) for d in detections)} detections of {len(ids)} images to {results_path}")
     return compute_map(detections, ground_truths, len(dataset.classes), cfg.max_dets)
-
-
-def setup_process(cfg):
-    """(ddp, rank, world_size, device): under torchrun one process per GPU (DDP), else one on cfg.device."""
-    if "RANK" not in os.environ:
-        return False, 0, 1, cfg.device
-    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
-    if "cuda" in device:
-        torch.cuda.set_device(device)
-    exit_with_the_launcher(dist.get_rank())
-    return True, dist.get_rank(), dist.get_world_size(), device
-
-
-def initial_model(cfg, config, classes):
-    """(model, checkpoint or None), as init_from says: resumed from out_dir/ckpt.pt, new, or the config's
-    model with every tensor it shares with pretrained weights (weights.transfer_weights)."""
-    trainable_layers = cfg.trainable_layers if cfg.lr_backbone > 0 else 0  # lr_backbone=0 freezes the backbone
-    if cfg.init_from == "scratch":
-        return new_model(config, len(classes), trainable_layers), None
-    if cfg.init_from != "resume":  # fine-tuning: a fresh optimizer from iteration 0
-        model = new_model({**config, "pretrained_backbone": False}, len(classes), trainable_layers)
-        model.classes = classes
-        pretrained = load_model(cfg.init_from)[0]
-        loaded, new, kept = transfer_weights(pretrained, model, cfg.init_from)
-        print(f"init_from={cfg.init_from}: loaded {', '.join(loaded)}; class rows of {kept} of the {len(classes)} "
-              f"classes (those of the same name)")
-        if new:
-            print(f"init_from={cfg.init_from}: new {', '.join(new)}")
-        return model, None
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if not os.path.isfile(ckpt_path):
-        raise SystemExit(f"error: init_from='resume' but there is no {ckpt_path}")
-    checkpoint = load_training_checkpoint(ckpt_path, classes)
-    if checkpoint["iter_num"] >= cfg.max_iters and not cfg.eval_only and not checkpoint.get("evaluation_due"):
-        raise SystemExit(f"error: {ckpt_path} is already at iteration {checkpoint['iter_num']}; raise "
-                         f"max_iters={cfg.max_iters} to go on")
-    return model_from_checkpoint(checkpoint, ckpt_path, ema=False), checkpoint
 
 
 def append_log(out_dir, record, writer=None, classes=()):
@@ -543,115 +472,6 @@ def training_diagnostics(model, outputs, targets, matcher):
     return {**record, **query_diagnostics(outputs, targets, Q, matched, dn_pairs)}
 
 
-# -----------------------------------------------------------------------------
-# how a run ends (README, "How a run ends"): promptly, with one line, on every rank, the last checkpoint kept
-RUN_FILES = ("ckpt.pt", "best.pt", "log.jsonl")  # what a run writes in out_dir, and a fresh run never overwrites
-NONE_BAD = 2**62  # first_bad_iter when every loss so far was finite
-
-
-def check_out_dir(cfg, master):
-    """Before a run writes anything. A fresh run into an out_dir that holds another run's files stops with one
-    line that gives the choices, or with overwrite=True deletes them first, so that log.jsonl holds one run
-    only; the master then checks that out_dir can be written (one error line, before any training)."""
-    found = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, f))]
-    if found and cfg.init_from != "resume" and not cfg.overwrite:
-        raise SystemExit(f"error: out_dir={cfg.out_dir} holds a run ({', '.join(found)}); resume it with "
-                         f"--init_from=resume, give another --out_dir, or delete it and start over with --overwrite"
-                         if master else 1)  # the master's line says why
-    if master:
-        for f in found if cfg.init_from != "resume" else ():
-            os.remove(os.path.join(cfg.out_dir, f))
-        check_checkpoint_dir(cfg.out_dir)
-
-
-def cut_log(out_dir, iter_num):
-    """A resume drops log.jsonl's records past its checkpoint's iteration: it trains those steps again."""
-    path = os.path.join(out_dir, "log.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            lines = [line for line in f if json.loads(line)["iter"] <= iter_num]
-        with open(path, "w") as f:
-            f.writelines(lines)
-
-
-@contextmanager
-def stop_signals():
-    """Pre-emption: a list that SIGTERM, SIGUSR1 (a scheduler's warning) and a first SIGINT (Ctrl-C) add their
-    name to; the loop then finishes its step (or leaves its evaluation for the resume), writes ckpt.pt and
-    stops. A second SIGINT stops at once. The handlers before come back at the end, also after an error:
-    left behind, they would swallow the signals of whatever runs next."""
-    signals = []
-
-    def note(number, frame):
-        if number == signal.SIGINT and "SIGINT" in signals:
-            raise KeyboardInterrupt
-        signals.append(signal.Signals(number).name)
-
-    previous = {n: signal.signal(n, note) for n in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-    try:
-        yield signals
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
-def exit_with_the_launcher(rank):
-    """torchrun starts each rank in a session of its own: when torchrun itself is killed (SIGKILL, the OOM
-    killer), nothing reaches the ranks, which would wait on its store forever, holding their GPU. A thread
-    watches the parent: once it is gone, the rank and its data workers end within seconds."""
-    parent = os.getppid()
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        print(f"error: rank {rank}: its launcher (pid {parent}) is gone; stopping. The last checkpoint is left as it was",
-              file=sys.stderr, flush=True)
-        kill_data_workers()
-        os._exit(1)
-
-    threading.Thread(target=watch, name="launcher watchdog", daemon=True).start()
-
-
-def on_master(write, ddp, master, device):
-    """Run write() on the master alone; under DDP the other ranks learn whether it failed and stop with it,
-    rather than wait for the master at their next collective. A failed write is the master's SystemExit (its
-    one line); the other ranks exit 1."""
-    failed = None
-    if master:
-        try:
-            write()
-        except SystemExit as error:
-            failed = error
-    if ddp:
-        flag = torch.tensor(int(failed is not None), device=device)
-        dist.broadcast(flag, 0)
-        if flag.item() and not master:
-            raise SystemExit(1)
-    if failed is not None:
-        raise failed
-
-
-def stop_if_not_finite(first_bad_iter, ddp, master, ckpt_path):
-    """Before anything is logged or saved: stop every rank, with one line from the master, when a loss went
-    non-finite on any of them (a host sync, so at log and checkpoint points only)."""
-    bad = first_bad_iter.clone()
-    if ddp:
-        dist.all_reduce(bad, op=dist.ReduceOp.MIN)
-    if bad.item() != NONE_BAD:
-        if master:
-            tqdm.write(f"error: the loss is not finite at iteration {bad.item()}; stopping. "
-                       f"The last good checkpoint ({ckpt_path}) is left as it was.")
-        raise SystemExit(1)
-
-
-def same_on_every_rank(model, ddp):
-    """Under DDP, the master's weights and buffers on every rank, so that each evaluates what best.pt saves.
-    A trained BatchNorm's running statistics (frozen_bn=False), and an EMA of them, differ between ranks:
-    each rank updates them with its own batches (DDP sends the master's buffers only at each forward)."""
-    for tensor in model.state_dict().values() if ddp else ():
-        dist.broadcast(tensor, 0)
-
-
 def out_of_memory(it, images, cfg, device, ckpt_path):
     """The exit for a training step that ran out of memory: one line with the batch and the keys that size it."""
     B, _, H, W = images.shape
@@ -659,6 +479,166 @@ def out_of_memory(it, images, cfg, device, ckpt_path):
                       f"lower batch_size={cfg.batch_size} (a larger gradient_accumulation_steps keeps the batch), "
                       f"max_size={cfg.max_size} or train_scales (up to {max(cfg.train_scales)}; val_scale={cfg.val_scale} "
                       f"at evaluation). {ckpt_path} is left as it was")
+
+
+# -----------------------------------------------------------------------------
+# the run's parts around the step: its setup, checkpoints, evaluations and log
+
+
+def new_optimizer(model, cfg, device):
+    """AdamW (paper §4) with the backbone at its own learning rate (fused: one kernel for all tensors, CPU
+    too), and the loss scaler of float16, whose range is too narrow for small gradients: the loss is scaled
+    up, and a step whose gradients overflow is skipped (without float16 the scaler does nothing)."""
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+    others = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
+    groups = [{"params": others, "lr": cfg.learning_rate, "base_lr": cfg.learning_rate},
+              {"params": backbone, "lr": cfg.lr_backbone, "base_lr": cfg.lr_backbone}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay, fused=True)
+    return optimizer, torch.amp.GradScaler("cuda" if "cuda" in device else "cpu", enabled=cfg.dtype == "float16")
+
+
+def resume(run, checkpoint):
+    """A checkpoint's optimizer, scaler, EMA and RNG states into the run, at the config's learning rates (a
+    resume may change them on purpose), and one line that says where it goes on from."""
+    cfg, changed = run.cfg, []
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    for group, key in zip(run.optimizer.param_groups, ("learning_rate", "lr_backbone")):
+        if group["base_lr"] != getattr(cfg, key):
+            changed.append(f"{key} {group['base_lr']:g} -> {getattr(cfg, key):g}")
+            group["base_lr"] = getattr(cfg, key)
+    if run.master:
+        print(f"init_from=resume: {run.ckpt_path} at iteration {run.iter_num}, best val {cfg.best_metric} "
+              f"{run.best_val:.4f}" + (f"; {', '.join(changed)}" if changed else ""))
+    if checkpoint.get("scaler"):
+        run.scaler.load_state_dict(checkpoint["scaler"])
+    if run.ema_model is not None and "ema_model" in checkpoint:
+        run.ema_model.load_state_dict(checkpoint["ema_model"])
+    rng = checkpoint["rng"]  # this process's own states
+    torch.set_rng_state(rng["cpu"][run.rank % len(rng["cpu"])])
+    if "cuda" in run.device and rng["cuda"]:
+        torch.cuda.set_rng_state(rng["cuda"][run.rank % len(rng["cuda"])])
+
+
+def describe(run, train_set, val_set):
+    """The master's first lines: the data, the model and the machine, and a warning for each setting that
+    leaves objects uncounted."""
+    cfg = run.cfg
+    n_params = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    print(f"{cfg.dataset}: {len(train_set) if train_set else 0} train / {len(val_set)} val images, {len(val_set.classes)} "
+          f"classes; model {n_params / 1e6:.2f}M trainable parameters; {run.device}, {cfg.dtype}, world size {run.world_size}")
+    if cfg.num_queries > cfg.max_dets:
+        print(f"warning: num_queries={cfg.num_queries} but max_dets={cfg.max_dets}: COCO's mAP counts only the "
+              f"{cfg.max_dets} best detections of an image and class (raise max_dets to count them all)")
+    for warning in filter(None, (too_many_objects(d, cfg.num_queries) for d in (train_set, val_set) if d)):
+        print(warning)
+
+
+def training_batches(train_set, run):
+    """Endless training batches, in an order that is a pure function of (seed, samples consumed), so that a
+    resumed run continues exactly."""
+    cfg = run.cfg
+    start = run.iter_num * cfg.batch_size * cfg.gradient_accumulation_steps
+    sampler = ResumableSampler(len(train_set), cfg.seed, start, run.rank, run.world_size)
+    return iter(torch.utils.data.DataLoader(
+        train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+        collate_fn=partial(collate, pad_to=cfg.pad_to), worker_init_fn=worker_ignores_signals, pin_memory="cuda" in run.device,
+        persistent_workers=cfg.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed)))
+
+
+def to_device(images, mask, targets, device):
+    """A batch on the device: NHWC images on a GPU (its convolutions run on tensor cores without layout
+    transposes), and a mask even when nothing is padded (under compile, one graph rather than two)."""
+    images = images.to(device, non_blocking=True)
+    if "cuda" in device:
+        images = images.contiguous(memory_format=torch.channels_last)
+    mask = mask.to(device, non_blocking=True) if mask is not None else images.new_zeros(images[:, 0].shape, dtype=torch.bool)
+    return images, mask, [{k: t[k].to(device, non_blocking=True) for k in ("labels", "boxes")} for t in targets]
+
+
+def set_loss(criterion, outputs, targets, num_boxes, class_weight_sum):
+    """The criterion's losses; where the matcher finds non-finite outputs, a NaN loss through every output
+    instead, so that DDP's backward still meets the other ranks' and every rank stops at the next check."""
+    try:
+        return criterion(outputs, targets, num_boxes, class_weight_sum)
+    except FloatingPointError:
+        total = sum(t.float().sum() for t in torch.utils._pytree.tree_leaves(outputs) if torch.is_tensor(t) and t.requires_grad)
+        return {"loss": total * math.nan}
+
+
+def save(run, best=False, evaluation_due=False):
+    """ckpt.pt (and best.pt), written by the master, with every process's RNG states (a resumed DDP run
+    draws the same dropout masks); evaluation_due: a signal cut the evaluation at this step short."""
+    rng = {"cpu": gather(torch.get_rng_state(), run.world_size),
+           "cuda": gather(torch.cuda.get_rng_state(), run.world_size) if "cuda" in run.device else []}
+    ckpt = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "model_args": run.model.config,
+            "iter_num": run.iter_num, "best_val": run.best_val, "config": run.config, "classes": run.model.classes,
+            "rng": rng, "category_ids": run.category_ids, "scaler": run.scaler.state_dict(), "evaluation_due": evaluation_due,
+            **({"ema_model": run.ema_model.state_dict()} if run.ema_model is not None else {})}
+
+    def write():
+        save_checkpoint(ckpt, run.ckpt_path)
+        if best:
+            save_checkpoint(ckpt, os.path.join(run.cfg.out_dir, "best.pt"))
+
+    on_master(write, run.ddp, run.master, run.device)
+    run.checkpoint_iter, run.t_checkpoint = run.iter_num, time.time()
+
+
+def evaluation_owed(run):
+    """At an evaluation point (every eval_interval, and the end) not yet evaluated, or a resume whose
+    evaluation a signal cut short."""
+    n = run.iter_num
+    return run.evaluation_due or ((n % run.cfg.eval_interval == 0 or n == run.cfg.max_iters) and run.checkpoint_iter != n)
+
+
+def evaluate_and_save(run, eval_model, val_set, signals):
+    """The val metrics, printed and logged, then ckpt.pt, and best.pt when best_metric improved. None when a
+    signal stopped the evaluation (the checkpoint written at the stop asks the resume to evaluate first)."""
+    same_on_every_rank(eval_model, run.ddp)
+    result = evaluate(eval_model, val_set, run.cfg, run.device, run.rank, run.world_size, stop=lambda: bool(signals))
+    if result is None:
+        return None
+    metrics = {f"val_{k}": v for k, v in result.items()}
+    improved = metrics[f"val_{run.cfg.best_metric}"] > run.best_val
+    run.best_val = max(run.best_val, metrics[f"val_{run.cfg.best_metric}"])
+    if run.master:
+        aps = ", ".join(f"{c} {ap:.3f}" for c, ap in zip(val_set.classes, metrics["val_AP50_per_class"]) if ap == ap)
+        tqdm.write(f"iter {run.iter_num}: val mAP50 {metrics['val_mAP50']:.4f}, mAP50 (VOC07) {metrics['val_mAP50_07']:.4f}, "
+                   f"mAP {metrics['val_mAP']:.4f} (at most {run.cfg.max_dets} detections) | AP50 {aps}")
+    record = {"iter": run.iter_num, "time": round(time.time() - run.t_start, 1), **metrics}
+    on_master(lambda: append_log(run.cfg.out_dir, record, run.writer, val_set.classes), run.ddp, run.master, run.device)
+    save(run, improved)
+    run.evaluation_due = False
+    return metrics
+
+
+def log_losses(run, sums, steps, images, skipped_steps, diagnostics, progress):
+    """The losses averaged over the steps since the last record (and the diagnostics at log_interval):
+    printed and appended to log.jsonl by the master."""
+    record = None
+    if run.master:
+        seconds = time.time() - run.t_log
+        record = {"iter": run.iter_num, "time": round(time.time() - run.t_start, 1), **{k: v.item() / steps for k, v in sums.items()},
+                  "lr": run.optimizer.param_groups[0]["lr"], "img_per_s": images / seconds,
+                  **({"skipped_steps": skipped_steps} if run.scaler.is_enabled() else {}), **diagnostics}
+        progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}", img_s=f"{record['img_per_s']:.1f}")
+        tqdm.write(f"iter {run.iter_num}: " + ", ".join(f"{k} {record[k]:.4f}" for k in ("loss", "loss_ce", "loss_bbox", "loss_giou"))
+                   + f", lr {record['lr']:.1e}, {record['img_per_s']:.1f} img/s")
+    on_master(lambda: append_log(run.cfg.out_dir, record, run.writer), run.ddp, run.master, run.device)
+    run.t_log = time.time()
+
+
+def stop_or_checkpoint(run, signals):
+    """(stop, due): a signal on any rank stops every rank after the same step; ckpt.pt is due on the
+    master's clock (checkpoint_minutes; an evaluation point writes it anyway)."""
+    cfg = run.cfg
+    stop = bool(signals)
+    due = cfg.checkpoint_minutes > 0 and time.time() - run.t_checkpoint > 60 * cfg.checkpoint_minutes
+    if run.ddp:
+        flags = torch.tensor([stop, due and run.master], dtype=torch.int32, device=run.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, due = bool(flags[0]), bool(flags[1])
+    return stop, due and not stop and not evaluation_owed(run)
 
 
 # -----------------------------------------------------------------------------
@@ -677,42 +657,21 @@ def train(config):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     train_set, val_set = load_datasets(cfg)
-    classes = val_set.classes
-    model, checkpoint = initial_model(cfg, config, classes)
-    iter_num, best_val = (checkpoint["iter_num"], checkpoint["best_val"]) if checkpoint else (0, -math.inf)
+    model, checkpoint = initial_model(cfg, config, val_set.classes)
+    model.classes = val_set.classes
     model.to(device)
     if "cuda" in device:  # NHWC convolutions run on tensor cores without layout transposes
         model.backbone.to(memory_format=torch.channels_last)
-
-    # optimizer: the backbone at its own learning rate; fused AdamW (one kernel for all tensors, CPU too)
-    backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
-    other_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
-    param_groups = [{"params": other_params, "lr": cfg.learning_rate, "base_lr": cfg.learning_rate},
-                    {"params": backbone_params, "lr": cfg.lr_backbone, "base_lr": cfg.lr_backbone}]
-    optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]], weight_decay=cfg.weight_decay, fused=True)
-    # float16's range is too narrow for small gradients: the loss is scaled up, and a step whose gradients overflow is skipped
-    scaler = torch.amp.GradScaler("cuda" if "cuda" in device else "cpu", enabled=cfg.dtype == "float16")
+    optimizer, scaler = new_optimizer(model, cfg, device)
     # the EMA of the weights (RT-DETR), which evaluation and best.pt use; a new one starts from the weights
     ema_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    run = SimpleNamespace(  # what the parts above take: the run's state
+        cfg=cfg, config=config, ddp=ddp, rank=rank, world_size=world_size, device=device, master=master, model=model,
+        optimizer=optimizer, scaler=scaler, ema_model=ema_model, category_ids=val_set.category_ids,
+        ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"), writer=None, iter_num=checkpoint["iter_num"] if checkpoint else 0,
+        best_val=checkpoint["best_val"] if checkpoint else -math.inf, evaluation_due=bool(checkpoint and checkpoint.get("evaluation_due")))
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        changed = []
-        for group, key in zip(optimizer.param_groups, ("learning_rate", "lr_backbone")):  # the config's rates, not the checkpoint's
-            if group["base_lr"] != config[key]:
-                changed.append(f"{key} {group['base_lr']:g} -> {config[key]:g}")
-                group["base_lr"] = config[key]
-        if master:
-            print(f"init_from=resume: {ckpt_path} at iteration {iter_num}, best val {cfg.best_metric} {best_val:.4f}"
-                  + (f"; {', '.join(changed)}" if changed else ""))
-        if checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        if ema_model is not None and "ema_model" in checkpoint:
-            ema_model.load_state_dict(checkpoint["ema_model"])
-        torch.set_rng_state(checkpoint["rng"]["cpu"][rank % len(checkpoint["rng"]["cpu"])])
-        if "cuda" in device and checkpoint["rng"]["cuda"]:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"][rank % len(checkpoint["rng"]["cuda"])])
-    raw_model = model
+        resume(run, checkpoint)
     if cfg.compile:
         compile_model(model)
     eval_model = ema_model or model  # not the DDP wrapper: its forward is a collective, and shards may differ by a batch
@@ -720,124 +679,62 @@ def train(config):
         model = DDP(model, device_ids=[device] if "cuda" in device else None)
         if ema_model is not None:
             same_on_every_rank(ema_model, ddp)  # DDP gave every rank rank 0's weights: the EMA starts from them too
+    raw_model = run.model
     criterion = new_criterion(config, raw_model.query_groups).to(device)
-
     if master:
-        n_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-        print(f"{cfg.dataset}: {len(train_set) if train_set else 0} train / {len(val_set)} val images, {len(classes)} classes; "
-              f"model {n_params / 1e6:.2f}M trainable parameters; {device}, {cfg.dtype}, world size {world_size}")
-        if cfg.num_queries > cfg.max_dets:
-            print(f"warning: num_queries={cfg.num_queries} but max_dets={cfg.max_dets}: COCO's mAP counts only the "
-                  f"{cfg.max_dets} best detections of an image and class (raise max_dets to count them all)")
-        for warning in filter(None, (too_many_objects(d, cfg.num_queries) for d in (train_set, val_set) if d)):
-            print(warning)
+        describe(run, train_set, val_set)
     if cfg.eval_only:
         same_on_every_rank(eval_model, ddp)
-        metrics = evaluate(eval_model, val_set, cfg, device, rank, world_size, cfg.save_detections)
+        metrics = evaluate(eval_model, val_set, cfg, device, rank, world_size)
         if master:
             print(json.dumps(metrics))
         return raw_model, metrics
     if checkpoint is not None and master:
-        cut_log(cfg.out_dir, iter_num)
-    writer = None
+        cut_log(cfg.out_dir, run.iter_num)
     if cfg.tensorboard and master:
         from torch.utils.tensorboard import SummaryWriter  # optional: imported only when asked for
 
-        writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
+        run.writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
+    batches = training_batches(train_set, run)
 
-    # data order: a pure function of (seed, samples consumed), so that a resumed run continues exactly
-    sampler = ResumableSampler(len(train_set), cfg.seed, iter_num * cfg.batch_size * cfg.gradient_accumulation_steps,
-                               rank, world_size)
-    batches = iter(torch.utils.data.DataLoader(
-        train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-        collate_fn=partial(collate, pad_to=cfg.pad_to), worker_init_fn=worker_ignores_signals,
-        pin_memory="cuda" in device, persistent_workers=cfg.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed)))
-
-    def write_checkpoint(best, evaluation_due=False):
-        # every process's RNG states, so that a resumed DDP run draws the same dropout masks
-        rng = {"cpu": gather(torch.get_rng_state(), world_size),
-               "cuda": gather(torch.cuda.get_rng_state(), world_size) if "cuda" in device else []}
-        ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": raw_model.config,
-                "iter_num": iter_num, "best_val": best_val, "config": config, "classes": classes, "rng": rng,
-                "category_ids": val_set.category_ids, "scaler": scaler.state_dict(), "evaluation_due": evaluation_due,
-                **({"ema_model": ema_model.state_dict()} if ema_model is not None else {})}
-
-        def save():
-            save_checkpoint(ckpt, ckpt_path)
-            if best:
-                save_checkpoint(ckpt, os.path.join(cfg.out_dir, "best.pt"))
-
-        on_master(save, ddp, master, device)
-
-    def evaluation_owed():  # at an evaluation point not yet evaluated, or a resume whose evaluation a signal cut short
-        return evaluation_due or ((iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and checkpoint_iter != iter_num)
-
-    metrics, sums, iters_since_log, images_since_log, skipped_steps = {}, {}, 0, 0, 0
+    metrics, sums, steps_since_log, images_since_log, skipped_steps = {}, {}, 0, 0, 0
     first_bad_iter = torch.tensor(NONE_BAD, device=device)  # where a loss first went non-finite, kept on the device
-    start_iter, evaluation_due, stop, images = iter_num, bool(checkpoint and checkpoint.get("evaluation_due")), False, None
+    run.t_start = run.t_log = run.t_checkpoint = time.time()  # the clock of checkpoint_minutes starts at the (re)start
+    start_iter, run.checkpoint_iter, stop, images = run.iter_num, run.iter_num, False, None
     if cfg.compile and master:
         tqdm.write("compiling the backbone and the transformer layers (compile_model): the first step takes longer")
-    t_start = t_log = t_checkpoint = time.time()  # the clock of checkpoint_minutes starts at the (re)start
-    checkpoint_iter = iter_num
-    with stop_signals() as signals, tqdm(total=cfg.max_iters, initial=iter_num, disable=not master, dynamic_ncols=True) as progress:
+    with stop_signals() as signals, tqdm(total=cfg.max_iters, initial=run.iter_num, disable=not master, dynamic_ncols=True) as progress:
         try:
             while True:
-                # evaluation, log and best.pt: every eval_interval, at the end, and one that a signal cut short
-                if evaluation_owed() and not stop:
-                    same_on_every_rank(eval_model, ddp)
-                    result = evaluate(eval_model, val_set, cfg, device, rank, world_size, stop=lambda: bool(signals))
-                    if result is None:  # a signal on some rank: ckpt.pt (below) asks the resume to evaluate first
-                        stop = True
-                        break
-                    metrics = {f"val_{k}": v for k, v in result.items()}
-                    improved = metrics[f"val_{cfg.best_metric}"] > best_val
-                    best_val = max(best_val, metrics[f"val_{cfg.best_metric}"])
-                    if master:
-                        aps = ", ".join(f"{c} {ap:.3f}" for c, ap in zip(classes, metrics["val_AP50_per_class"]) if ap == ap)
-                        tqdm.write(f"iter {iter_num}: val mAP50 {metrics['val_mAP50']:.4f}, mAP50 (VOC07) {metrics['val_mAP50_07']:.4f}, "
-                                   f"mAP {metrics['val_mAP']:.4f} (at most {cfg.max_dets} detections) | AP50 {aps}")
-                    record = {"iter": iter_num, "time": round(time.time() - t_start, 1), **metrics}
-                    on_master(lambda: append_log(cfg.out_dir, record, writer, classes), ddp, master, device)
-                    write_checkpoint(improved)
-                    t_checkpoint, checkpoint_iter, evaluation_due = time.time(), iter_num, False
-                if iter_num >= cfg.max_iters or stop:
+                if evaluation_owed(run) and not stop:
+                    result = evaluate_and_save(run, eval_model, val_set, signals)
+                    stop, metrics = result is None, result or metrics  # None: a signal stopped it
+                if run.iter_num >= cfg.max_iters or stop:
                     break
 
-                # one optimizer step: gradient_accumulation_steps micro-batches
+                # one optimizer step: gradient_accumulation_steps micro-batches, normalised as one batch
                 for group in optimizer.param_groups:
-                    group["lr"] = group["base_lr"] * lr_factor(iter_num, cfg)
+                    group["lr"] = group["base_lr"] * lr_factor(run.iter_num, cfg)
                 micro_batches = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
-                # normalisers for the whole accumulated batch (local counts; the criterion averages boxes over processes)
                 all_targets = [t for _, _, targets in micro_batches for t in targets]
-                num_boxes = sum(len(t["labels"]) for t in all_targets)
+                num_boxes = sum(len(t["labels"]) for t in all_targets)  # local: the criterion averages it over processes
                 class_weight_sum = cross_entropy_normaliser(all_targets, raw_model.num_queries, cfg.eos_coef)
-                for micro_step, (images, mask, targets) in enumerate(micro_batches):
-                    images = images.to(device, non_blocking=True)
-                    if "cuda" in device:
-                        images = images.contiguous(memory_format=torch.channels_last)
-                    # a mask even when nothing is padded: under compile, one graph rather than two
-                    mask = (mask.to(device, non_blocking=True) if mask is not None
-                            else images.new_zeros(images[:, 0].shape, dtype=torch.bool))
-                    targets = [{k: t[k].to(device, non_blocking=True) for k in ("labels", "boxes")} for t in targets]
+                for micro_step, batch in enumerate(micro_batches):
+                    images, mask, targets = to_device(*batch, device)
                     last_micro_step = micro_step == cfg.gradient_accumulation_steps - 1
                     with model.no_sync() if ddp and not last_micro_step else nullcontext():  # all-reduce grads once
                         with autocast(device, cfg.dtype):  # the targets only feed denoising queries
                             outputs = model(images, mask, targets if raw_model.denoising_groups else None)
-                        try:
-                            losses = criterion(outputs, targets, num_boxes, class_weight_sum)
-                        except FloatingPointError:  # the matcher found non-finite outputs: a NaN loss, through every
-                            outputs_sum = sum(t.float().sum() for t in torch.utils._pytree.tree_leaves(outputs)  # output, so
-                                              if torch.is_tensor(t) and t.requires_grad)  # that DDP's backward still meets
-                            losses = {"loss": outputs_sum * math.nan}  # the other ranks'; every rank stops at the check
+                        losses = set_loss(criterion, outputs, targets, num_boxes, class_weight_sum)
                         scaler.scale(losses["loss"]).backward()
                     for k, v in losses.items():
                         sums[k] = sums.get(k, 0.0) + v.detach()
                     first_bad_iter = torch.where(torch.isfinite(losses["loss"].detach()), first_bad_iter,
-                                                 first_bad_iter.clamp(max=iter_num))
+                                                 first_bad_iter.clamp(max=run.iter_num))
                 scaler.unscale_(optimizer)  # float16: clipping and the logged norms see the true gradients
-                log_now = (iter_num + 1) % cfg.log_interval == 0
-                if log_now and master and torch.isfinite(losses["loss"]):  # before clipping: what the loss asks of each part
-                    diagnostics = training_diagnostics(raw_model, outputs, targets, criterion.matcher)
+                # the diagnostics before clipping: what the loss asks of each part
+                log_now = master and (run.iter_num + 1) % cfg.log_interval == 0 and torch.isfinite(losses["loss"])
+                diagnostics = training_diagnostics(raw_model, outputs, targets, criterion.matcher) if log_now else {}
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
                 scale = scaler.get_scale() if scaler.is_enabled() else None  # a host sync: float16 only
@@ -846,55 +743,35 @@ def train(config):
                 if scale is not None:
                     skipped_steps += scaler.get_scale() < scale  # the scale drops when the gradients overflowed
                 optimizer.zero_grad(set_to_none=True)
-                if cfg.compile and master and iter_num == start_iter:
-                    tqdm.write(f"compiled: the first step took {time.time() - t_start:.0f} s")
-                iter_num, iters_since_log = iter_num + 1, iters_since_log + 1
+                if cfg.compile and master and run.iter_num == start_iter:
+                    tqdm.write(f"compiled: the first step took {time.time() - run.t_start:.0f} s")
+                run.iter_num, steps_since_log = run.iter_num + 1, steps_since_log + 1
                 progress.update()
                 if ema_model is not None:
-                    ema_update(ema_model, raw_model, cfg.ema_decay * (1 - math.exp(-iter_num / cfg.ema_warmup_iters)))
+                    ema_update(ema_model, raw_model, cfg.ema_decay * (1 - math.exp(-run.iter_num / cfg.ema_warmup_iters)))
                 images_since_log += len(all_targets) * world_size
 
-                # the losses' log
-                if iter_num % cfg.log_interval == 0 or evaluation_owed():
-                    stop_if_not_finite(first_bad_iter, ddp, master, ckpt_path)  # before anything is logged or saved
-                    if master:
-                        record = {"iter": iter_num, "time": round(time.time() - t_start, 1),
-                                  **{k: v.item() / iters_since_log for k, v in sums.items()},
-                                  "lr": optimizer.param_groups[0]["lr"], "img_per_s": images_since_log / (time.time() - t_log),
-                                  **({"skipped_steps": skipped_steps} if scaler.is_enabled() else {}),
-                                  **(diagnostics if log_now else {})}
-                        progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}",
-                                             img_s=f"{record['img_per_s']:.1f}")
-                        tqdm.write(f"iter {iter_num}: " + ", ".join(f"{k} {record[k]:.4f}" for k in
-                                   ("loss", "loss_ce", "loss_bbox", "loss_giou")) + f", lr {record['lr']:.1e}, "
-                                   f"{record['img_per_s']:.1f} img/s")
-                    on_master(lambda: append_log(cfg.out_dir, record, writer), ddp, master, device)
-                    sums, iters_since_log, images_since_log, skipped_steps, t_log = {}, 0, 0, 0, time.time()
-
-                # a signal stops every rank after the same step; ckpt.pt on the clock (an evaluation point writes it anyway)
-                stop = bool(signals)
-                due = cfg.checkpoint_minutes > 0 and time.time() - t_checkpoint > 60 * cfg.checkpoint_minutes
-                if ddp:  # any rank's signal, the master's clock
-                    flags = torch.tensor([stop, due and master], dtype=torch.int32, device=device)
-                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                    stop, due = bool(flags[0]), bool(flags[1])
-                if due and not stop and not evaluation_owed():
-                    stop_if_not_finite(first_bad_iter, ddp, master, ckpt_path)
-                    write_checkpoint(best=False)
-                    t_checkpoint, checkpoint_iter = time.time(), iter_num
+                if run.iter_num % cfg.log_interval == 0 or evaluation_owed(run):
+                    stop_if_not_finite(first_bad_iter, ddp, master, run.ckpt_path)  # before anything is logged or saved
+                    log_losses(run, sums, steps_since_log, images_since_log, skipped_steps, diagnostics, progress)
+                    sums, steps_since_log, images_since_log, skipped_steps = {}, 0, 0, 0
+                stop, due = stop_or_checkpoint(run, signals)
+                if due:
+                    stop_if_not_finite(first_bad_iter, ddp, master, run.ckpt_path)
+                    save(run)
         except RuntimeError as e:  # out of memory in a training step: torch's, or the CPU allocator's
             if not is_out_of_memory(e):
                 raise
-            raise out_of_memory(iter_num, images, cfg, device, ckpt_path) from None
+            raise out_of_memory(run.iter_num, images, cfg, device, run.ckpt_path) from None
         if stop:  # pre-empted: ckpt.pt at this step, unless an evaluation has just written it
-            if checkpoint_iter != iter_num or evaluation_owed():
-                stop_if_not_finite(first_bad_iter, ddp, master, ckpt_path)
-                write_checkpoint(best=False, evaluation_due=evaluation_owed())
+            if run.checkpoint_iter != run.iter_num or evaluation_owed(run):
+                stop_if_not_finite(first_bad_iter, ddp, master, run.ckpt_path)
+                save(run, evaluation_due=evaluation_owed(run))
             if master:
-                tqdm.write(f"{signals[0] if signals else 'a signal on another rank'}: stopped at iteration {iter_num}; "
-                           f"{ckpt_path} written, resume with --init_from=resume")
-    if writer is not None:
-        writer.close()
+                tqdm.write(f"{signals[0] if signals else 'a signal on another rank'}: stopped at iteration {run.iter_num}; "
+                           f"{run.ckpt_path} written, resume with --init_from=resume")
+    if run.writer is not None:
+        run.writer.close()
     if ddp:
         dist.destroy_process_group()
     if signals and signals[0] == "SIGINT":

@@ -14,6 +14,7 @@ calls it). Every file is read with weights_only=True: a checkpoint runs no code.
 """
 
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -31,7 +32,8 @@ class LoadError(RuntimeError):
 def load_model(path, **overrides):
     """Any model minidetr reads, with its classes (model.classes, None where the file names none) and
     dataset ids (model.category_ids): a minidetr checkpoint (train.py's ckpt.pt / best.pt), an official
-    one (a name or a .pth file) or a transformers DETR (a folder or a hub id). Returns (model, config):
+    one (a name or a .pth file) or a transformers DETR (a folder or a hub id), with how its run evaluated
+(model.eval_config: the checkpoint's sizes, batch and autocast; else the paper's). Returns (model, config):
     a minidetr checkpoint's training config (its dataset, val_scale, max_size), else {"val_scale",
     "max_size"}: the sizes in a transformers folder's preprocessor_config.json, or DETR's own 800 and
     1333. overrides: DETR arguments the weights leave open (dropout, trainable_layers; num_heads and
@@ -46,7 +48,9 @@ def load_model(path, **overrides):
     folder = fetch_transformers_folder(path)
     if folder is not None:
         val_scale, max_size = transformers_image_size(folder)
-        return model_from_transformers_folder(folder, path, **overrides), {"val_scale": val_scale, "max_size": max_size}
+        model = model_from_transformers_folder(folder, path, **overrides)
+        model.eval_config.update(val_scale=val_scale, max_size=max_size)
+        return model, {"val_scale": val_scale, "max_size": max_size}
     checkpoint = load_checkpoint_file(path)
     if "model_args" not in checkpoint:  # an official-format file, read once
         model = model_from_official_checkpoint(checkpoint, path, **overrides)
@@ -58,7 +62,9 @@ def load_model(path, **overrides):
     if checkpoint["model_args"].get("num_classes") != len(checkpoint["classes"]):
         raise LoadError(f"{path}: the model has {checkpoint['model_args'].get('num_classes')} classes but the "
                         f"checkpoint names {len(checkpoint['classes'])}")
-    return model_from_checkpoint(checkpoint, path, **overrides), checkpoint["config"]
+    model = model_from_checkpoint(checkpoint, path, **overrides)
+    model.eval_config.update({k: checkpoint["config"][k] for k in model.eval_config if k in checkpoint["config"]})
+    return model, checkpoint["config"]
 
 
 def load_named_state_dict(model, named, source, kind, their_key):
@@ -279,15 +285,38 @@ def load_training_checkpoint(path, classes):
     return checkpoint
 
 
-def check_checkpoint_dir(out_dir):
-    """One error line before any training when out_dir cannot be written: a run must be able to save what it learns."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, ".writable"), "w"):
-            pass
-        os.remove(os.path.join(out_dir, ".writable"))
-    except OSError as e:
-        raise SystemExit(f"error: out_dir={out_dir!r} is not writable ({e.strerror or e})") from None
+RUN_FILES = ("ckpt.pt", "best.pt", "log.jsonl")  # what a run writes in out_dir, and a new run never overwrites
+
+
+def check_out_dir(cfg, master):
+    """Before a run writes anything. A fresh run into an out_dir that holds another run's files stops with one
+    line that gives the choices, or with overwrite=True deletes them first, so that log.jsonl holds one run
+    only; the master then checks that out_dir can be written (one error line, before any training)."""
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, f))]
+    if found and cfg.init_from != "resume" and not cfg.overwrite:
+        raise SystemExit(f"error: out_dir={cfg.out_dir} holds a run ({', '.join(found)}); resume it with "
+                         f"--init_from=resume, give another --out_dir, or delete it and start over with --overwrite"
+                         if master else 1)  # the master's line says why
+    if master:
+        for f in found if cfg.init_from != "resume" else ():
+            os.remove(os.path.join(cfg.out_dir, f))
+        try:  # one error line before any training when out_dir cannot be written: a run must be able to save what it learns
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            with open(os.path.join(cfg.out_dir, ".writable"), "w"):
+                pass
+            os.remove(os.path.join(cfg.out_dir, ".writable"))
+        except OSError as e:
+            raise SystemExit(f"error: out_dir={cfg.out_dir!r} is not writable ({e.strerror or e})") from None
+
+
+def cut_log(out_dir, iter_num):
+    """A resume drops log.jsonl's records past its checkpoint's iteration: it trains those steps again."""
+    path = os.path.join(out_dir, "log.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if json.loads(line)["iter"] <= iter_num]
+        with open(path, "w") as f:
+            f.writelines(lines)
 
 
 # Fine-tuning (train.py's init_from): a pretrained model's weights into the config's model
@@ -358,6 +387,42 @@ def transfer_weights(pretrained, model, source):
             raise LoadError(f"{source} has '{unknown}', which the config's model has not: it is another architecture")
     order = list(PARTS)
     return sorted(loaded, key=order.index), sorted(new, key=order.index), len(rows)
+
+
+def new_model(config, num_classes, trainable_layers):
+    """A new DETR with the config's model keys (they are named as DETR's arguments), its backbone
+    from ImageNet's weights with pretrained_backbone."""
+    args = {k: config[k] for k in inspect.signature(DETR).parameters if k in config}
+    model = DETR(num_classes, **{**args, "trainable_layers": trainable_layers})
+    if config["pretrained_backbone"]:
+        load_imagenet_backbone(model)
+    return model
+
+
+def initial_model(cfg, config, classes):
+    """(model, checkpoint or None), as init_from says: resumed from out_dir/ckpt.pt, new, or the config's
+    model with every tensor it shares with pretrained weights (weights.transfer_weights)."""
+    trainable_layers = cfg.trainable_layers if cfg.lr_backbone > 0 else 0  # lr_backbone=0 freezes the backbone
+    if cfg.init_from == "scratch":
+        return new_model(config, len(classes), trainable_layers), None
+    if cfg.init_from != "resume":  # fine-tuning: a fresh optimizer from iteration 0
+        model = new_model({**config, "pretrained_backbone": False}, len(classes), trainable_layers)
+        model.classes = classes
+        pretrained = load_model(cfg.init_from)[0]
+        loaded, new, kept = transfer_weights(pretrained, model, cfg.init_from)
+        print(f"init_from={cfg.init_from}: loaded {', '.join(loaded)}; class rows of {kept} of the {len(classes)} "
+              f"classes (those of the same name)")
+        if new:
+            print(f"init_from={cfg.init_from}: new {', '.join(new)}")
+        return model, None
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if not os.path.isfile(ckpt_path):
+        raise SystemExit(f"error: init_from='resume' but there is no {ckpt_path}")
+    checkpoint = load_training_checkpoint(ckpt_path, classes)
+    if checkpoint["iter_num"] >= cfg.max_iters and not cfg.eval_only and not checkpoint.get("evaluation_due"):
+        raise SystemExit(f"error: {ckpt_path} is already at iteration {checkpoint['iter_num']}; raise "
+                         f"max_iters={cfg.max_iters} to go on")
+    return model_from_checkpoint(checkpoint, ckpt_path, ema=False), checkpoint
 
 
 # -----------------------------------------------------------------------------

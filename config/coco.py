@@ -5,7 +5,7 @@
 #   python data/coco/prepare.py --ann=coco/annotations/instances_val2017.json --images=coco/val2017 \
 #       --out_dir=data/coco --split=val
 #   python train.py config/coco.py --init_from=detr-r50 --eval_only     # published: 42.0 AP
-# --save_detections=detections.json also writes the detections, as pycocotools' loadRes reads them.
+#   python sample.py --ckpt=detr-r50 --dataset=coco --split=val --json=detections.json --threshold=0   # for loadRes
 # Training needs the train split as well (--ann=coco/annotations/instances_train2017.json
 # --images=coco/train2017 --split=train).
 out_dir = "out-coco"

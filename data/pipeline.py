@@ -32,15 +32,18 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 NORMALIZE = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def read_image(path):
-    """(3, H, W) uint8 pixels as displayed (a phone photo's EXIF orientation applied: data/format.py), or
-    None (with one logged line) for a file that cannot be decoded: a truncated or corrupt file, or a missing one."""
+def read_image(image):
+    """(3, H, W) uint8 pixels as displayed (a phone photo's EXIF orientation applied: data/format.py) of an
+    image file or a PIL image, or None (with one logged line) for a file that cannot be decoded: a
+    truncated or corrupt file, or a missing one."""
+    if isinstance(image, Image.Image):  # turned in a copy: the caller's image is left as it is
+        return v2.functional.pil_to_tensor(ImageOps.exif_transpose(image).convert("RGB"))
     try:
-        with Image.open(path) as im:
+        with Image.open(image) as im:
             ImageOps.exif_transpose(im, in_place=True)  # a no-op without an orientation tag
             return v2.functional.pil_to_tensor(im.convert("RGB"))
     except (OSError, SyntaxError, ValueError) as e:
-        print(f"skip: cannot decode {path} ({type(e).__name__})", file=sys.stderr)
+        print(f"skip: cannot decode {image} ({type(e).__name__})", file=sys.stderr)
         return None
 
 

@@ -8,6 +8,7 @@ import torch
 
 import detr
 import train
+import weights
 from conftest import ROOT
 from detr import DETR
 
@@ -40,7 +41,7 @@ def test_config_vanilla_composes_the_paper_model_onto_any_config(first):
     config = train.get_config([str(ROOT / first), str(ROOT / "config" / "vanilla.py")])
     assert not (config["anchor_queries"] or config["encoder_proposals"] or config["conditional_cross_attn"])
     assert config["denoising_groups"] == 0 and config["query_groups"] == 1
-    model = train.new_model({**config, "backbone": "resnet18", "pretrained_backbone": False}, 3, 5)
+    model = weights.new_model({**config, "backbone": "resnet18", "pretrained_backbone": False}, 3, 5)
     assert set(detr.parameters_by_part(model)) == {"backbone", "input_proj", "encoder", "decoder", "query_embed",
                                                    "class_head", "box_head"}
 
@@ -300,7 +301,7 @@ def test_loss_parts_keep_their_balance_at_every_image_size(config_file, sizes, s
     ratios = []
     for size in sizes:
         torch.manual_seed(0)
-        model = train.new_model(config, 10, config["trainable_layers"]).train()
+        model = weights.new_model(config, 10, config["trainable_layers"]).train()
         criterion = train.new_criterion(config, model.query_groups)
         # the same smooth picture at each size; the second image a quarter padding (at its right)
         images = torch.nn.functional.interpolate(torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)),

@@ -96,7 +96,6 @@ def inputs(tmp_path_factory):
         "unknown key": [*run, "--batch_sise=2"],
         "missing config file": [*run[:2], "config/nope.py"],
         "config file that fails": [*run[:2], str(t / "notes.txt")],
-        "save_detections without eval_only": [*run, f"--save_detections={t}/d.json"],
         "unknown dataset": [*run, f"--dataset={t}/nowhere"],
         # train.py: dataset jsons
         "truncated dataset json": [*run, "--dataset=" + dataset(t / "d1", '{"classes": ["a"], "ima')],
@@ -159,7 +158,7 @@ CASES = [
     "dropout above 1", "heads do not divide width", "box additions without anchor queries", "dilation with resnet18",
     "unknown lr_schedule", "min_lr_ratio above 1", "ema_decay 1", "tensorboard not installed",
     "train scale not a number", "wrong type", "unknown key", "missing config file",
-    "config file that fails", "save_detections without eval_only", "unknown dataset", "truncated dataset json",
+    "config file that fails", "unknown dataset", "truncated dataset json",
     "dataset json not a dict", "label outside the classes", "empty box", "box far outside", "labels and boxes differ",
     "other classes in train", "resume garbage", "resume truncated", "resume another model", "resume other classes",
     "resume with nothing there", "init_from missing file", "init_from garbage", "init_from not a DETR",

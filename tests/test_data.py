@@ -235,11 +235,12 @@ def test_a_phone_photo_is_read_as_displayed(tmp_path):
     inside = pixels[:, int(cy - h / 2) + 2:int(cy + h / 2) - 2, int(cx - w / 2) + 2:int(cx + w / 2) - 2].float()
     assert image.shape[1:] == (80, 48) and inside[0].mean() > 180 and inside[1].mean() < 60  # red: the object
     sample = load_script("sample.py")
-    sample.out_dir, sample.threshold = str(tmp_path / "drawn"), 2.0  # nothing kept: the photo alone
+    # nothing kept (threshold 2): the photo alone
     model = DETR(1, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1, num_decoder_layers=1,
                  dim_feedforward=64, num_queries=4)
     model.classes = ["mug"]
-    written = sample.sample(model, 80, 200, [str(tmp_path / "phone.jpg")])
+    model.eval_config.update(val_scale=80, max_size=200)
+    written = sample.sample(model, [str(tmp_path / "phone.jpg")], str(tmp_path / "drawn"), threshold=2.0)
     drawn = np.asarray(Image.open(written[0]))
     assert drawn.shape[0] > drawn.shape[1]  # upright: taller than wide
 

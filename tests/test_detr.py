@@ -54,7 +54,7 @@ def test_official_r50_checkpoint_round_trip(detr_r50, tmp_path, monkeypatch):
     sd = {weights.minidetr_to_official_key(k): v for k, v in detr_r50.state_dict().items()}
     sd["backbone.0.body.bn1.num_batches_tracked"] = torch.tensor(0)  # plain BatchNorm leftovers are ignored
     torch.save({"model": sd}, tmp_path / "detr.pth")
-    loaded = DETR.from_pretrained(str(tmp_path / "detr.pth"))
+    loaded = weights.load_model(str(tmp_path / "detr.pth"))[0]
     assert loaded.num_classes == 91 and loaded.num_queries == 100
     for key, value in detr_r50.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
@@ -70,7 +70,7 @@ def test_round_trip_reproduces_outputs(tmp_path):
     model = tiny_detr().eval()
     sd = {weights.minidetr_to_official_key(k): v for k, v in model.state_dict().items()}
     torch.save({"model": sd, "args": "ignored"}, tmp_path / "tiny.pth")
-    loaded = DETR.from_pretrained(str(tmp_path / "tiny.pth"), num_heads=4).eval()
+    loaded = weights.load_model(str(tmp_path / "tiny.pth"), num_heads=4)[0].eval()
     x = torch.randn(2, 3, 64, 96)
     a, b = model(x), loaded(x)
     assert torch.equal(a["pred_logits"], b["pred_logits"]) and torch.equal(a["pred_boxes"], b["pred_boxes"])
@@ -89,17 +89,17 @@ def test_bad_checkpoints_fail_with_one_line_naming_the_key(tmp_path, corrupt, me
     corrupt(sd)
     torch.save({"model": sd}, tmp_path / "bad.pth")
     with pytest.raises(LoadError) as e:
-        DETR.from_pretrained(str(tmp_path / "bad.pth"), num_heads=4)
+        weights.load_model(str(tmp_path / "bad.pth"), num_heads=4)[0]
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_not_a_checkpoint_and_missing_file(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"this is not a checkpoint\n" * 10)
     with pytest.raises(LoadError, match="not a PyTorch checkpoint") as e:
-        DETR.from_pretrained(str(tmp_path / "junk.pth"))
+        weights.load_model(str(tmp_path / "junk.pth"))[0]
     assert "\n" not in str(e.value)
     with pytest.raises(LoadError, match="no checkpoint file at"):
-        DETR.from_pretrained(str(tmp_path / "nowhere.pth"))
+        weights.load_model(str(tmp_path / "nowhere.pth"))[0]
 
 
 def test_pretrained_backbone_offline_is_one_clear_line(monkeypatch, tmp_path):

@@ -56,7 +56,7 @@ def evaluation(tmp_path):
 
 
 def run_report(evaluation, model, data, out_dir):
-    predictions = evaluation.predict(model, data, "cpu", batch_size=2, num_workers=0)
+    predictions = evaluation.predict(model, data, "cpu", batch_size=2)
     return evaluation.report(model, data, predictions, str(out_dir), threshold=0.5)
 
 

@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+import processes
 import train
 import weights
 from conftest import ROOT
@@ -85,7 +86,7 @@ def test_ctrl_c_saves_and_the_resume_is_exact(tmp_path):
 def test_a_second_ctrl_c_stops_at_once():
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
-        with train.stop_signals() as signals:
+        with processes.stop_signals() as signals:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)
             assert signals == ["SIGINT"]  # the first: noted, the step goes on

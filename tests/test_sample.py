@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import draw
 from conftest import load_script
 from detr import DETR
 from weights import load_model
@@ -42,10 +43,10 @@ def test_drawn_box_is_exactly_the_predicted_rectangle(sample, tmp_path):
     save_checkpoint(fixed_box_model(num_queries=1), tmp_path / "ckpt.pt", ["a", "b", "c"])
     Image.new("RGB", (96, 64), (0, 0, 0)).save(tmp_path / "black.png")
     model, config = load_model(str(tmp_path / "ckpt.pt"))
-    written = sample.sample(model, config["val_scale"], config["max_size"], [str(tmp_path / "black.png")])
+    written = sample.sample(model, [str(tmp_path / "black.png")], sample.out_dir)
     pixels = np.asarray(Image.open(written[0]).convert("RGB"))
     assert pixels.shape == (512, 768, 3)  # a 96x64 image is drawn 8 times larger, to a short side of 512
-    colour = np.array(sample.class_colour(1))
+    colour = np.array(draw.class_colour(1))
     is_colour = (pixels == colour).all(-1)
     # the box: x 24..72, y 24..40 of the image, so 192..576, 192..320 of the picture; a 2-pixel outline
     x0, y0, x1, y1 = 192, 192, 576, 320
@@ -66,7 +67,7 @@ def test_labels_stay_inside_the_picture_and_apart(sample):
     W, H = 600, 512
     boxes = [(0, 0, 80, 60), (520, 450, 600, 512), (590, 100, 600, 140)] + [(200, 200, 300, 300)] * 4
     sizes = [(150, 20), (120, 20), (90, 20)] + [(60, 20)] * 4
-    placed = sample.place_labels(boxes, sizes, (W, H))
+    placed = draw.place_labels(boxes, sizes, (W, H))
     for (x, y, w, h), size in zip(placed, sizes):
         assert (w, h) == size and 0 <= x <= W - w and 0 <= y <= H - h
     assert placed[3][:2] == (200, 180)  # free: above the top-left corner
@@ -78,7 +79,7 @@ def test_labels_stay_inside_the_picture_and_apart(sample):
     # and drawn: each label a block of its colour, inside the picture
     picture = Image.new("RGB", (W, H), "white")
     colours = [(255, 0, 0), (0, 0, 255), (0, 160, 0)]
-    sample.draw_boxes(picture, torch.tensor(boxes[:3], dtype=torch.float32), ["top left", "bottom right", "edge"], colours)
+    draw.draw_boxes(picture, torch.tensor(boxes[:3], dtype=torch.float32), ["top left", "bottom right", "edge"], colours)
     pixels = np.asarray(picture)
     for colour in colours:
         assert (pixels == colour).all(-1).sum() > 200
@@ -96,12 +97,11 @@ def test_attention_maps_are_distributions_over_the_feature_map(sample, tmp_path)
     # and the --attention path draws one grid per image
     save_checkpoint(model, tmp_path / "ckpt.pt", ["a", "b", "c"])
     Image.new("RGB", (96, 64), (40, 40, 40)).save(tmp_path / "grey.jpg")
-    sample.attention = True
-    written = sample.sample(load_model(str(tmp_path / "ckpt.pt"))[0], 64, 200, [str(tmp_path / "grey.jpg")])
+    written = sample.sample(load_model(str(tmp_path / "ckpt.pt"))[0], [str(tmp_path / "grey.jpg")], sample.out_dir, attention=True)
     assert [p.rsplit("/", 1)[1] for p in written] == ["grey.png", "grey_attention.png"]
     # detections panel, 3 query panels, 3 encoder panels: a 4-column grid of two rows of 768x512 panels,
     # each under a title line
-    band = sample.text_font(Image.new("RGB", (768, 512))).size + 10
+    band = draw.text_font(Image.new("RGB", (768, 512))).size + 10
     assert Image.open(written[1]).size == (4 * 768, 2 * (512 + band))
 
 
@@ -156,8 +156,8 @@ def test_bad_input_gives_one_line(sample, tmp_path, capsys):
     # an undecodable image is skipped with one line, the others are still drawn
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     Image.new("RGB", (64, 64)).save(tmp_path / "fine.png")
-    written = sample.sample(load_model(str(tmp_path / "ckpt.pt"))[0], 64, 200,
-                            [str(tmp_path / "broken.jpg"), str(tmp_path / "fine.png")])
+    written = sample.sample(load_model(str(tmp_path / "ckpt.pt"))[0], [str(tmp_path / "broken.jpg"), str(tmp_path / "fine.png")],
+                            sample.out_dir)
     assert [p.rsplit("/", 1)[1] for p in written] == ["fine.png"]
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "broken.jpg" in err[0]
@@ -173,11 +173,9 @@ def test_json_boxes_are_the_drawn_ones_in_original_pixels(sample, tmp_path, capf
     Image.new("RGB", (96, 64)).save(folder / "a.png")  # batched with the next: padded, as in a real folder
     Image.new("RGB", (80, 50)).save(folder / "b.png")
     (folder / "c.jpg").write_bytes(b"no image")
-    model, config = load_model(str(tmp_path / "ckpt.pt"))
-    val_scale, max_size = config["val_scale"], config["max_size"]
+    model = load_model(str(tmp_path / "ckpt.pt"))[0]
     paths = sample.image_paths(str(folder), None, model.classes)
-    sample.top_k = 0
-    records = sample.detect(model, model.category_ids, val_scale, max_size, paths, str(folder), str(tmp_path / "d.json"), batch=2)
+    records = sample.write_json(model, paths, str(folder), str(tmp_path / "d.json"), None, model.category_ids)
     assert records == json.loads((tmp_path / "d.json").read_text())
     assert "skip: cannot decode" in capfd.readouterr().err  # logged by a loader worker
     by_file = {r["file_name"]: r for r in records}
@@ -186,8 +184,36 @@ def test_json_boxes_are_the_drawn_ones_in_original_pixels(sample, tmp_path, capf
     assert by_file["a.png"]["bbox"] == pytest.approx([24, 24, 48, 16], abs=1e-3)
     assert by_file["b.png"]["bbox"] == pytest.approx([20, 18.75, 40, 12.5], abs=1e-3)
     assert {r["category_id"] for r in records} == {20} and {r["image_id"] for r in records} == {0, 1}
-    sample.top_k = 1
-    assert len(sample.detect(model, None, val_scale, max_size, paths, str(folder), str(tmp_path / "e.json"), batch=2)) == 2
+    assert len(sample.write_json(model, paths, str(folder), str(tmp_path / "e.json"), top_k=1)) == 2
+
+
+def test_the_python_api_gives_what_json_writes(sample, tmp_path):
+    """sample.detect(model, images, threshold): paths or PIL images (EXIF applied), run as the checkpoint's
+    run evaluated (its val_scale, batch and padding); its detections are those that --json writes."""
+    model = fixed_box_model()
+    with torch.no_grad():  # a different box and score per query, so that the order and the threshold show
+        model.query_embed.weight.normal_()
+        model.box_head[-1].weight.normal_(std=0.5)
+        model.class_head.weight.normal_(std=0.3)
+    torch.save({"model": model.state_dict(), "model_args": model.config, "classes": ["a", "b", "c"],
+                "config": {"val_scale": 64, "max_size": 200, "batch_size": 2, "pad_to": 32}}, tmp_path / "ckpt.pt")
+    model = load_model(str(tmp_path / "ckpt.pt"))[0]
+    assert model.eval_config == {"val_scale": 64, "max_size": 200, "batch_size": 2, "pad_to": 32, "dtype": "float32"}
+    rng = np.random.default_rng(0)
+    for name, size in (("a.png", (96, 64)), ("b.png", (80, 50)), ("c.png", (64, 70))):
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / name)
+    paths = [str(tmp_path / n) for n in ("a.png", "b.png", "c.png")]
+    found = sample.detect(model, [paths[0], Image.open(paths[1]), paths[2]], threshold=0.3)
+    assert len(found) == 3 and all(set(d) == {"boxes", "scores", "labels", "names"} for d in found)
+    assert all((d["scores"] > 0.3).all() and (d["scores"].diff() <= 0).all() for d in found) and sum(len(d["scores"]) for d in found) > 0
+    assert found[0]["names"] == [["a", "b", "c"][label] for label in found[0]["labels"].tolist()]
+    records = sample.write_json(model, paths, str(tmp_path), str(tmp_path / "d.json"), threshold=0.3)
+    for i, d in enumerate(found):
+        mine = [r for r in records if r["image_id"] == i]
+        assert [r["score"] for r in mine] == pytest.approx(d["scores"].tolist(), abs=1e-5)  # the json's 5 decimals
+        xywh = [[x0, y0, x1 - x0, y1 - y0] for x0, y0, x1, y1 in d["boxes"].tolist()]
+        assert np.allclose([r["bbox"] for r in mine], xywh, atol=1e-2) and len(mine) == len(xywh)
+    assert sample.detect(model, [str(tmp_path / "missing.jpg")])[0] is None
 
 
 def test_json_of_a_prepared_split_has_the_datasets_own_ids(tmp_path):

@@ -14,7 +14,7 @@ import torch
 import weights
 from conftest import ROOT
 from detr import DETR
-from weights import LoadError
+from weights import LoadError, load_model
 from test_train import make_shapes, run
 
 RECORDED = json.loads((ROOT / "tests" / "data" / "transformers_detr_names.json").read_text())
@@ -65,7 +65,7 @@ def write_folder(folder, config, weights, fmt="bin"):
 def test_a_save_pretrained_folder_loads_every_tensor_into_its_place(tmp_path, variant):
     recorded = RECORDED[variant]
     weights = random_weights(recorded["weights"])
-    model = DETR.from_pretrained(str(write_folder(tmp_path / variant, recorded["config"], weights)))
+    model = load_model(str(write_folder(tmp_path / variant, recorded["config"], weights)))[0]
     assert model.classes == ["circle", "square", "triangle", "star"] and model.category_ids is None
     assert {k: model.config[k] for k in ("num_classes", "backbone", "hidden_dim", "num_heads", "num_encoder_layers",
                                          "num_decoder_layers", "dim_feedforward", "num_queries", "dilation")} == dict(
@@ -96,8 +96,8 @@ def test_transformers_5_in_memory_names_load_the_same(tmp_path):
             key = key.replace(old, new)
         in_memory[key] = value
     assert sorted(in_memory) == recorded["in_memory"]  # the renames above are transformers' own
-    a = DETR.from_pretrained(str(write_folder(tmp_path / "disk", recorded["config"], weights)))
-    b = DETR.from_pretrained(str(write_folder(tmp_path / "memory", recorded["config"], in_memory)))
+    a = load_model(str(write_folder(tmp_path / "disk", recorded["config"], weights)))[0]
+    b = load_model(str(write_folder(tmp_path / "memory", recorded["config"], in_memory)))[0]
     for key, value in a.state_dict().items():
         assert torch.equal(value, b.state_dict()[key]), key
 
@@ -107,7 +107,7 @@ def test_a_written_folder_has_the_recorded_names_and_round_trips(tmp_path):
     from safetensors.torch import load_file
 
     recorded = RECORDED["timm"]
-    model = DETR.from_pretrained(str(write_folder(tmp_path / "in", recorded["config"], random_weights(recorded["weights"]))))
+    model = load_model(str(write_folder(tmp_path / "in", recorded["config"], random_weights(recorded["weights"]))))[0]
     model.category_ids = [11, 22, 33, 44]
     weights.write_transformers_folder(model, str(tmp_path / "out"), val_scale=512, max_size=853)
     written = load_file(str(tmp_path / "out" / "model.safetensors"))
@@ -165,9 +165,9 @@ def test_each_bad_folder_is_one_line(tmp_path):
     folder = write_folder(tmp_path / "cut", recorded["config"], weights, fmt="safetensors")
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
-    assert "not a readable safetensors file" in one_line_error(lambda: DETR.from_pretrained(str(folder)))
+    assert "not a readable safetensors file" in one_line_error(lambda: load_model(str(folder))[0])
     (tmp_path / "empty").mkdir()
-    assert "no config.json" in one_line_error(lambda: DETR.from_pretrained(str(tmp_path / "empty")))
+    assert "no config.json" in one_line_error(lambda: load_model(str(tmp_path / "empty"))[0])
     for change, message in (
         ({"model_type": "conditional_detr"}, "model_type is 'conditional_detr'"),
         ({"architectures": ["DetrForSegmentation"]}, "the model is a DetrForSegmentation"),
@@ -181,14 +181,14 @@ def test_each_bad_folder_is_one_line(tmp_path):
         ({"encoder_attention_heads": 5, "decoder_attention_heads": 5}, "hidden_dim=32 must be a multiple of num_heads=5"),
     ):
         folder = write_folder(tmp_path / message.split()[-1].strip("'"), {**recorded["config"], **change}, weights)
-        assert message in one_line_error(lambda: DETR.from_pretrained(str(folder)))
+        assert message in one_line_error(lambda: load_model(str(folder))[0])
     resnet = RECORDED["resnet"]
     stride_2_first = {**resnet["config"], "backbone_config": {**resnet["config"]["backbone_config"], "downsample_in_first_stage": True}}
     folder = write_folder(tmp_path / "first_stage", stride_2_first, random_weights(resnet["weights"]))
-    assert "downsample_in_first_stage=True" in one_line_error(lambda: DETR.from_pretrained(str(folder)))
+    assert "downsample_in_first_stage=True" in one_line_error(lambda: load_model(str(folder))[0])
     del weights["model.decoder.layers.1.self_attn.v_proj.bias"]
     folder = write_folder(tmp_path / "missing", recorded["config"], weights)
-    assert "missing key 'model.decoder.layers.1.self_attn.v_proj.bias'" in one_line_error(lambda: DETR.from_pretrained(str(folder)))
+    assert "missing key 'model.decoder.layers.1.self_attn.v_proj.bias'" in one_line_error(lambda: load_model(str(folder))[0])
 
 
 def test_a_hub_id_comes_from_the_local_cache_or_says_what_to_install(tmp_path, monkeypatch):
@@ -199,23 +199,23 @@ def test_a_hub_id_comes_from_the_local_cache_or_says_what_to_install(tmp_path, m
     (repo / "refs" / "main").write_text("abc123")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.chdir(tmp_path)
-    assert DETR.from_pretrained("someone/tiny-detr").classes[0] == "circle"
+    assert load_model("someone/tiny-detr")[0].classes[0] == "circle"
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
-    message = one_line_error(lambda: DETR.from_pretrained("someone/other-detr"))
+    message = one_line_error(lambda: load_model("someone/other-detr")[0])
     assert "pip install huggingface_hub" in message and str(tmp_path / "hub") in message
     only_config = tmp_path / "hub" / "models--someone--config-only"  # e.g. cached by AutoConfig alone
     (only_config / "snapshots" / "def456").mkdir(parents=True)
     (only_config / "snapshots" / "def456" / "config.json").write_text(json.dumps(recorded["config"]))
     (only_config / "refs").mkdir()
     (only_config / "refs" / "main").write_text("def456")
-    assert "pip install huggingface_hub" in one_line_error(lambda: DETR.from_pretrained("someone/config-only"))
+    assert "pip install huggingface_hub" in one_line_error(lambda: load_model("someone/config-only")[0])
 
 
 def test_fine_tuning_keeps_the_rows_of_same_named_classes_and_the_writer_checks_category_ids(tmp_path):
     """weights.transfer_weights (train.py's init_from) from a transformers folder: every tensor loaded, the
     class head's rows picked by name (in the dataset's order), "no object" kept, no pretrained ids."""
     recorded = RECORDED["timm"]
-    pretrained = DETR.from_pretrained(str(write_folder(tmp_path / "in", recorded["config"], random_weights(recorded["weights"]))))
+    pretrained = load_model(str(write_folder(tmp_path / "in", recorded["config"], random_weights(recorded["weights"]))))[0]
     pretrained.category_ids = [1, 2, 3, 4]
     model = DETR(**{**pretrained.config, "num_classes": 2})
     model.classes = ["square", "circle"]

@@ -9,7 +9,7 @@ minidetr's dataset format (data/format.py).
 <out_dir>/<split>.json (out_dir defaults to this folder):
 - category ids (any, not necessarily contiguous) become labels 0..K-1 in the order of their ids;
   "classes" keeps their names and "category_ids" the id of each label, so that detections can be
-  written back with the original ids (train.py --save_detections);
+  written back with the original ids (sample.py --split=NAME --json=PATH);
 - boxes [x, y, w, h] become [x0, y0, x1, y1], clipped to the image;
 - crowd regions (iscrowd=1) are kept and flagged per object in "iscrowd": train.py leaves them out
   of the training targets and evaluation treats them as COCOeval does; each object's COCO "area"
