@@ -17,24 +17,29 @@ starts with ~ is a path from the home folder (--voc_root=~/VOCdevkit), expanded 
 """
 
 import ast
+import difflib
 import os
 
 VALUE_TYPES = (bool, int, float, str, list, tuple)
 
 
-def configure(defaults, argv, config_files=False):
-    """defaults ({name: value}) overridden by argv; returns a new dict."""
-    config = dict(defaults)
+def configure(defaults, argv, config_files=False, given=None):
+    """defaults ({name: value}) overridden by argv; returns a new dict. given: a set that receives the
+    names that a config file or a flag set."""
+    config, given = dict(defaults), set() if given is None else given
     for arg in argv:
         if not arg.startswith("--"):
             if not config_files:
                 raise SystemExit(f"error: unexpected argument {arg!r} (flags are --key=value)")
-            config.update(read_config_file(arg, config))
+            overrides = read_config_file(arg, config)
+            config.update(overrides)
+            given.update(overrides)
             continue
         key, equals, value = arg[2:].partition("=")
         if key not in config:
             known = ", ".join(f"--{k}" for k in config) if len(config) <= 25 else "the defaults at the top of the script"
-            raise SystemExit(f"error: unknown flag --{key} (known: {known})")
+            raise SystemExit(f"error: unknown flag --{key}{did_you_mean(key, config, '--')} (known: {known})")
+        given.add(key)
         if not equals and isinstance(config[key], bool):  # a bare --attention means True
             value = "True"
         if not isinstance(defaults[key], str):
@@ -71,8 +76,14 @@ def read_config_file(path, config):
         if key in config:
             overrides[key] = value
         elif not key.startswith("_") and isinstance(value, VALUE_TYPES):
-            raise SystemExit(f"error: {path} sets '{key}', which is not a config key")
+            raise SystemExit(f"error: {path} sets '{key}', which is not a config key{did_you_mean(key, config)}")
     return overrides
+
+
+def did_you_mean(key, names, prefix=""):
+    """'; did you mean NAME?' for the name closest to a mistyped key (--batchsize: --batch_size), else ''."""
+    close = difflib.get_close_matches(key, list(names), n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
 
 
 def device_problem(device):

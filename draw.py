@@ -87,9 +87,12 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, out_path, what):
-    fig.tight_layout()
+def save_figure(fig, out_path, what, rect=None):
+    """Lay the figure out (within rect of the figure, leaving room for a legend below or a title above),
+    save it at a resolution that gives its short side at least MIN_SIDE pixels, and say so in one line."""
+    fig.tight_layout(rect=rect)
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     fig.savefig(out_path, dpi=max(80, math.ceil(MIN_SIDE / min(fig.get_size_inches()))))
+    pyplot().close(fig)  # pyplot keeps every figure until it is closed
     print(f"{what} -> {out_path}")
     return out_path

@@ -17,6 +17,7 @@ from functools import partial
 
 import torch
 
+from data.format import class_key
 from data.pipeline import collate, read_image, val_transform, worker_ignores_signals
 from detr import postprocess
 
@@ -58,12 +59,14 @@ def collate_readable(batch, pad_to=1):
 
 
 @torch.no_grad()
-def predict(model, dataset, device, batch_size=None, pad_to=None, dtype="float32", num_workers=0, indices=None, stop=None):
+def predict(model, dataset, device, batch_size=None, pad_to=None, dtype="float32", num_workers=0, indices=None, stop=None,
+            layers=False):
     """{image id: its postprocessed detections (every query's; float32, on the CPU)} of the dataset's images
     (those of indices, else all), batch_size at a time, padded to a multiple of pad_to (both default to the
     model's run's: model.eval_config). dataset: an ImageFiles, or a DetectionDataset (its val transform).
     An image that cannot be decoded is left out. None when stop() turns true before a batch (a signal);
-    out of memory is one error line naming the batch."""
+    out of memory is one error line naming the batch. layers: each image's dict also holds "layers", the
+    detections after every decoder layer (the auxiliary heads'; the last is the dict itself)."""
     batch_size, pad_to = batch_size or model.eval_config["batch_size"], pad_to or model.eval_config["pad_to"]
     was_training = model.training
     model.eval()
@@ -88,23 +91,27 @@ def predict(model, dataset, device, batch_size=None, pad_to=None, dtype="float32
             raise SystemExit(f"error: out of memory evaluating a batch of {len(images)} images padded to "
                              f"{images.shape[2]}x{images.shape[3]} on {device}; lower the evaluation's "
                              f"batch_size={batch_size} or its image size (val_scale)") from None
-        results = postprocess(outputs, torch.stack([t["orig_size"] for t in targets]))
-        for target, r in zip(targets, results):
-            predictions[target["image_id"]] = {k: v.cpu() if k == "labels" else v.float().cpu() for k, v in r.items()}
+        sizes = torch.stack([t["orig_size"] for t in targets])
+        results = postprocess(outputs, sizes)
+        earlier = zip(*[postprocess(aux, sizes) for aux in outputs["aux_outputs"]]) if layers else [()] * len(results)
+        for target, r, before in zip(targets, results, earlier):
+            last = on_cpu(r)
+            predictions[target["image_id"]] = {**last, "layers": [*map(on_cpu, before), last]} if layers else last
     model.train(was_training)
     return predictions
 
 
 def class_map(model, classes):
-    """For each of the model's outputs, the dataset's class of the same name, -1 for none (its detections
-    are left out); one note line for classes on one side only, one error line when none is shared."""
+    """For each of the model's outputs, the dataset's class of the same name (data/format.class_key), -1 for
+    none (its detections are left out); one note line for classes on one side only, one error line when
+    none is shared."""
     if model.classes is None:  # an official-format file fine-tuned elsewhere: its outputs by number
         if model.num_classes != len(classes):
             raise SystemExit(f"error: the model names no classes and has {model.num_classes} of them, the dataset {len(classes)}")
         print(f"note: the model names no classes: its {model.num_classes} outputs are taken as the dataset's, in order")
         return torch.arange(len(classes))
-    names = [c.lower() for c in classes]
-    mapping = torch.tensor([names.index(c.lower()) if c.lower() in names else -1 for c in model.classes])
+    names = [class_key(c) for c in classes]
+    mapping = torch.tensor([names.index(class_key(c)) if class_key(c) in names else -1 for c in model.classes])
     shared = set(mapping.tolist()) - {-1}
     if not shared:
         raise SystemExit(f"error: the model's classes {model.classes[:5]}... and the dataset's {classes[:5]}... share no name")
@@ -115,6 +122,11 @@ def class_map(model, classes):
         dropped = [c for c, m in zip(model.classes, mapping.tolist()) if m < 0]
         print(f"note: the detections of the model's {len(dropped)} classes that the dataset lacks ({', '.join(dropped[:10])}) are left out")
     return mapping
+
+
+def on_cpu(result):
+    """A postprocessed result on the CPU, its scores and boxes in float32."""
+    return {k: v.cpu() if k == "labels" else v.float().cpu() for k, v in result.items()}
 
 
 def run_dtype(model, device):

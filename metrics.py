@@ -264,3 +264,24 @@ def query_diagnostics(outputs, targets, num_queries, matched, dn_pairs=None):
             iou = box_iou(box_convert(pred, "cxcywh", "xyxy"), box_convert(truth, "cxcywh", "xyxy")).diagonal()
             record[f"iou_{name}"] = iou.mean().item() if len(iou) else math.nan
     return record
+
+
+# DETR's early plateau, as the diagnostics show it (calibrated on two shapes runs, EXPERIMENTS.md: the
+# README's run, which leaves the plateau by step 700, and vanilla DETR's, which stays on it)
+PLATEAU_BOX_SPREAD = 0.05  # the queries' box centres spread less than this (image widths) ...
+PLATEAU_CLASSES = 1.2  # ... or the queries of an image predict fewer distinct classes than this
+
+
+def plateau_warning(record, warmup_iters):
+    """One warning line when a training record (after the warm-up) shows the plateau, else None."""
+    if record["iter"] <= warmup_iters or "query_box_spread" not in record:
+        return None
+    spread, classes = record["query_box_spread"], record["query_classes"]
+    if spread >= PLATEAU_BOX_SPREAD and classes >= PLATEAU_CLASSES:
+        return None
+    return (f"warning: iteration {record['iter']}: DETR's early plateau: every query gives nearly the same "
+            f"{'box' if spread < PLATEAU_BOX_SPREAD else 'class'} (box centres {spread:.3f} image widths apart, "
+            f"{classes:.1f} classes an image): the model has not yet learnt where the objects are. It may leave it "
+            f"with more steps; faster with the additions (config/shapes.py), a pretrained start (--init_from), or a "
+            f"lower learning_rate (sample.py --log draws the diagnostics)")
+

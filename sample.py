@@ -38,7 +38,7 @@ from json import dump, loads  # the name json is the --json flag's
 
 import metrics
 from configurator import configure, device_problem
-from data.format import IMAGE_EXTENSIONS, read_dataset_json
+from data.format import IMAGE_EXTENSIONS, displayed_size, read_dataset_json
 from data.pipeline import DetectionDataset, dataset_dir, read_image, val_transform
 from detr import parameters_by_part
 from draw import class_colour, draw_boxes, for_display, pyplot, save_figure, text_font
@@ -62,6 +62,8 @@ num_pixels = 4  # encoder self-attention is shown from this many pixels (the cen
 log = ""  # a log.jsonl: draw its training curves instead of sampling
 weights = False  # draw the checkpoint's weight histograms, one per part of the model, instead of sampling
 matching = False  # draw the bipartite matching of queries to objects (paper §3.1) on images of a split (--split, else val)
+slots = False  # draw every box each query slot predicts over a split (paper Fig. 7): slots.png
+num_slots = 0  # --slots: the first this many slots, one panel each; 0: 20 as the paper (every slot of a model with fewer)
 
 def split_json(config, split, dataset=""):
     """A split's json of a prepared dataset, by default a minidetr checkpoint's own (weights.load_model's
@@ -318,40 +320,106 @@ def draw_matching(model, data, index, cost_weights, path, device="cpu"):
 
 
 def plot_log(log_path, out_path):
-    """Training curves of a log.jsonl: the losses (with the additions' own terms where present),
-    learning rate, val mAP, and the diagnostics of train.training_diagnostics: gradient and weight
-    norms per part, and how alike the queries are (DETR's early plateau is where they all agree)."""
+    """Training curves of a log.jsonl, one panel per question a run raises, each titled with what it shows
+    and why it matters: the losses (with the additions' own terms where present), learning rate, val mAP,
+    and the diagnostics of train.training_diagnostics (gradient and weight norms per part, how alike the
+    queries are: DETR's early plateau is where they all agree, and the matched boxes' IoU by layer). One
+    colour per series across the figure, the legends beside the data."""
     plt = pyplot()
     if not os.path.isfile(log_path):
         raise SystemExit(f"error: no log file {log_path}")
     with open(log_path) as f:
         records = [loads(line) for line in f if line.strip()]
-    model_parts = list(dict.fromkeys(k.removeprefix("grad_norm_") for r in records for k in r if k.startswith("grad_norm_")))
-    panels = [("loss", ["loss"], False), ("classification", ["loss_ce", "loss_ce_enc", "loss_ce_dn"], False),
-              ("L1 box", ["loss_bbox", "loss_bbox_enc", "loss_bbox_dn"], False),
-              ("GIoU", ["loss_giou", "loss_giou_enc", "loss_giou_dn"], False), ("learning rate", ["lr"], True),
-              ("val", ["val_mAP50", "val_mAP50_07", "val_mAP"], False),
-              ("gradient norm (before clipping)", [f"grad_norm_{p}" for p in model_parts], True),
-              ("weight norm", [f"weight_norm_{p}" for p in model_parts], True),
-              ("queries: distinct classes, box spread x10", ["query_classes", "query_box_spread"], False),
-              ("matched IoU by layer (dashed: denoising)",
-               sorted(dict.fromkeys(k for r in records for k in r if k.startswith("iou_")), key=iou_order), False)]
-    fig, axes = plt.subplots(2, 5, figsize=(25, 9))
-    for ax, (title, panel_keys, log_scale) in zip(axes.flat, panels):
-        for key in panel_keys:
-            scale = 10 if key == "query_box_spread" else 1  # spread in image widths, drawn beside a count
-            points = [(r["iter"], r[key] * scale) for r in records if key in r]
+    parts = list(dict.fromkeys(k.removeprefix("grad_norm_") for r in records for k in r if k.startswith("grad_norm_")))
+    ious = sorted(dict.fromkeys(k for r in records for k in r if k.startswith("iou_")), key=iou_order)
+    panels = [  # (title: what it shows, and why it matters; keys; log scale)
+        ("total loss\n(what the optimizer lowers)", ["loss"], False),
+        ("classification loss\n(enc: encoder proposals, dn: denoising)", ["loss_ce", "loss_ce_enc", "loss_ce_dn"], False),
+        ("L1 box loss\n(box coordinates, image fractions)", ["loss_bbox", "loss_bbox_enc", "loss_bbox_dn"], False),
+        ("GIoU box loss\n(box overlap: 0 is perfect)", ["loss_giou", "loss_giou_enc", "loss_giou_dn"], False),
+        ("learning rate\n(warm-up, then the drop or the cosine)", ["lr"], True),
+        ("val mAP\n(what best.pt keeps the best of)", ["val_mAP50", "val_mAP50_07", "val_mAP"], False),
+        ("gradient norm per part, before clipping\n(which part the loss pulls on)", [f"grad_norm_{p}" for p in parts], True),
+        ("weight norm per part\n(a part that never moves is not learning)", [f"weight_norm_{p}" for p in parts], True),
+        ("distinct classes the queries predict in an image\n(1: every query says the same, DETR's plateau)",
+         ["query_classes"], False),
+        ("box spread: the queries' box centres' std, in image widths\n(near 0: one box for every query, the plateau)",
+         ["query_box_spread"], False),
+        ("matched boxes' IoU with their objects, by layer\n(rising layer to layer: the decoder refines; dashed: denoising)",
+         ious, False),
+    ]
+    # saturated colours, each series of a panel its own, in the same order in every panel (the decoder's loss
+    # term, the proposals', the denoising's; the parts of the model in both norm panels)
+    palette = [*plt.get_cmap("tab10").colors, "black", "navy", "maroon", "teal", "darkgoldenrod", "forestgreen"]
+    plt.rcParams.update({"font.size": 12})
+    fig, axes = plt.subplots(3, 4, figsize=(26, 16))
+    for ax, (title, keys, log_scale) in zip(axes.flat, panels):
+        same = [k.replace("iou_dn_", "iou_") for k in keys]  # a denoising layer takes its layer's colour, dashed
+        for key, slot in zip(keys, same):
+            points = [(r["iter"], r[key]) for r in records if key in r]
             if points:
-                label = key.removeprefix("grad_norm_").removeprefix("weight_norm_").removeprefix("iou_")
-                ax.plot(*zip(*points), label=label, marker="o" if key.startswith("val") else None,
-                        linestyle="--" if key.startswith("iou_dn") else "-")
-        ax.set_title(title)
+                ax.plot(*zip(*points), label=short_key(key), color=palette[same.index(slot) % len(palette)],
+                        marker="o" if key.startswith("val") else None, linestyle="--" if key.startswith("iou_dn") else "-")
+        ax.set_title(title, fontsize=12)
         ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
         if ax.lines:
-            ax.legend(fontsize=7)
+            if len(ax.lines) > 1:
+                ax.legend(fontsize=10, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
             if log_scale:
                 ax.set_yscale("log")
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
     return save_figure(fig, out_path, f"{len(records)} log records")
+
+
+SMALL_BOX = 0.25  # --slots: a box narrower and lower than this share of the image is small (the paper's green)
+
+
+def draw_slots(model, paths, n, path, device="cpu"):
+    """The paper's Fig. 7: for each of the first n query slots, every box it predicts over the images, whatever
+    its score, as a point at the box's centre in the image's unit square, green for a small box, red for a
+    large wide one, blue for a large tall one: DETR's queries become specialised positions and sizes."""
+    plt = pyplot()
+    model.to(device)
+    predictions = predict(model, ImageFiles(paths, model), device, dtype=run_dtype(model, device))
+    if not predictions:
+        raise SystemExit(f"error: none of the {len(paths)} images could be read")
+    columns = min(5, n)
+    rows = math.ceil(n / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows + 1.2), squeeze=False)
+    kinds = {"small": "tab:green", "large, wide": "tab:red", "large, tall": "tab:blue"}
+    for slot, ax in enumerate(axes.flat):
+        if slot >= n:
+            ax.axis("off")
+            continue
+        points = {kind: [] for kind in kinds}
+        for i, p in predictions.items():
+            width, height = displayed_size(paths[i])
+            x0, y0, x1, y1 = (p["boxes"][slot] / torch.tensor([width, height, width, height])).tolist()
+            w, h = x1 - x0, y1 - y0
+            kind = "small" if max(w, h) < SMALL_BOX else "large, wide" if w >= h else "large, tall"
+            points[kind].append(((x0 + x1) / 2, (y0 + y1) / 2))
+        for kind, colour in kinds.items():
+            if points[kind]:
+                ax.scatter(*zip(*points[kind]), s=6, color=colour, alpha=0.6, linewidths=0)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(1, 0)  # image rows go down
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"slot {slot}", fontsize=11)
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=c, label=k) for k, c in kinds.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=11, frameon=False,
+               title=f"the box's centre in the image, by its size (small: under {SMALL_BOX:g} of the image each way)")
+    fig.suptitle(f"What each query slot predicts over {len(predictions)} images (paper Fig. 7): every prediction, "
+                 f"whatever its score", fontsize=13)
+    return save_figure(fig, path, f"{n} query slots over {len(predictions)} images", rect=(0, 0.08, 1, 0.96))
+
+
+def short_key(key):
+    """A series' name in a legend: the part, the loss term or the layer, without its panel's prefix."""
+    return key.removeprefix("grad_norm_").removeprefix("weight_norm_").removeprefix("iou_")
 
 
 def iou_order(key):
@@ -392,6 +460,12 @@ def main():
     if weights:
         plot_weights(model, os.path.join(out_dir, "weights.png"))
         return
+    if slots:
+        if num_slots > model.num_queries:
+            raise SystemExit(f"error: --num_slots={num_slots} but the model has {model.num_queries} query slots")
+        paths = image_paths(images, split_json(config, split or config.get("val_split", "val"), dataset), model.classes)
+        draw_slots(model, paths, num_slots or min(20, model.num_queries), os.path.join(out_dir, "slots.png"), device)
+        return
     if matching:
         path = split_json(config, split or config.get("val_split", "val"), dataset)
         split_images(path, model.classes, hint="")  # one error line for no such split, or other classes
@@ -423,14 +497,14 @@ def main():
 
 if __name__ == "__main__":
     flags = ("ckpt", "images", "out_dir", "device", "threshold", "max_images", "attention", "num_pixels", "log",
-             "weights", "json", "top_k", "batch_size", "split", "dataset", "matching")
+             "weights", "json", "top_k", "batch_size", "split", "dataset", "matching", "slots", "num_slots")
     globals().update(configure({k: globals()[k] for k in flags}, sys.argv[1:]))
-    if not 0 <= threshold <= 1 or max_images < 1 or num_pixels < 1 or top_k < 0 or batch_size < 0:
-        sys.exit("error: --threshold must be in [0, 1], --max_images and --num_pixels >= 1, --top_k and --batch_size >= 0")
+    if not 0 <= threshold <= 1 or max_images < 1 or num_pixels < 1 or min(top_k, batch_size, num_slots) < 0:
+        sys.exit("error: --threshold must be in [0, 1], --max_images and --num_pixels >= 1, --top_k, --batch_size and --num_slots >= 0")
     if json and not os.path.isdir(os.path.dirname(os.path.abspath(json))):
         sys.exit(f"error: no folder for --json={json}")
-    if split and (images or not (json or matching)):
-        sys.exit("error: --split=NAME takes the images of that split for --json or --matching, instead of --images")
+    if split and (images or not (json or matching or slots)):
+        sys.exit("error: --split=NAME takes the images of that split for --json, --matching or --slots, instead of --images")
     if device_problem(device):
         sys.exit(f"error: {device_problem(device)}")
     try:

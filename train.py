@@ -36,9 +36,10 @@ from configurator import VALUE_TYPES, configure, device_problem
 from data.pipeline import ResumableSampler, collate, load_datasets, too_many_objects, worker_ignores_signals
 from detr import argument_problem, parameters_by_part
 from inference import autocast, is_out_of_memory, predict
-from metrics import compute_map, ground_truth, query_diagnostics
+from metrics import compute_map, ground_truth, plateau_warning, query_diagnostics
 from processes import NONE_BAD, gather, on_master, same_on_every_rank, setup_process, stop_if_not_finite, stop_signals
-from weights import LoadError, check_out_dir, cut_log, initial_model, save_checkpoint
+from weights import (LoadError, append_log, check_out_dir, checkpoint_architecture, cut_log, initial_model,
+                     save_checkpoint)
 
 # -----------------------------------------------------------------------------
 # default config: the paper's DETR-R50 recipe (§4, App. A.4); config/*.py and --key=value override it
@@ -346,8 +347,18 @@ def denoising_losses(dn_outputs, targets, num_boxes):
 
 def get_config(argv):
     """The defaults above, overridden by config files and --key=value (configurator.py), then checked
-    (check_config), so that a bad value is one error line before any work."""
-    return check_config(configure({k: globals()[k] for k in CONFIG_KEYS}, argv, config_files=True))
+    (check_config), so that a bad value is one error line before any work. Fine-tuning a minidetr
+    checkpoint takes its architecture for every model key that no config file or flag sets, as a resume does."""
+    given = set()
+    config = configure({k: globals()[k] for k in CONFIG_KEYS}, argv, config_files=True, given=given)
+    if config["init_from"] not in ("scratch", "resume"):
+        taken = {k: v for k, v in checkpoint_architecture(config["init_from"]).items()
+                 if k in config and k not in given and config[k] != v}
+        if taken and os.environ.get("RANK", "0") == "0":
+            print(f"init_from={config['init_from']}: its architecture, which no config file or flag sets: "
+                  + ", ".join(f"{k}={v!r}" for k, v in taken.items()))
+        config.update(taken)
+    return check_config(config)
 
 
 def check_config(c):
@@ -436,21 +447,6 @@ def evaluate(model, dataset, cfg, device, rank=0, world_size=1, stop=None):
     detections = [predictions[i] for i in image_ids]
     ground_truths = [ground_truth(dataset.records[i]) for i in image_ids]
     return compute_map(detections, ground_truths, len(dataset.classes), cfg.max_dets)
-
-
-def append_log(out_dir, record, writer=None, classes=()):
-    """One line of out_dir/log.jsonl; with a TensorBoard writer, each of its numbers too (the per-class APs by class name).
-    A failed append (a full disk) is one error line."""
-    path = os.path.join(out_dir, "log.jsonl")
-    try:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-    except OSError as e:
-        raise SystemExit(f"error: could not append to {path} ({e.strerror or e}); the last checkpoint is left as it was") from None
-    for key, value in record.items() if writer is not None else ():
-        for name, x in zip(classes, value) if isinstance(value, list) else [(None, value)]:
-            if key != "iter" and isinstance(x, (int, float)) and math.isfinite(x):
-                writer.add_scalar(key if name is None else f"{key}/{name}", x, record["iter"])
 
 
 @torch.no_grad()
@@ -571,7 +567,7 @@ def save(run, best=False, evaluation_due=False):
     rng = {"cpu": gather(torch.get_rng_state(), run.world_size),
            "cuda": gather(torch.cuda.get_rng_state(), run.world_size) if "cuda" in run.device else []}
     ckpt = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "model_args": run.model.config,
-            "iter_num": run.iter_num, "best_val": run.best_val, "config": run.config, "classes": run.model.classes,
+            "iter_num": run.iter_num, "best_val": run.best_val, "best_iter": run.best_iter, "config": run.config, "classes": run.model.classes,
             "rng": rng, "category_ids": run.category_ids, "scaler": run.scaler.state_dict(), "evaluation_due": evaluation_due,
             **({"ema_model": run.ema_model.state_dict()} if run.ema_model is not None else {})}
 
@@ -601,10 +597,13 @@ def evaluate_and_save(run, eval_model, val_set, signals):
     metrics = {f"val_{k}": v for k, v in result.items()}
     improved = metrics[f"val_{run.cfg.best_metric}"] > run.best_val
     run.best_val = max(run.best_val, metrics[f"val_{run.cfg.best_metric}"])
+    if improved:
+        run.best_iter = run.iter_num
     if run.master:
+        limit = f" (at most {run.cfg.max_dets} detections an image and class)" if run.cfg.num_queries > run.cfg.max_dets else ""
         aps = ", ".join(f"{c} {ap:.3f}" for c, ap in zip(val_set.classes, metrics["val_AP50_per_class"]) if ap == ap)
         tqdm.write(f"iter {run.iter_num}: val mAP50 {metrics['val_mAP50']:.4f}, mAP50 (VOC07) {metrics['val_mAP50_07']:.4f}, "
-                   f"mAP {metrics['val_mAP']:.4f} (at most {run.cfg.max_dets} detections) | AP50 {aps}")
+                   f"mAP {metrics['val_mAP']:.4f}{limit} | AP50 {aps}")
     record = {"iter": run.iter_num, "time": round(time.time() - run.t_start, 1), **metrics}
     on_master(lambda: append_log(run.cfg.out_dir, record, run.writer, val_set.classes), run.ddp, run.master, run.device)
     save(run, improved)
@@ -624,6 +623,10 @@ def log_losses(run, sums, steps, images, skipped_steps, diagnostics, progress):
         progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}", img_s=f"{record['img_per_s']:.1f}")
         tqdm.write(f"iter {run.iter_num}: " + ", ".join(f"{k} {record[k]:.4f}" for k in ("loss", "loss_ce", "loss_bbox", "loss_giou"))
                    + f", lr {record['lr']:.1e}, {record['img_per_s']:.1f} img/s")
+        warning = None if run.plateau_said else plateau_warning(record, run.cfg.warmup_iters)
+        if warning:  # once a run
+            tqdm.write(warning)
+            run.plateau_said = True
     on_master(lambda: append_log(run.cfg.out_dir, record, run.writer), run.ddp, run.master, run.device)
     run.t_log = time.time()
 
@@ -669,7 +672,8 @@ def train(config):
         cfg=cfg, config=config, ddp=ddp, rank=rank, world_size=world_size, device=device, master=master, model=model,
         optimizer=optimizer, scaler=scaler, ema_model=ema_model, category_ids=val_set.category_ids,
         ckpt_path=os.path.join(cfg.out_dir, "ckpt.pt"), writer=None, iter_num=checkpoint["iter_num"] if checkpoint else 0,
-        best_val=checkpoint["best_val"] if checkpoint else -math.inf, evaluation_due=bool(checkpoint and checkpoint.get("evaluation_due")))
+        best_val=checkpoint["best_val"] if checkpoint else -math.inf, best_iter=checkpoint.get("best_iter", 0) if checkpoint else 0,
+        evaluation_due=bool(checkpoint and checkpoint.get("evaluation_due")), plateau_said=False)
     if checkpoint is not None:
         resume(run, checkpoint)
     if cfg.compile:
@@ -770,6 +774,10 @@ def train(config):
             if master:
                 tqdm.write(f"{signals[0] if signals else 'a signal on another rank'}: stopped at iteration {run.iter_num}; "
                            f"{run.ckpt_path} written, resume with --init_from=resume")
+    if master and not stop:  # the run's end: what it reached, and what to do with it
+        best = os.path.join(cfg.out_dir, "best.pt")
+        print(f"done: best val {cfg.best_metric} {run.best_val:.4f} at iteration {run.best_iter}, in {best}. Next: "
+              f"python sample.py --ckpt={best} (its detections drawn), python eval.py --ckpt={best} (the report)")
     if run.writer is not None:
         run.writer.close()
     if ddp:

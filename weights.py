@@ -16,6 +16,7 @@ calls it). Every file is read with weights_only=True: a checkpoint runs no code.
 import importlib.util
 import inspect
 import json
+import math
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ import shutil
 import torch
 import torchvision
 
+from data.format import class_key
 from detr import BACKBONES, DETR, PARTS
 
 class LoadError(RuntimeError):
@@ -210,9 +212,9 @@ def load_official_state_dict(model, state_dict, source="checkpoint"):
 # classes (the names of its outputs), category_ids (the dataset's own id of each class, or None),
 # config (train.py's whole config), ema_model (with ema_decay: the averaged weights, which evaluation,
 # best.pt and every later use take), and for an exact resume optimizer (its state dict), scaler (the
-# float16 loss scaler's, {} without), iter_num, best_val (the best val metric so far), rng (every
-# process's CPU and CUDA generator states) and evaluation_due (True when a signal cut the evaluation at
-# iter_num short: the resume evaluates first).
+# float16 loss scaler's, {} without), iter_num, best_val (the best val metric so far), best_iter (its
+# iteration), rng (every process's CPU and CUDA generator states) and evaluation_due (True when a
+# signal cut the evaluation at iter_num short: the resume evaluates first).
 # Every file is read with weights_only=True: a checkpoint runs no code.
 
 
@@ -319,6 +321,21 @@ def cut_log(out_dir, iter_num):
             f.writelines(lines)
 
 
+def append_log(out_dir, record, writer=None, classes=()):
+    """One line of out_dir/log.jsonl; with a TensorBoard writer, each of its numbers too (the per-class APs by class name).
+    A failed append (a full disk) is one error line."""
+    path = os.path.join(out_dir, "log.jsonl")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise SystemExit(f"error: could not append to {path} ({e.strerror or e}); the last checkpoint is left as it was") from None
+    for key, value in record.items() if writer is not None else ():
+        for name, x in zip(classes, value) if isinstance(value, list) else [(None, value)]:
+            if key != "iter" and isinstance(x, (int, float)) and math.isfinite(x):
+                writer.add_scalar(key if name is None else f"{key}/{name}", x, record["iter"])
+
+
 # Fine-tuning (train.py's init_from): a pretrained model's weights into the config's model
 # The architecture the transfer refuses another value of (num_heads and dilation shape no tensor, but change what they mean)
 ARCHITECTURE_KEYS = ("backbone", "dilation", "hidden_dim", "num_heads", "num_encoder_layers", "num_decoder_layers",
@@ -327,17 +344,19 @@ ARCHITECTURE_KEYS = ("backbone", "dilation", "hidden_dim", "num_heads", "num_enc
 
 def transfer_weights(pretrained, model, source):
     """Copy into model (built from train.py's config for the dataset's classes, model.classes) every
-    tensor of the pretrained model (load_model's) that it has too, and return (loaded, new, kept): the
-    parts (detr.PARTS) that got pretrained tensors, those that start as new, and how many of the
-    model's classes kept their class rows.
+    tensor of the pretrained model (load_model's) that it has too, and return what it did: the parts
+    (detr.PARTS) that got pretrained tensors (loaded), those that start as new (new), those of the
+    pretrained model that the config's has not (left_out), the model's classes that start with fresh
+    rows (new_classes) and the pretrained classes whose rows are dropped (dropped_classes).
     - The architecture must be the same (ARCHITECTURE_KEYS but those the file does not say, then
       every tensor's shape): anything else is one LoadError naming the first setting or key that differs.
     - The class-shaped tensors (the class heads' rows and the denoising label embedding) are copied
-      row by row for the classes of the same name (case aside), "no object" too when any class is;
-      new classes keep fresh rows.
+      row by row for the classes of the same name (data/format.class_key: case aside, VOC's names as
+      COCO's), "no object" too when any class is; new classes keep fresh rows.
     - An addition's own modules that the pretrained model lacks start as new; those it has and the
       config switches off are left out. The object queries are loaded when they mean the same
-      (DETR's positions, or DAB-DETR's content with anchor_queries), as many groups as both have."""
+      (DETR's positions, or DAB-DETR's content with anchor_queries), as many groups as both have, and
+      so is the box head (an absolute box in DETR, an offset of the anchor box with anchor_queries)."""
     for key in ARCHITECTURE_KEYS:
         if key not in getattr(pretrained, "assumed", ()) and pretrained.config[key] != model.config[key]:
             raise LoadError(f"{source} is a DETR with {key}={pretrained.config[key]!r}, the config has "
@@ -345,9 +364,9 @@ def transfer_weights(pretrained, model, source):
     part_of = {attr: part for part, attrs in PARTS.items() for attr in attrs}
     additions = {attr for part, attrs in list(PARTS.items())[7:] for attr in attrs}
     theirs, ours = pretrained.state_dict(), model.state_dict()
-    names = [c.lower() for c in pretrained.classes or []]
-    rows = {i: names.index(c.lower()) for i, c in enumerate(model.classes) if c.lower() in names}  # ours -> theirs
-    same_queries = pretrained.anchor_queries == model.anchor_queries
+    names = [class_key(c) for c in pretrained.classes or []]
+    rows = {i: names.index(class_key(c)) for i, c in enumerate(model.classes) if class_key(c) in names}  # ours -> theirs
+    same_queries = pretrained.anchor_queries == model.anchor_queries  # the queries and the box head mean the same
     loaded, new = set(), set()
     with torch.no_grad():
         for key, value in ours.items():
@@ -366,6 +385,8 @@ def transfer_weights(pretrained, model, source):
                 (loaded if rows else new).add(part)
                 if len(rows) < len(model.classes):
                     new.add(part)
+            elif attr == "box_head" and not same_queries:
+                new.add(part)
             elif attr in ("query_embed", "anchor_embed"):  # (num_queries x groups, ...)
                 if attr == "query_embed" and not same_queries:
                     new.add(part)
@@ -386,7 +407,26 @@ def transfer_weights(pretrained, model, source):
         if unknown:
             raise LoadError(f"{source} has '{unknown}', which the config's model has not: it is another architecture")
     order = list(PARTS)
-    return sorted(loaded, key=order.index), sorted(new, key=order.index), len(rows)
+    left_out = {part_of[k.split(".")[0]] for k in theirs if k.split(".")[0] in additions and k not in ours}
+    return {"loaded": sorted(loaded, key=order.index), "new": sorted(new, key=order.index),
+            "left_out": sorted(left_out, key=order.index),
+            "new_classes": [c for i, c in enumerate(model.classes) if i not in rows],
+            "dropped_classes": [c for j, c in enumerate(pretrained.classes or []) if j not in rows.values() and c != "N/A"]}
+
+
+def checkpoint_architecture(path):
+    """A minidetr checkpoint's architecture (DETR's arguments but num_classes: its model_args), else {}: an
+    official or transformers model says its own, and a bad file is initial_model's one error line."""
+    try:
+        checkpoint = load_checkpoint_file(path) if os.path.isfile(path) else {}
+    except LoadError:
+        return {}
+    return {k: v for k, v in checkpoint.get("model_args", {}).items() if k != "num_classes"}
+
+
+def few(names):
+    """The first ten names, and how many more."""
+    return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
 
 
 def new_model(config, num_classes, trainable_layers):
@@ -409,11 +449,11 @@ def initial_model(cfg, config, classes):
         model = new_model({**config, "pretrained_backbone": False}, len(classes), trainable_layers)
         model.classes = classes
         pretrained = load_model(cfg.init_from)[0]
-        loaded, new, kept = transfer_weights(pretrained, model, cfg.init_from)
-        print(f"init_from={cfg.init_from}: loaded {', '.join(loaded)}; class rows of {kept} of the {len(classes)} "
-              f"classes (those of the same name)")
-        if new:
-            print(f"init_from={cfg.init_from}: new {', '.join(new)}")
+        done, say = transfer_weights(pretrained, model, cfg.init_from), f"init_from={cfg.init_from}:"
+        kept, new_classes, dropped = len(classes) - len(done["new_classes"]), done["new_classes"], done["dropped_classes"]
+        print(f"{say} loaded {', '.join(done['loaded'])}; the class rows of {kept} of the {len(classes)} classes (by name)")
+        print(f"{say} new {', '.join(done['new']) or 'nothing'}" + (f"; rows for {few(new_classes)}" if new_classes else ""))
+        print(f"{say} left out {', '.join(done['left_out']) or 'nothing'}" + (f"; the rows of {few(dropped)}" if dropped else ""))
         return model, None
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if not os.path.isfile(ckpt_path):

@@ -32,12 +32,35 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")  
 EXIF_ORIENTATION = 0x0112  # the EXIF tag; its values 5 to 8 turn the image a quarter, so width and height swap
 
 
+# The same class under VOC's and COCO's names (the six that differ), so that the official COCO model keeps
+# its rows for all 20 VOC classes when fine-tuned (weights.transfer_weights) and is scored on VOC by name
+CLASS_ALIASES = {"aeroplane": "airplane", "diningtable": "dining table", "motorbike": "motorcycle",
+                 "pottedplant": "potted plant", "sofa": "couch", "tvmonitor": "tv"}
+
+
+def class_key(name):
+    """A class name as models and datasets are matched by: case aside, VOC's six names as COCO's."""
+    return CLASS_ALIASES.get(name.lower(), name.lower())
+
+
 def displayed_size(path):
     """(width, height) of an image file as displayed, from its header alone (no decoding); an unreadable
     file raises OSError (or SyntaxError, as PIL does for some)."""
     with Image.open(path) as im:
         width, height = im.size
         return (height, width) if im.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8) else (width, height)
+
+
+def raw_frame_warning(path, width, height):
+    """A warning line when an annotation's size (width, height) is the raw, unturned frame of a photo that
+    EXIF turns a quarter to display, else None: its boxes were likely drawn by a tool that ignores EXIF
+    (labelImg), on pixels other than those every script here reads."""
+    with Image.open(path) as im:
+        if im.getexif().get(EXIF_ORIENTATION) not in (5, 6, 7, 8) or (width, height) != im.size or width == height:
+            return None
+        return (f"warning: {path}: its annotation gives {width}x{height}, the photo's raw frame, but EXIF displays it "
+                f"{height}x{width}: a tool that ignores EXIF (labelImg) may have drawn its boxes on the raw frame; "
+                f"check them (python sample.py --matching)")
 
 
 def read_json(path, advice=""):

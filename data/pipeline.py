@@ -43,8 +43,14 @@ def read_image(image):
             ImageOps.exif_transpose(im, in_place=True)  # a no-op without an orientation tag
             return v2.functional.pil_to_tensor(im.convert("RGB"))
     except (OSError, SyntaxError, ValueError) as e:
-        print(f"skip: cannot decode {image} ({type(e).__name__})", file=sys.stderr)
+        log_skip(f"skip: cannot decode {image} ({type(e).__name__})")
         return None
+
+
+def log_skip(line):
+    """A skip line on stderr, on a line of its own also while a progress bar is drawn there: on a terminal
+    the bar's line is cleared first (the bar redraws below), in a file a newline ends it."""
+    print(("\r\033[K" if sys.stderr.isatty() else "\n") + line, file=sys.stderr, flush=True)
 
 
 class RandomSizeCrop(v2.Transform):

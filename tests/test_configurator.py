@@ -17,7 +17,7 @@ def test_flags_and_files_override_in_order_with_their_types(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--stpes=3"], "error: unknown flag --stpes (known: --out_dir, --lr, --steps, --compile, --sizes, --names)"),
+    (["--stpes=3"], "error: unknown flag --stpes; did you mean --steps? (known: --out_dir, --lr, --steps, --compile, --sizes, --names)"),
     (["--steps=many"], "error: steps='many' should be an integer"),
     (["--compile=1"], "error: compile=1 should be True or False"),
     (["--lr=fast"], "error: lr='fast' should be a number"),

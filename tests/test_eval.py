@@ -73,21 +73,30 @@ def test_report_counts_every_kind_of_error_as_by_hand(evaluation, tmp_path):
     assert rows["a"]["precision"] == "nan" and float(rows["a"]["recall"]) == 0.0 and float(rows["c"]["AP"]) == 0.0
     with open(tmp_path / "report" / "confusion_matrix.csv") as f:
         matrix = list(csv.reader(f))
-    assert matrix[0] == ["true \\ predicted", "a", "b", "c", "background"]
+    assert matrix[0] == ["true \\ predicted", "a", "b", "c", "missed"]
+    assert [r[0] for r in matrix[4:]] == ["duplicate", "poor localisation", "background"]
     assert [r[1:] for r in matrix[1:]] == [["0", "1", "0", "0"],   # the "a" taken for a "b"
                                            ["0", "1", "0", "0"],   # the "b" found
                                            ["0", "0", "0", "1"],   # the "c" missed
-                                           ["0", "7", "0", "0"]]   # 2 + 2 + 3 detections on nothing
+                                           ["0", "4", "0", "0"],   # 2 + 2 on an object already found
+                                           ["0", "0", "0", "0"],
+                                           ["0", "3", "0", "0"]]   # 3 on nothing
+    with open(tmp_path / "report" / "errors.csv") as f:
+        errors = {r["class"]: r for r in csv.DictReader(f)}
+    assert {k: int(v) for k, v in errors["b"].items() if k != "class"} == {
+        "objects": 1, "true positives": 1, "duplicate": 4, "wrong class": 1, "poor localisation": 0, "background": 3, "missed": 0}
+    assert errors["c"]["missed"] == "1" and errors["all"]["objects"] == "3" and errors["all"]["missed"] == "1"
     def not_json(constant):
         raise ValueError(f"{constant} is not JSON")
 
     summary = json.loads((tmp_path / "report" / "summary.json").read_text(), parse_constant=not_json)
     assert summary["mAP"] == pytest.approx(1 / 3) and summary["images"] == 3
     assert summary["mAP_large"] is None  # no large object: NaN in compute_map, null in the file
-    # worst/: the two images with 4 errors, then the one with 2, each at least 512 pixels on its short side
+    # worst/: img2 with 4 errors, img1 with 3 (its "a" is a wrong class, not missed: TIDE), img0 with 2, each
+    # at least 512 pixels on its short side
     worst = sorted(p.name for p in (tmp_path / "report" / "worst").iterdir())
-    assert worst == ["00_img1.png", "01_img2.png", "02_img0.png"]
-    picture = np.asarray(Image.open(tmp_path / "report" / "worst" / "01_img2.png").convert("RGB"))
+    assert worst == ["00_img2.png", "01_img1.png", "02_img0.png"]
+    picture = np.asarray(Image.open(tmp_path / "report" / "worst" / "00_img2.png").convert("RGB"))
     assert min(picture.shape[:2]) >= 512
     below_title = picture[40:]  # the title line has a swatch of each colour
     for kind in ("false positive", "missed"):  # img2 has both, and no true positive
@@ -187,5 +196,54 @@ def test_without_matplotlib_the_figures_are_one_logged_skip(evaluation, tmp_path
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails, as where it is not installed
     run_report(evaluation, fixed_box_model(["a", "b", "c"]), three_images(tmp_path / "data"), tmp_path / "report")
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [
-        "confusion_matrix.csv", "per_class.csv", "per_class.md", "summary.json", "worst"]
-    assert "skip: pr_curves.png and confusion_matrix.png need matplotlib" in capsys.readouterr().out
+        "by_object_count.csv", "confusion_matrix.csv", "errors.csv", "per_class.csv", "per_class.md", "summary.json", "worst"]
+    assert "skip: pr_curves.png, confusion_matrix.png and by_object_count.png need matplotlib" in capsys.readouterr().out
+
+
+def test_false_positives_are_sorted_into_tides_kinds(evaluation):
+    """One object of class 0 at [0, 0, 10, 10], one of class 1 at [20, 0, 30, 10]: a true positive, a
+    duplicate on the first, a class-0 box on the second (wrong class), a box half off the first (poor
+    localisation) and one far away (background); the second object, taken by the wrong class, is not missed."""
+    gt = {"boxes": torch.tensor([[0.0, 0, 10, 10], [20, 0, 30, 10]]), "labels": torch.tensor([0, 1])}
+    det = {"boxes": torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 9.5], [20, 0, 30, 10], [5, 0, 15, 10], [50, 50, 60, 60]]),
+           "scores": torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5]), "labels": torch.tensor([0, 0, 0, 0, 0])}
+    match, ignored = torch.tensor([0, -1, -1, -1, -1]), torch.zeros(5, dtype=torch.bool)
+    tp, fp, missed, kinds, objects = evaluation.image_errors(match, ignored, det, gt, 0.3)
+    assert tp.tolist() == [0] and fp.tolist() == [1, 2, 3, 4] and missed.tolist() == []
+    assert kinds == ["duplicate", "wrong class", "poor localisation", "background"] and objects == [-1, 1, -1, -1]
+
+
+def test_layers_give_the_papers_fig_4_and_end_at_the_reports_numbers(evaluation, tmp_path):
+    """eval.py --layers: COCO's AP and AP50 after each decoder layer, without and with class-wise NMS; the last
+    layer without NMS is the report's own mAP and AP50 (per_class.md's mean row)."""
+    pytest.importorskip("matplotlib")
+    data = three_images(tmp_path / "data")
+    torch.manual_seed(3)
+    model = DETR(num_classes=3, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1,
+                 num_decoder_layers=2, dim_feedforward=64, num_queries=12).eval()
+    with torch.no_grad():  # boxes near the objects, so that the APs are not all 0
+        model.box_head[-1].bias.copy_(torch.logit(torch.tensor([0.5, 0.45, 0.4, 0.4])))
+    model.classes = ["a", "b", "c"]
+    cfg = {"dataset": str(tmp_path / "data"), "val_split": "val", "val_scale": 64, "max_size": 200, "batch_size": 2}
+    torch.save({"model": model.state_dict(), "model_args": model.config, "classes": model.classes, "config": cfg},
+               tmp_path / "best.pt")
+    evaluation.ckpt, evaluation.out_dir, evaluation.layers, evaluation.max_dets = str(tmp_path / "best.pt"), str(tmp_path / "r"), True, 0
+    evaluation.main()
+    with open(tmp_path / "r" / "layers.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["layer"], r["nms"]) for r in rows] == [("1", "False"), ("1", "True"), ("2", "False"), ("2", "True")]
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    with open(tmp_path / "r" / "per_class.csv") as f:
+        per_class = [r for r in csv.DictReader(f) if int(r["objects"]) > 0 and r["AP50"] != "nan"]
+    assert float(rows[2]["AP"]) == summary["mAP"] and summary["mAP"] > 0
+    assert float(rows[2]["AP50"]) == pytest.approx(sum(float(r["AP50"]) for r in per_class) / len(per_class), abs=1e-6)
+    assert (tmp_path / "r" / "layers.png").exists()
+    with open(tmp_path / "r" / "by_object_count.csv") as f:  # one object an image, then all
+        counts = list(csv.DictReader(f))
+    assert [(r["objects an image holds"], r["images"], r["objects"]) for r in counts] == [("1", "3", "3"), ("all", "3", "3")]
+    single = DETR(**{**model.config, "num_decoder_layers": 1})
+    torch.save({"model": single.state_dict(), "model_args": single.config, "classes": model.classes, "config": cfg},
+               tmp_path / "one.pt")
+    evaluation.ckpt = str(tmp_path / "one.pt")
+    with pytest.raises(SystemExit, match="--layers compares the decoder's layers"):
+        evaluation.main()

@@ -77,7 +77,8 @@ def test_fine_tuning_from_a_minidetr_checkpoint_evaluates_as_its_source(tmp_path
     assert same_metrics(metrics, source_metrics)
     out = capsys.readouterr().out
     assert "loaded backbone, input_proj, encoder, decoder, query_embed, class_head, box_head, anchors, proposals, " \
-           "denoising, conditional; class rows of 4 of the 4 classes" in out and "new " not in out
+           "denoising, conditional; the class rows of 4 of the 4 classes (by name)" in out
+    assert "new nothing\n" in out and "left out nothing\n" in out
     # the same data with its classes in another order: each class's AP is unchanged
     reordered = tmp_path / "reordered"
     reordered.mkdir()
@@ -117,9 +118,11 @@ def test_pretrained_weights_start_a_model_with_additions(tmp_path):
     model = DETR(3, **small, anchor_queries=True, encoder_proposals=True, denoising_groups=2, conditional_cross_attn=True)
     model.classes = ["star", "circle", "hexagon"]
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
-    loaded, new, kept = weights.transfer_weights(pretrained, model, "vanilla")
-    assert loaded == ["backbone", "input_proj", "encoder", "decoder", "class_head", "box_head"]
-    assert new == ["query_embed", "class_head", "anchors", "proposals", "denoising", "conditional"] and kept == 2
+    done = weights.transfer_weights(pretrained, model, "vanilla")
+    assert done["loaded"] == ["backbone", "input_proj", "encoder", "decoder", "class_head"]
+    # the box head too is new: DETR's gives an absolute box, DAB-DETR's an offset of the anchor box
+    assert done["new"] == ["query_embed", "class_head", "box_head", "anchors", "proposals", "denoising", "conditional"]
+    assert done["new_classes"] == ["hexagon"] and done["dropped_classes"] == ["square"] and done["left_out"] == []
     theirs, ours = pretrained.state_dict(), model.state_dict()
     assert torch.equal(ours["encoder.0.linear1.weight"], theirs["encoder.0.linear1.weight"])
     assert torch.equal(ours["decoder.1.cross_attn.in_proj_weight"], theirs["decoder.1.cross_attn.in_proj_weight"])
@@ -131,8 +134,9 @@ def test_pretrained_weights_start_a_model_with_additions(tmp_path):
     # and back: a model with additions into one without, the additions' modules left out
     plain = DETR(3, **small)
     plain.classes = model.classes
-    loaded, new, _ = weights.transfer_weights(model, plain, "with additions")
-    assert "anchors" not in loaded and new == ["query_embed"]
+    done = weights.transfer_weights(model, plain, "with additions")
+    assert "anchors" not in done["loaded"] and done["new"] == ["query_embed", "box_head"]
+    assert done["left_out"] == ["anchors", "proposals", "denoising", "conditional"]
     with pytest.raises(weights.LoadError, match="hidden_dim=32, the config has hidden_dim=64"):
         weights.transfer_weights(pretrained, DETR(3, **{**small, "hidden_dim": 64}), "vanilla")
 

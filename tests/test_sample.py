@@ -113,17 +113,18 @@ def test_curves_png_from_a_hand_made_log(sample, tmp_path):
     path = sample.plot_log(str(tmp_path / "log.jsonl"), str(tmp_path / "curves.png"))
     image = np.asarray(Image.open(path).convert("RGB"))
     assert image.shape[0] > 300 and image.shape[1] > 600 and image.std() > 10  # a drawn figure, not blank
-    # the four diagnostics panels (the bottom row's last four) are empty without diagnostics, and drawn with them
-    bottom = image[image.shape[0] // 2 :]
+    # the diagnostics panels (the bottom row's first three: classes, box spread, IoU by layer) are empty without
+    # diagnostics, and drawn with them
+    bottom = image[2 * image.shape[0] // 3 :]
     for r in records[:-1]:
         r.update(grad_norm_backbone=1 / r["iter"], grad_norm_class_head=2.0, weight_norm_backbone=50 + r["iter"],
                  weight_norm_class_head=3.0, query_classes=1 + r["iter"] % 3, query_box_spread=0.01 * r["iter"],
                  iou_start=0.3, iou_layer_0=0.4 + 0.01 * r["iter"], iou_dn_start=0.5, iou_dn_layer_0=0.6)
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     drawn = np.asarray(Image.open(sample.plot_log(str(tmp_path / "log.jsonl"), str(tmp_path / "curves.png"))).convert("RGB"))
-    changed = (drawn[drawn.shape[0] // 2 :] != bottom).any(-1)  # (rows, columns) of pixels that differ
-    for fifth in np.array_split(changed, 5, axis=1)[1:]:  # each of the four diagnostics panels got drawn
-        assert fifth.mean() > 0.01
+    changed = (drawn[2 * drawn.shape[0] // 3 :] != bottom).any(-1)  # (rows, columns) of pixels that differ
+    quarters = np.array_split(changed, 4, axis=1)
+    assert all(q.mean() > 0.01 for q in quarters[:3]) and quarters[3].mean() == 0  # the three drawn, the empty slot not
     keys = ["iou_dn_layer_0", "iou_layer_1", "iou_dn_start", "iou_layer_0", "iou_start"]
     assert sorted(keys, key=sample.iou_order) == ["iou_start", "iou_layer_0", "iou_layer_1", "iou_dn_start", "iou_dn_layer_0"]
 
@@ -283,3 +284,28 @@ def test_matching_picture_shows_the_losss_own_matching(sample, tmp_path, capsys)
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["0_matching.png"]
     picture = Image.open(tmp_path / "samples" / "0_matching.png")
     assert min(picture.size) >= 512 and np.asarray(picture.convert("RGB")).std() > 10
+
+
+def test_slots_draw_every_box_of_each_query_slot(sample, tmp_path):
+    """sample.py --slots (the paper's Fig. 7): one panel per slot, every prediction whatever its score;
+    more slots than the model has queries is one error line."""
+    pytest.importorskip("matplotlib")
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    save_checkpoint(fixed_box_model(num_queries=3), tmp_path / "ckpt.pt", ["a", "b", "c"])
+    (tmp_path / "imgs").mkdir()
+    for i in range(4):
+        Image.new("RGB", (96, 64), (40 * i, 90, 120)).save(tmp_path / "imgs" / f"{i}.png")
+    model = load_model(str(tmp_path / "ckpt.pt"))[0]
+    paths = sorted(str(p) for p in (tmp_path / "imgs").iterdir())
+    path = sample.draw_slots(model, paths, 3, str(tmp_path / "slots.png"))
+    picture = np.asarray(Image.open(path).convert("RGB"))
+    assert min(picture.shape[:2]) >= 512
+    red = (picture[..., 0] > 180) & (picture[..., 1] < 80) & (picture[..., 2] < 80)  # every box is wide: (0.5, 0.25)
+    assert red.sum() > 30
+    result = subprocess.run([sys.executable, "sample.py", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--images={tmp_path / 'imgs'}",
+                             "--slots", "--num_slots=5", f"--out_dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.strip() == "error: --num_slots=5 but the model has 3 query slots"

@@ -219,10 +219,10 @@ def test_fine_tuning_keeps_the_rows_of_same_named_classes_and_the_writer_checks_
     pretrained.category_ids = [1, 2, 3, 4]
     model = DETR(**{**pretrained.config, "num_classes": 2})
     model.classes = ["square", "circle"]
-    loaded, new, kept = weights.transfer_weights(pretrained, model, "folder")
+    done = weights.transfer_weights(pretrained, model, "folder")
     rows = [pretrained.classes.index("square"), pretrained.classes.index("circle"), pretrained.num_classes]
-    assert torch.equal(model.class_head.weight, pretrained.class_head.weight[rows]) and new == [] and kept == 2
-    assert "backbone" in loaded and torch.equal(model.box_head[0].weight, pretrained.box_head[0].weight)
+    assert torch.equal(model.class_head.weight, pretrained.class_head.weight[rows]) and done["new"] == []
+    assert done["new_classes"] == [] and "backbone" in done["loaded"] and torch.equal(model.box_head[0].weight, pretrained.box_head[0].weight)
     assert model.category_ids is None
     model.category_ids = [7, 8, 9]
     assert "2 classes but 3 category_ids" in one_line_error(lambda: weights.write_transformers_folder(model, str(tmp_path / "x")))
@@ -246,7 +246,7 @@ def test_fine_tune_a_folder_then_hand_it_back_with_its_category_ids(tmp_path, ca
         path = tmp_path / "data" / f"{split}.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "category_ids": [3, 5, 7, 9]}))
     run(tmp_path / "out", tmp_path / "data", init_from=str(pretrained), max_iters=1, eval_interval=1)
-    assert "class rows of 4 of the 4 classes" in capsys.readouterr().out
+    assert "the class rows of 4 of the 4 classes" in capsys.readouterr().out
     result = subprocess.run([sys.executable, "export.py", f"--ckpt={tmp_path / 'out' / 'best.pt'}",
                              f"--hf={tmp_path / 'handed'}"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]

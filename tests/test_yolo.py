@@ -52,7 +52,7 @@ def test_a_yolo_yaml_becomes_one_json_per_split(tmp_path, monkeypatch):
     assert by_name["b.png"]["boxes"] == by_name["c.jpg"]["boxes"] == [] and (by_name["b.png"]["width"], by_name["b.png"]["height"]) == (50, 40)
     skips = [line for line in lines if line.startswith("skip")]
     assert len(skips) == 6 and any("broken.jpg" in s for s in skips) and any("ghost.txt has no image" in s for s in skips)
-    assert any("skipped 1 images, 4 objects, 1 label files without an image" in line for line in lines)
+    assert any("skipped 1 images, 4 objects, 0 duplicate lines, 1 label files without an image" in line for line in lines)
     val = read_dataset_json(tmp_path / "out" / "val.json")
     assert val["images"][0]["boxes"] == [[0, 0, 40, 40]] and val["images"][0]["labels"] == [1]
 
@@ -68,6 +68,23 @@ def test_a_plain_folder_and_names_from_the_command_line(tmp_path, monkeypatch):
     runpy.run_path(str(ROOT / "data" / "yolo" / "prepare.py"), run_name="__main__")
     record = json.loads((tmp_path / "out" / "val.json").read_text())["images"][0]
     assert record["boxes"] == [[25, 12.5, 75, 37.5]] and record["labels"] == [2]
+
+
+def test_labels_are_checked_as_ultralytics_checks_them(tmp_path):
+    """Pixels where fractions belong are a logged skip (clipping made them full-image boxes), duplicate lines
+    are removed and counted, and a class id written 0.0 is class 0; a coordinate a hair outside [0, 1] is clipped."""
+    (tmp_path / "labels.txt").write_text(
+        "0 100 50 300 150\n"  # pixels of a 200x100 image: skipped
+        "0 0.5 0.5 1.3 0.2\n"  # wider than the image: skipped
+        "1 0.5 0.5 0.2 0.2\n"
+        "1 0.5 0.5 0.2 0.2\n"  # a duplicate: removed
+        "0.0 0.25 0.5 0.5 1.004\n")  # class 0, and a height a hair over 1: clipped to the image
+    lines = []
+    yolo = load_script("data/yolo/prepare.py")
+    boxes, labels, skipped, duplicates = yolo.read_labels(str(tmp_path / "labels.txt"), 200, 100, 2, lines.append)
+    assert boxes == [[80, 40, 120, 60], [0, 0, 100, 100]] and labels == [1, 0] and skipped == 2 and duplicates == 1
+    assert sum("outside [0, 1]" in line and "not pixels" in line for line in lines) == 2
+    assert any("1 duplicate lines, removed" in line for line in lines)
 
 
 @pytest.mark.parametrize("yaml_text, message", [

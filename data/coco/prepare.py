@@ -30,7 +30,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository root
 from configurator import configure  # noqa: E402  (the repository's one flag parser)
-from data.format import displayed_size, read_json  # noqa: E402
+from data.format import displayed_size, raw_frame_warning, read_json  # noqa: E402
 
 # defaults, each overridable as --key=value
 ann = ""  # the COCO annotation json
@@ -78,6 +78,9 @@ def prepare(ann, images, out_dir, split, log=print):
             skipped_images += 1
             continue
         if (im.get("width", width), im.get("height", height)) != (width, height):
+            warning = raw_frame_warning(path, im.get("width"), im.get("height"))
+            if warning:  # the likely cause, before the skip
+                log(warning)
             log(f"skip image {im['id']}: {path} is {width}x{height}, the json says {im.get('width')}x{im.get('height')}")
             skipped_images += 1
             continue

@@ -26,7 +26,7 @@ import xml.etree.ElementTree as ET
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository root
 from configurator import configure  # noqa: E402  (the repository's one flag parser)
-from data.format import displayed_size  # noqa: E402
+from data.format import displayed_size, raw_frame_warning  # noqa: E402
 
 # defaults, each overridable as --key=value
 voc_root = ""  # the VOCdevkit folder, holding VOC2007/ and/or VOC2012/
@@ -61,6 +61,10 @@ def parse_annotation(xml_path, jpeg_path, log):
     except (OSError, SyntaxError) as e:
         log(f"skip image: cannot read {jpeg_path} ({type(e).__name__})")
         return None
+    size = [int(float(root.findtext(f"size/{k}") or 0)) for k in ("width", "height")]
+    warning = raw_frame_warning(jpeg_path, *size)
+    if warning:
+        log(warning)
     record = {"file": os.path.abspath(jpeg_path), "width": width, "height": height,
               "boxes": [], "labels": [], "difficult": []}
     for i, obj in enumerate(root.iter("object")):

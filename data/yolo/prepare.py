@@ -12,9 +12,10 @@ ultralytics does, an image's labels are found by replacing the last /images/ of 
 or a YOLO-seg polygon `class x1 y1 x2 y2 ...`, which becomes the polygon's bounding box. Boxes
 become pixels of the image as displayed (EXIF orientation applied: data/format.py).
 
-An image with no label file, or an empty one, is kept with no objects. A malformed line, an unknown
-class or a box with no area is one logged skip; so is an image that cannot be read, or a label file
-with no image. The summary counts them. A yaml without names or splits, or a split with no image,
+An image with no label file, or an empty one, is kept with no objects. As ultralytics checks labels: a
+malformed line, an unknown class (0.0 is class 0), a coordinate outside [0, 1] (a label in pixels; 0.01
+of slack, then clipped) or a box with no area is one logged skip, and duplicate lines are removed; so
+is an image that cannot be read, or a label file with no image skipped. The summary counts them. A yaml without names or splits, or a split with no image,
 is one error line. Needs PyYAML for --yaml (pip install pyyaml; ultralytics installs it).
 """
 
@@ -104,24 +105,35 @@ def label_file(image_path, labels_dir=""):
     return os.path.splitext(labels.join(image_path.rsplit(images_dir, 1)))[0] + ".txt"
 
 
+COORDINATE_TOLERANCE = 0.01  # a normalised coordinate may stray this far outside [0, 1] (rounding); the box is clipped
+
+
 def read_labels(path, width, height, num_classes, log):
-    """(boxes as [x0, y0, x1, y1] pixels, labels, skipped) of one label file; a missing file is no objects."""
-    boxes, labels, skipped = [], [], 0
+    """(boxes as [x0, y0, x1, y1] pixels, labels, skipped, duplicates) of one label file, checked as
+    ultralytics checks them; a missing file is no objects."""
+    boxes, labels, skipped, duplicates, seen = [], [], 0, 0, set()
     if not os.path.isfile(path):
-        return boxes, labels, skipped
+        return boxes, labels, skipped, duplicates
     try:
         with open(path) as f:
             lines = [line.split() for line in f if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         log(f"skip labels: cannot read {path} ({type(e).__name__})")
-        return boxes, labels, 1
+        return boxes, labels, 1, 0
     for n, fields in enumerate(lines, 1):
         try:
-            label, values = int(fields[0]), [float(v) for v in fields[1:]]
+            label, values = float(fields[0]), [float(v) for v in fields[1:]]
+            if not label.is_integer():  # 0.0, as some exporters write it, is class 0
+                raise ValueError
+            label = int(label)
         except (ValueError, IndexError):
             log(f"skip object: {path} line {n} is not 'class cx cy w h' ({' '.join(fields)[:60]})")
             skipped += 1
             continue
+        if (label, *values) in seen:  # ultralytics removes duplicate lines too
+            duplicates += 1
+            continue
+        seen.add((label, *values))
         if not 0 <= label < num_classes:
             log(f"skip object: {path} line {n} has class {fields[0]}, not one of 0..{num_classes - 1}")
             skipped += 1
@@ -135,6 +147,11 @@ def read_labels(path, width, height, num_classes, log):
             log(f"skip object: {path} line {n} has {len(values)} numbers (4 for a box, 6 or more for a polygon)")
             skipped += 1
             continue
+        if not all(-COORDINATE_TOLERANCE <= v <= 1 + COORDINATE_TOLERANCE for v in values):  # NaN fails too
+            log(f"skip object: {path} line {n} has coordinates outside [0, 1] ({' '.join(fields[1:])[:60]}): YOLO "
+                f"labels are fractions of the image's width and height, not pixels")
+            skipped += 1
+            continue
         box = [min(max(x0, 0.0), 1.0) * width, min(max(y0, 0.0), 1.0) * height,
                min(max(x1, 0.0), 1.0) * width, min(max(y1, 0.0), 1.0) * height]
         if not (box[2] > box[0] and box[3] > box[1]):  # NaN fails too
@@ -143,12 +160,14 @@ def read_labels(path, width, height, num_classes, log):
             continue
         boxes.append([round(v, 3) for v in box])
         labels.append(label)
-    return boxes, labels, skipped
+    if duplicates:
+        log(f"skip object: {path} has {duplicates} duplicate lines, removed")
+    return boxes, labels, skipped, duplicates
 
 
 def prepare(image_paths, classes, out_dir, split, labels_dir="", log=print):
     """Write <out_dir>/<split>.json; returns (images, objects) written."""
-    records, skipped_images, skipped_objects, orphans = [], 0, 0, 0
+    records, skipped_images, skipped_objects, duplicates, orphans = [], 0, 0, 0, 0
     for path in image_paths:
         try:
             width, height = displayed_size(path)
@@ -156,8 +175,8 @@ def prepare(image_paths, classes, out_dir, split, labels_dir="", log=print):
             log(f"skip image: cannot read {path} ({type(e).__name__})")
             skipped_images += 1
             continue
-        boxes, labels, skipped = read_labels(label_file(path, labels_dir), width, height, len(classes), log)
-        skipped_objects += skipped
+        boxes, labels, skipped, repeated = read_labels(label_file(path, labels_dir), width, height, len(classes), log)
+        skipped_objects, duplicates = skipped_objects + skipped, duplicates + repeated
         records.append({"file": path, "width": width, "height": height, "boxes": boxes, "labels": labels})
     # a label file in this split's label folders with no image of its name in its image folders (other
     # splits may share the folders): each folder listed once
@@ -177,7 +196,8 @@ def prepare(image_paths, classes, out_dir, split, labels_dir="", log=print):
     os.replace(out_path + ".tmp", out_path)
     objects, empty = sum(len(r["labels"]) for r in records), sum(not r["labels"] for r in records)
     log(f"{split}: {len(records)} images ({empty} without objects), {objects} objects, {len(classes)} classes; "
-        f"skipped {skipped_images} images, {skipped_objects} objects, {orphans} label files without an image -> {out_path}")
+        f"skipped {skipped_images} images, {skipped_objects} objects, {duplicates} duplicate lines, {orphans} label files "
+        f"without an image -> {out_path}")
     return len(records), objects
 
 

@@ -1,0 +1,136 @@
+"""A newcomer's first hour: fine-tuning needs no config archaeology and says what it did, the messages say
+what they mean (a mistyped flag, the end of a run, the detections limit, the two AP50s, skip lines, a
+photo labelled on its raw frame), and the official models run at the batch they were trained with."""
+
+import json
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import train
+import weights
+from conftest import load_script
+from data import pipeline
+from detr import DETR
+from test_train import make_shapes, run
+from weights import COCO_CLASSES
+
+VOC_CLASSES = load_script("data/voc/prepare.py").CLASSES
+
+
+def test_fine_tuning_a_minidetr_checkpoint_takes_its_architecture(tmp_path, capsys):
+    """--init_from=best.pt with a config that does not say the architecture (config/custom.py): the
+    checkpoint's for every model key no config file or flag sets; a flag still wins."""
+    make_shapes(tmp_path / "data", 4, 2)
+    run(tmp_path / "mine", tmp_path / "data", max_iters=1, num_queries=6, frozen_bn=False)
+    (tmp_path / "custom.py").write_text("learning_rate = 1e-4\nbatch_size = 2\n")
+    capsys.readouterr()
+    config = train.get_config([str(tmp_path / "custom.py"), f"--init_from={tmp_path / 'mine' / 'best.pt'}", "--dropout=0.2"])
+    assert (config["backbone"], config["hidden_dim"], config["num_queries"], config["frozen_bn"]) == ("resnet18", 32, 6, False)
+    assert config["dropout"] == 0.2 and config["learning_rate"] == 1e-4  # set by the flag and the file
+    out = capsys.readouterr().out
+    assert "its architecture, which no config file or flag sets: " in out and "backbone='resnet18'" in out
+    assert "dropout" not in out
+    assert train.get_config([])["backbone"] == "resnet50"  # from scratch: the defaults
+
+
+def test_fine_tuning_says_what_it_loaded_made_new_and_left_out(tmp_path, capsys):
+    """The official COCO model on VOC: its six classes under VOC's names (aeroplane is COCO's airplane ...)
+    keep their rows, so all 20 do; the class line names the COCO classes dropped (ten, and a count)."""
+    official = DETR(num_classes=91, backbone="resnet18", hidden_dim=32, num_heads=8, num_encoder_layers=1,
+                    num_decoder_layers=2, dim_feedforward=64, num_queries=8)
+    official.classes = COCO_CLASSES
+    model = DETR(num_classes=20, backbone="resnet18", hidden_dim=32, num_heads=8, num_encoder_layers=1,
+                 num_decoder_layers=2, dim_feedforward=64, num_queries=8, anchor_queries=True)
+    model.classes = VOC_CLASSES
+    done = weights.transfer_weights(official, model, "detr-r50")
+    assert done["new_classes"] == [] and len(done["dropped_classes"]) == 60 and "box_head" in done["new"]
+    rows = [COCO_CLASSES.index(c) for c in ("airplane", "dining table", "motorcycle", "potted plant", "couch", "tv")]
+    ours = [VOC_CLASSES.index(c) for c in ("aeroplane", "diningtable", "motorbike", "pottedplant", "sofa", "tvmonitor")]
+    assert torch.equal(model.class_head.weight[ours], official.class_head.weight[rows])
+    assert weights.few([str(i) for i in range(12)]) == "0, 1, 2, 3, 4, 5, 6, 7, 8, 9 and 2 more"
+    # and the three lines of a run
+    make_shapes(tmp_path / "data", 4, 2)
+    small = dict(backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1, num_decoder_layers=2,
+                 dim_feedforward=64, num_queries=8)
+    source = DETR(num_classes=3, **small, anchor_queries=True, denoising_groups=2)
+    source.classes = ["circle", "square", "hexagon"]
+    torch.save({"model": source.state_dict(), "model_args": source.config, "classes": source.classes, "config": {}},
+               tmp_path / "source.pt")
+    run(tmp_path / "out", tmp_path / "data", max_iters=1, init_from=str(tmp_path / "source.pt"), anchor_queries=True)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("init_from=")]
+    assert len(lines) == 3
+    assert lines[0].endswith("loaded backbone, input_proj, encoder, decoder, query_embed, class_head, box_head, anchors; "
+                             "the class rows of 2 of the 4 classes (by name)")
+    assert lines[1].endswith("new class_head; rows for triangle, star")
+    assert lines[2].endswith("left out denoising; the rows of hexagon")
+
+
+def test_official_models_run_at_the_batch_they_were_trained_with(tmp_path):
+    """The official README: 2 images a GPU (DC5: 1); evaluated otherwise they lose AP, so eval.py and
+    sample.py run them so, unless --batch_size says otherwise."""
+    for dilation, batch in ((False, 2), (True, 1)):
+        model = DETR(num_classes=91, backbone="resnet50", hidden_dim=32, num_heads=8, num_encoder_layers=1,
+                     num_decoder_layers=1, dim_feedforward=64, num_queries=4, dilation=dilation)
+        torch.save({"model": {weights.minidetr_to_official_key(k): v for k, v in model.state_dict().items()}},
+                   tmp_path / "official.pth")
+        loaded = weights.load_model(str(tmp_path / "official.pth"), dilation=dilation)[0]
+        assert loaded.eval_config == {"val_scale": 800, "max_size": 1333, "batch_size": batch, "pad_to": 1, "dtype": "float32"}
+
+
+def test_a_run_ends_with_a_summary_and_prints_the_detections_limit_only_where_it_binds(tmp_path, capsys):
+    make_shapes(tmp_path / "data", 4, 2)
+    run(tmp_path / "out", tmp_path / "data", max_iters=2, eval_interval=1)
+    out = capsys.readouterr().out
+    best = tmp_path / "out" / "best.pt"
+    assert "done: best val mAP50 " in out and f"at iteration {torch.load(best, weights_only=False)['best_iter']}, in {best}" in out
+    assert f"python sample.py --ckpt={best}" in out and f"python eval.py --ckpt={best}" in out
+    assert "detections an image and class" not in out  # 8 queries, max_dets 100: no limit binds
+    run(tmp_path / "few", tmp_path / "data", max_iters=1, max_dets=4)
+    assert "(at most 4 detections an image and class)" in capsys.readouterr().out
+
+
+def test_a_skip_line_starts_a_line_of_its_own(tmp_path, capfd):
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    sys.stderr.write(" 40%|####      | 4/10 [00:01<00:01]")  # a progress bar's line, as tqdm leaves it
+    assert pipeline.read_image(str(tmp_path / "broken.jpg")) is None
+    err = capfd.readouterr().err
+    assert "\nskip: cannot decode " in err and err.rstrip().splitlines()[-1].startswith("skip: cannot decode")
+
+
+@pytest.mark.parametrize("source", ["voc", "coco"])
+def test_a_photo_labelled_on_its_raw_frame_is_one_warning_line(tmp_path, source):
+    """labelImg ignores EXIF: a portrait phone photo (stored landscape, turned by its EXIF tag) gets the raw
+    80x48 in its xml or json, and boxes on the raw frame. One warning line names the file."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (80, 48)).save(tmp_path / "phone.jpg", exif=exif)
+    lines = []
+    if source == "voc":
+        (tmp_path / "phone.xml").write_text("<annotation><size><width>80</width><height>48</height></size><object><name>cat"
+                                            "</name><bndbox><xmin>5</xmin><ymin>5</ymin><xmax>30</xmax><ymax>30</ymax>"
+                                            "</bndbox></object></annotation>")
+        load_script("data/voc/prepare.py").parse_annotation(str(tmp_path / "phone.xml"), str(tmp_path / "phone.jpg"), lines.append)
+    else:
+        coco = {"images": [{"id": 1, "file_name": "phone.jpg", "width": 80, "height": 48}], "annotations": [],
+                "categories": [{"id": 1, "name": "cat"}]}
+        (tmp_path / "ann.json").write_text(json.dumps(coco))
+        with pytest.raises(SystemExit):  # its only image skipped
+            load_script("data/coco/prepare.py").prepare(str(tmp_path / "ann.json"), str(tmp_path), str(tmp_path / "d"), "val",
+                                                        lines.append)
+    warnings = [line for line in lines if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "phone.jpg" in warnings[0] and "raw frame" in warnings[0] and "48x80" in warnings[0]
+
+
+def test_eval_tells_its_two_ap50s_apart(tmp_path, capsys):
+    from test_eval import fixed_box_model, three_images
+
+    evaluation = load_script("eval.py")
+    data = three_images(tmp_path / "data")
+    model = fixed_box_model(["a", "b", "c"])
+    evaluation.report(model, data, evaluation.predict(model, data, "cpu", batch_size=2), str(tmp_path / "report"), 0.5)
+    text = capsys.readouterr().out
+    assert "VOC's mAP50" in text and "all-point" in text and "the table's AP50 is COCO's 101-point" in text
+    assert "detections an image and class" not in text
