@@ -242,6 +242,9 @@ def query_diagnostics(outputs, targets, num_queries, matched, dn_pairs=None):
       predict, averaged over the batch: 1 while every query says the same thing;
     - query_box_spread: the standard deviation of the predicted box centres across the queries of
       an image (in image widths), averaged over the batch: near 0 while every query gives one box;
+    - query_box_image_std: the standard deviation of each query's box centre across the images of the
+      batch (in image widths), averaged over the queries: near 0 while the queries ignore the image,
+      each giving its own box whatever the image shows (DETR's early plateau);
     - iou_start, iou_layer_0 ... iou_layer_{L-1}: the mean IoU with their matched objects (matched: per
       image the last layer's (query, target) pairs) of the boxes the queries start from (anchors or
       encoder proposals) and of each decoder layer's boxes: whether each layer improves on the one before;
@@ -251,6 +254,7 @@ def query_diagnostics(outputs, targets, num_queries, matched, dn_pairs=None):
     record = {"query_classes": float(np.mean([len(c.unique()) for c in classes]))}
     centres = outputs["pred_boxes"][:, :Q, :2].float()  # (B, Q, 2)
     record["query_box_spread"] = centres.var(1, unbiased=False).sum(-1).sqrt().mean().item()
+    record["query_box_image_std"] = centres.var(0, unbiased=False).sum(-1).sqrt().mean().item() if len(centres) > 1 else math.nan
     layers = [o["pred_boxes"][:, :Q] for o in outputs["aux_outputs"] + [outputs]]
     boxes = {"start": outputs.get("start_boxes"), **{f"layer_{l}": b for l, b in enumerate(layers)}}
     if "dn_outputs" in outputs:
@@ -268,20 +272,19 @@ def query_diagnostics(outputs, targets, num_queries, matched, dn_pairs=None):
 
 # DETR's early plateau, as the diagnostics show it (calibrated on two shapes runs, EXPERIMENTS.md: the
 # README's run, which leaves the plateau by step 700, and vanilla DETR's, which stays on it)
-PLATEAU_BOX_SPREAD = 0.05  # the queries' box centres spread less than this (image widths) ...
+PLATEAU_IMAGE_STD = 0.05  # each query's box moves less than this (image widths) from image to image ...
 PLATEAU_CLASSES = 1.2  # ... or the queries of an image predict fewer distinct classes than this
 
 
 def plateau_warning(record, warmup_iters):
     """One warning line when a training record (after the warm-up) shows the plateau, else None."""
-    if record["iter"] <= warmup_iters or "query_box_spread" not in record:
+    if record["iter"] <= warmup_iters or "query_box_image_std" not in record:
         return None
-    spread, classes = record["query_box_spread"], record["query_classes"]
-    if spread >= PLATEAU_BOX_SPREAD and classes >= PLATEAU_CLASSES:
+    moves, classes = record["query_box_image_std"], record["query_classes"]
+    if not (moves < PLATEAU_IMAGE_STD or classes < PLATEAU_CLASSES):  # NaN (one image a batch) is no sign
         return None
-    return (f"warning: iteration {record['iter']}: DETR's early plateau: every query gives nearly the same "
-            f"{'box' if spread < PLATEAU_BOX_SPREAD else 'class'} (box centres {spread:.3f} image widths apart, "
-            f"{classes:.1f} classes an image): the model has not yet learnt where the objects are. It may leave it "
-            f"with more steps; faster with the additions (config/shapes.py), a pretrained start (--init_from), or a "
-            f"lower learning_rate (sample.py --log draws the diagnostics)")
-
+    what = f"box whatever the image ({moves:.3f} image widths from image to image)" if moves < PLATEAU_IMAGE_STD \
+        else f"class ({classes:.1f} classes an image)"
+    return (f"warning: iteration {record['iter']}: DETR's early plateau: every query gives nearly the same {what}: the "
+            f"model has not yet learnt where the objects are. It may leave it with more steps; faster with the additions "
+            f"(config/shapes.py), a pretrained start (--init_from) or a lower learning_rate (sample.py --log draws it)")

@@ -265,7 +265,10 @@ def test_diagnostics_see_alike_queries_and_how_each_layer_moves_the_boxes():
     assert {"iou_start", "iou_layer_0", "iou_layer_1", "iou_layer_2"} <= set(record)
     same = {"pred_logits": torch.tensor([[[0.0, 1, 0, 0]] * 5] * 2), "pred_boxes": torch.full((2, 5, 4), 0.5), "aux_outputs": []}
     record = train.training_diagnostics(model, same, targets, matcher)
-    assert record["query_classes"] == 1 and record["query_box_spread"] == 0
+    assert record["query_classes"] == 1 and record["query_box_spread"] == 0 and record["query_box_image_std"] == 0
+    moved = {**same, "pred_boxes": torch.stack([torch.full((5, 4), 0.3), torch.full((5, 4), 0.5)])}  # each query moves
+    record = train.training_diagnostics(model, moved, targets, matcher)  # by 0.2 in x and y between the two images
+    assert record["query_box_image_std"] == pytest.approx((2 * 0.1 ** 2) ** 0.5) and record["query_box_spread"] == 0
     apart = {"pred_logits": torch.eye(4)[[0, 1, 2, 3, 3]][None], "aux_outputs": [],
              "pred_boxes": torch.tensor([[[0.1, 0.5, 0.1, 0.1], [0.9, 0.5, 0.1, 0.1]] + [[0.5, 0.5, 0.1, 0.1]] * 3])}
     record = train.training_diagnostics(model, apart, targets[:1], matcher)
