@@ -99,7 +99,7 @@ def image_errors(match, ignored, det, gt, threshold):
     ious = box_iou(det["boxes"][fp].double(), gt["boxes"].double().reshape(-1, 4))  # (FP, objects)
     kinds, objects = [], []
     for k, d in enumerate(fp.tolist()):
-        other = ~found & (ious[k] >= IOU_THRESHOLD) & (gt["labels"] != det["labels"][d])
+        other = ~found & counted_objects(gt) & (ious[k] >= IOU_THRESHOLD) & (gt["labels"] != det["labels"][d])
         if other.any():
             j = int(torch.where(other, ious[k], -1.0).argmax())
             found[j] = True
@@ -498,7 +498,10 @@ def main():
         with open(os.path.join(out_dir, "layers.csv"), "w", newline="") as f:
             csv.writer(f).writerows([header, *rows])
         print(markdown_table(header, rows, total=None), end="")
-        plot_layers(pyplot(), rows, nms_iou, os.path.join(out_dir, "layers.png"))
+        try:
+            plot_layers(pyplot(), rows, nms_iou, os.path.join(out_dir, "layers.png"))
+        except SystemExit:  # matplotlib is optional: layers.csv needs none
+            print("skip: layers.png needs matplotlib (pip install matplotlib)")
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def predict(model, dataset, device, batch_size=None, pad_to=None, dtype="float32
                              f"batch_size={batch_size} or its image size (val_scale)") from None
         sizes = torch.stack([t["orig_size"] for t in targets])
         results = postprocess(outputs, sizes)
-        earlier = zip(*[postprocess(aux, sizes) for aux in outputs["aux_outputs"]]) if layers else [()] * len(results)
+        earlier = (layers and list(zip(*[postprocess(aux, sizes) for aux in outputs["aux_outputs"]]))) or [()] * len(results)
         for target, r, before in zip(targets, results, earlier):
             last = on_cpu(r)
             predictions[target["image_id"]] = {**last, "layers": [*map(on_cpu, before), last]} if layers else last

@@ -343,8 +343,8 @@ def plot_log(log_path, out_path):
         ("weight norm per part\n(a part that never moves is not learning)", [f"weight_norm_{p}" for p in parts], True),
         ("distinct classes the queries predict in an image\n(1: every query says the same, DETR's plateau)",
          ["query_classes"], False),
-        ("box spread: the queries' box centres' std, in image widths\n(near 0: one box for every query, the plateau)",
-         ["query_box_spread"], False),
+        ("box centres' spread, in image widths: across an image's queries,\nand of each query across images (near 0: the plateau)",
+         ["query_box_spread", "query_box_image_std"], False),
         ("matched boxes' IoU with their objects, by layer\n(rising layer to layer: the decoder refines; dashed: denoising)",
          ious, False),
     ]

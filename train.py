@@ -607,7 +607,7 @@ def evaluate_and_save(run, eval_model, val_set, signals):
     record = {"iter": run.iter_num, "time": round(time.time() - run.t_start, 1), **metrics}
     on_master(lambda: append_log(run.cfg.out_dir, record, run.writer, val_set.classes), run.ddp, run.master, run.device)
     save(run, improved)
-    run.evaluation_due = False
+    run.evaluation_due, run.t_log = False, time.time()  # the next record's img_per_s counts training alone
     return metrics
 
 

@@ -295,6 +295,9 @@ def check_out_dir(cfg, master):
     line that gives the choices, or with overwrite=True deletes them first, so that log.jsonl holds one run
     only; the master then checks that out_dir can be written (one error line, before any training)."""
     found = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, f))]
+    if any(os.path.realpath(os.path.join(cfg.out_dir, f)) == os.path.realpath(cfg.init_from) for f in found):
+        raise SystemExit(f"error: init_from={cfg.init_from} is in out_dir={cfg.out_dir}, which a new run starts anew: "
+                         f"give another --out_dir" if master else 1)
     if found and cfg.init_from != "resume" and not cfg.overwrite:
         raise SystemExit(f"error: out_dir={cfg.out_dir} holds a run ({', '.join(found)}); resume it with "
                          f"--init_from=resume, give another --out_dir, or delete it and start over with --overwrite"
@@ -421,7 +424,8 @@ def checkpoint_architecture(path):
         checkpoint = load_checkpoint_file(path) if os.path.isfile(path) else {}
     except LoadError:
         return {}
-    return {k: v for k, v in checkpoint.get("model_args", {}).items() if k != "num_classes"}
+    training = ("num_classes", "trainable_layers", "dropout")  # the dataset's and the run's, not the architecture
+    return {k: v for k, v in checkpoint.get("model_args", {}).items() if k not in training}
 
 
 def few(names):
@@ -450,6 +454,8 @@ def initial_model(cfg, config, classes):
         model.classes = classes
         pretrained = load_model(cfg.init_from)[0]
         done, say = transfer_weights(pretrained, model, cfg.init_from), f"init_from={cfg.init_from}:"
+        if os.environ.get("RANK", "0") != "0":  # the master says it
+            return model, None
         kept, new_classes, dropped = len(classes) - len(done["new_classes"]), done["new_classes"], done["dropped_classes"]
         print(f"{say} loaded {', '.join(done['loaded'])}; the class rows of {kept} of the {len(classes)} classes (by name)")
         print(f"{say} new {', '.join(done['new']) or 'nothing'}" + (f"; rows for {few(new_classes)}" if new_classes else ""))

@@ -11,6 +11,8 @@ dataset = "mine"  # data/mine/train.json and val.json, as written above
 # the same box (facebookresearch/detr #125, #202). Below ~10k images start from the COCO model: it
 # already finds objects, and only its class head is new (classes named as COCO's keep their rows).
 init_from = "detr-r50"
+# Or a model of yours (--init_from=out-shapes/best.pt): this file sets no architecture key, so the
+# checkpoint gives them all; fine-tune it at a tenth of its from-scratch rate (EXPERIMENTS.md, "Fine-tuning rates")
 # the paper's rates: the transformer at 1e-4, the pretrained backbone at a tenth of it
 learning_rate = 1e-4
 lr_backbone = 1e-5

@@ -79,3 +79,47 @@ def test_the_papers_forward_mentions_the_additions_once():
     assert 20 < len(run) and mentions <= 3, [line for line in run if re.search("|".join(ADDITION_WORDS), line.lower())]
     for layer in (detr.Attention, detr.EncoderLayer, detr.DecoderLayer):  # the paper's layers take no addition argument
         assert not set(inspect.signature(layer.forward).parameters) & {"attn_mask", "spatial", "self_attn_mask"}
+
+
+def test_the_readmes_reading_order_points_at_the_right_lines():
+    """The README's "How to read this code" gives line spans: they must still frame what it names."""
+    readme = (ROOT / "README.md").read_text()
+    detr_lines = (ROOT / "detr.py").read_text().splitlines()
+    train_lines = (ROOT / "train.py").read_text().splitlines()
+
+    def span(text):
+        a, b = re.search(re.escape(text) + r" \(?(\d+)-(\d+)", readme).groups()
+        return int(a), int(b)
+
+    end = span("`detr.py`, lines")[1]
+    assert detr_lines[end].startswith("# =====") and "Additions beyond the paper" in detr_lines[end + 1]
+    a, b = span("then `train()`")
+    assert train_lines[a - 1].startswith("def train(") and train_lines[b + 1].startswith('if __name__ == "__main__":')
+    a, b = span("whose step is one\n   flat block")
+    assert "# one optimizer step" in train_lines[a - 1] and "images_since_log +=" in train_lines[b - 1]
+    a, b = span("skip the\n   additions' losses")
+    assert train_lines[a - 1].startswith("# ----") and "Addition 2's loss" in train_lines[a]
+    assert "config, model, evaluation" in train_lines[b + 2]
+
+
+def test_the_readme_commands_run_for_a_newcomer():
+    """After the set-up line: the venv is activated before the first `python`, the CPU-only build and the
+    threads are said, the first hour comes before VOC and COCO, every script a command names exists and
+    every train.py flag is a config key; report/ is ignored."""
+    import train
+
+    readme = (ROOT / "README.md").read_text()
+    usage = readme.index("## Usage")
+    assert usage < readme.index("source .venv/bin/activate") < readme.index("python train.py config/shapes.py  ", usage)
+    assert re.search(r"--index-url\s+https://download.pytorch.org/whl/cpu", readme) and "OMP_NUM_THREADS=1" in readme
+    assert readme.index("The first hour") < readme.index("### Your own data") < readme.index("### Pascal VOC and COCO")
+    blocks = re.findall(r"```\n(.*?)```", readme, re.S)
+    commands = [line for block in blocks for line in block.splitlines() if re.match(r"(python|torchrun)\b", line)]
+    assert len(commands) > 20
+    for command in commands:
+        for script in re.findall(r"\b([\w/]+\.py)\b", command.split("#")[0]):
+            assert (ROOT / script).exists(), command
+        if " train.py " in f" {command} ":
+            for key in re.findall(r"--(\w+)", command.split("#")[0].split("train.py", 1)[1]):
+                assert key in train.CONFIG_KEYS, command
+    assert "report/" in (ROOT / ".gitignore").read_text().split()

@@ -24,12 +24,13 @@ def test_fine_tuning_a_minidetr_checkpoint_takes_its_architecture(tmp_path, caps
     """--init_from=best.pt with a config that does not say the architecture (config/custom.py): the
     checkpoint's for every model key no config file or flag sets; a flag still wins."""
     make_shapes(tmp_path / "data", 4, 2)
-    run(tmp_path / "mine", tmp_path / "data", max_iters=1, num_queries=6, frozen_bn=False)
+    run(tmp_path / "mine", tmp_path / "data", max_iters=1, num_queries=6, frozen_bn=False, lr_backbone=0.0)  # frozen
     (tmp_path / "custom.py").write_text("learning_rate = 1e-4\nbatch_size = 2\n")
     capsys.readouterr()
     config = train.get_config([str(tmp_path / "custom.py"), f"--init_from={tmp_path / 'mine' / 'best.pt'}", "--dropout=0.2"])
     assert (config["backbone"], config["hidden_dim"], config["num_queries"], config["frozen_bn"]) == ("resnet18", 32, 6, False)
     assert config["dropout"] == 0.2 and config["learning_rate"] == 1e-4  # set by the flag and the file
+    assert config["trainable_layers"] == 3  # how the source run trained (lr_backbone=0: none) is not architecture
     out = capsys.readouterr().out
     assert "its architecture, which no config file or flag sets: " in out and "backbone='resnet18'" in out
     assert "dropout" not in out
@@ -134,3 +135,24 @@ def test_eval_tells_its_two_ap50s_apart(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "VOC's mAP50" in text and "all-point" in text and "the table's AP50 is COCO's 101-point" in text
     assert "detections an image and class" not in text
+
+
+def test_a_run_on_the_plateau_says_so_once(tmp_path, capsys, monkeypatch):
+    """metrics.plateau_warning, calibrated on vanilla DETR's shapes run (at step 800 every query gives one box,
+    0.000 image widths from image to image, and one class) against the README's run (at least 0.25 and
+    1.5 classes after the warm-up); a run prints it once."""
+    import metrics
+
+    readme_run = {"iter": 400, "query_box_spread": 0.247, "query_box_image_std": 0.34, "query_classes": 1.62}
+    vanilla = {"iter": 800, "query_box_spread": 0.0, "query_box_image_std": 0.0, "query_classes": 1.0}
+    assert metrics.plateau_warning(readme_run, 100) is None
+    line = metrics.plateau_warning(vanilla, 100)
+    assert line.startswith("warning: iteration 800: DETR's early plateau: every query gives nearly the same box whatever")
+    assert "--init_from" in line and "\n" not in line
+    assert metrics.plateau_warning({**vanilla, "query_box_image_std": 0.3}, 100).count("same class") == 1
+    assert metrics.plateau_warning(vanilla, 800) is None  # still in the warm-up
+    assert metrics.plateau_warning({**vanilla, "query_box_image_std": float("nan"), "query_classes": 3.0}, 100) is None
+    make_shapes(tmp_path / "data", 4, 2)
+    monkeypatch.setattr(train, "plateau_warning", lambda record, warmup: "warning: the plateau")
+    run(tmp_path / "out", tmp_path / "data", max_iters=4, log_interval=1, warmup_iters=0)
+    assert capsys.readouterr().out.count("warning: the plateau") == 1

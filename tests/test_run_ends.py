@@ -105,6 +105,9 @@ def test_a_new_run_never_overwrites_a_finished_one(tmp_path, capsys):
     assert message.startswith("error: out_dir=") and "ckpt.pt, best.pt, log.jsonl" in message and "\n" not in message
     assert all(choice in message for choice in ("--init_from=resume", "another --out_dir", "--overwrite"))
     assert (tmp_path / "out" / "best.pt").read_bytes() == best
+    with pytest.raises(SystemExit, match="is in out_dir=.*give another --out_dir"):  # --overwrite would delete it
+        run(tmp_path / "out", tmp_path / "data", max_iters=1, overwrite=True, init_from=str(tmp_path / "out" / "best.pt"))
+    assert (tmp_path / "out" / "best.pt").read_bytes() == best
     run(tmp_path / "out", tmp_path / "data", max_iters=2, overwrite=True)  # starting over: one run in the log
     log = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
     assert [r["iter"] for r in log] == [1, 2, 2] and torch.load(tmp_path / "out" / "best.pt", weights_only=False)["iter_num"] == 2
