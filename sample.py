@@ -387,7 +387,7 @@ def draw_slots(model, paths, n, path, device="cpu"):
         raise SystemExit(f"error: none of the {len(paths)} images could be read")
     columns = min(5, n)
     rows = math.ceil(n / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows + 1.2), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.7 * rows + 1.2), squeeze=False)
     kinds = {"small": "tab:green", "large, wide": "tab:red", "large, tall": "tab:blue"}
     for slot, ax in enumerate(axes.flat):
         if slot >= n:
