@@ -5,6 +5,7 @@ by image: the tables, curves and pictures of a paper's results section.
     python eval.py --ckpt=out-shapes/best.pt                   # the checkpoint's own val split -> report/
     python eval.py --ckpt=out-voc/best.pt --split=test --threshold=0.3
     python eval.py --ckpt=detr-r50 --dataset=coco --split=val2017   # any model sample.py takes, on a prepared set
+    python eval.py --ckpt=out-shapes/best.pt --layers          # also AP after each decoder layer (paper Fig. 4)
 
 It writes to out_dir:
 - per_class.csv and per_class.md (printed too): per class the objects COCO counts (no difficult ones,
@@ -19,6 +20,9 @@ It writes to out_dir:
   class by kind (duplicate, poor localisation, background); columns the predicted class, then
   "missed" (confusion_matrix below);
 - pr_curves.png: precision against recall per class at IoU 0.5, the --threshold point marked;
+- by_object_count.csv / .png: recall and COCO's AP by the objects an image holds (the paper's §4.2);
+- with --layers, layers.csv / .png: COCO's AP and AP50 after each decoder layer, without and with
+  class-wise NMS at --nms_iou (the paper's Fig. 4);
 - worst/: the --worst images with the most errors at --threshold (false positives plus missed
   objects), true positives, false positives and missed objects drawn in three colours.
 The PNG figures need matplotlib (pip install matplotlib); without it they are one logged skip.

@@ -1,6 +1,12 @@
 """
 Look at what a DETR sees: its detections drawn on images, what each detection's object query attends
-to (paper Fig. 6), what the encoder attends to from a few pixels (paper Fig. 3), and training curves.
+to (paper Fig. 6), what the encoder attends to from a few pixels (paper Fig. 3), what each query slot
+predicts (paper Fig. 7), and training curves. Also the Python API and detections as data:
+
+    import sample, weights
+    model = weights.load_model("out-shapes/best.pt")[0]
+    for d in sample.detect(model, ["photo.jpg"], threshold=0.5):   # run as the model's run evaluated
+        d["boxes"], d["scores"], d["labels"], d["names"]              # xyxy pixels of the displayed image
 
     python sample.py --ckpt=out-shapes/ckpt.pt                        # a few val images of that run
     python sample.py --ckpt=out-voc/best.pt --images=photos/ --attention
@@ -11,14 +17,15 @@ to (paper Fig. 6), what the encoder attends to from a few pixels (paper Fig. 3),
     python sample.py --ckpt=detr-r50 --images=photos/ --json=detections.json   # detections as data
     python sample.py --ckpt=out-custom/best.pt --split=val --json=detections.json  # ... with the dataset's own ids
     python sample.py --ckpt=out-shapes/best.pt --matching             # which query was matched to which object (§3.1)
+    python sample.py --ckpt=out-shapes/best.pt --slots                # every box of each query slot over val (Fig. 7)
 
 One PNG per image goes to out_dir (<name>.png; with --attention also <name>_attention.png); --log
-writes out_dir/curves.png, --weights out_dir/weights.png, --matching <name>_matching.png per image
-(needs matplotlib). Small images are drawn upscaled (MIN_SIDE). --json draws nothing: it runs batched
+writes out_dir/curves.png, --weights out_dir/weights.png, --slots out_dir/slots.png, --matching
+<name>_matching.png per image (needs matplotlib). Small images are drawn upscaled (MIN_SIDE). --json draws nothing: it runs batched
 inference over every image of --images and writes one COCO results record per detection above
 --threshold (or the --top_k best per image): image_id (for a folder, the image's index in sorted
-file order; with --split, a split of the checkpoint's dataset, the dataset's own image id, as a COCO
-json gave it, so that pycocotools scores the file against that json), file_name (relative to the
+file order; with --split, a split of the checkpoint's dataset or of --dataset (classes matched by
+name), the dataset's own image id, as a COCO json gave it, so that pycocotools scores the file against that json), file_name (relative to the
 folder or the split's json), category_id (the dataset's own ids where the checkpoint or the split has
 them; COCO's for the official models), bbox [x, y, w, h] in the original image's pixels, and score.
 """
