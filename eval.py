@@ -101,9 +101,9 @@ def image_errors(match, ignored, det, gt, threshold):
     found = torch.zeros(len(gt["labels"]), dtype=torch.bool)
     found[match[tp]] = True
     ious = box_iou(det["boxes"][fp].double(), gt["boxes"].double().reshape(-1, 4))  # (FP, objects)
-    kinds, objects = [], []
+    counted, kinds, objects = counted_objects(gt), [], []
     for k, d in enumerate(fp.tolist()):
-        other = ~found & counted_objects(gt) & (ious[k] >= IOU_THRESHOLD) & (gt["labels"] != det["labels"][d])
+        other = ~found & counted & (ious[k] >= IOU_THRESHOLD) & (gt["labels"] != det["labels"][d])
         if other.any():
             j = int(torch.where(other, ious[k], -1.0).argmax())
             found[j] = True
@@ -114,7 +114,7 @@ def image_errors(match, ignored, det, gt, threshold):
             kinds.append("duplicate" if best >= IOU_THRESHOLD else "poor localisation" if best >= BACKGROUND_IOU else "background")
             j = -1
         objects.append(j)
-    return tp, fp, torch.nonzero(~found & counted_objects(gt)).flatten(), kinds, objects
+    return tp, fp, torch.nonzero(~found & counted).flatten(), kinds, objects
 
 
 def counted_objects(gt):
@@ -349,20 +349,25 @@ def plot_layers(plt, rows, iou, path):
     save_figure(fig, path, f"{len(rows) // 2} decoder layers")
 
 
-def by_object_count(detections, ground_truths, errors, num_classes, max_dets):
+def by_object_count(detections, ground_truths, errors, num_classes, max_dets, result):
     """Rows (objects an image holds, images, objects, recall, AP, AP50), then all images: how the model does
     on crowded images (the paper's §4.2, "generalization to unseen numbers of instances"). Recall: the
-    share of the objects found at the threshold; AP and AP50: COCO's, over those images alone."""
+    share of the objects found at the threshold; AP and AP50: COCO's, over those images alone (for all
+    of them, result: the report's own compute_map of the split)."""
     counts = [int(counted_objects(gt).sum()) for gt in ground_truths]
-    rows = []
-    for n in sorted(set(counts)) + ["all"]:
-        picked = [k for k, c in enumerate(counts) if n == "all" or c == n]
+
+    def row(n, picked, scored):
         objects = sum(counts[k] for k in picked)
         found = sum(len(errors[k][0]) for k in picked)
-        result = compute_map([detections[k] for k in picked], [ground_truths[k] for k in picked], num_classes, max_dets,
+        return [n, len(picked), objects, found / objects if objects else math.nan, scored["mAP"], coco_ap50(scored)]
+
+    rows = []
+    for n in sorted(set(counts)):
+        picked = [k for k, c in enumerate(counts) if c == n]
+        scored = compute_map([detections[k] for k in picked], [ground_truths[k] for k in picked], num_classes, max_dets,
                              details=True)
-        rows.append([n, len(picked), objects, found / objects if objects else math.nan, result["mAP"], coco_ap50(result)])
-    return ["objects an image holds", "images", "objects", "recall", "AP", "AP50"], rows
+        rows.append(row(n, picked, scored))
+    return ["objects an image holds", "images", "objects", "recall", "AP", "AP50"], rows + [row("all", range(len(counts)), result)]
 
 
 def plot_by_object_count(plt, rows, threshold, path):
@@ -444,7 +449,7 @@ def report(model, data, predictions, out_dir, threshold, max_dets=100, worst=8, 
         plot_pr_curves(plt, data.classes, curves, rows, threshold, os.path.join(out_dir, "pr_curves.png"))
         plot_confusion_matrix(plt, data.classes, matrix, threshold, os.path.join(out_dir, "confusion_matrix.png"))
 
-    header, rows = by_object_count(detections, ground_truths, errors, len(data.classes), max_dets)
+    header, rows = by_object_count(detections, ground_truths, errors, len(data.classes), max_dets, result)
     with open(os.path.join(out_dir, "by_object_count.csv"), "w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
     print(f"by the objects an image holds (recall at score > {threshold:g}, IoU 0.5; COCO's AP and AP50):")

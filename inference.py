@@ -11,7 +11,6 @@ Batching matters: DETR's outputs move with the padding of the batch an image is 
 positions see the padded frame), so a model is best run at its own run's batch size and padding.
 """
 
-import os
 from contextlib import nullcontext
 from functools import partial
 
@@ -93,7 +92,9 @@ def predict(model, dataset, device, batch_size=None, pad_to=None, dtype="float32
                              f"batch_size={batch_size} or its image size (val_scale)") from None
         sizes = torch.stack([t["orig_size"] for t in targets])
         results = postprocess(outputs, sizes)
-        earlier = (layers and list(zip(*[postprocess(aux, sizes) for aux in outputs["aux_outputs"]]))) or [()] * len(results)
+        earlier = [()] * len(results)  # per image: its detections after each earlier decoder layer
+        if layers and outputs["aux_outputs"]:
+            earlier = list(zip(*[postprocess(aux, sizes) for aux in outputs["aux_outputs"]]))
         for target, r, before in zip(targets, results, earlier):
             last = on_cpu(r)
             predictions[target["image_id"]] = {**last, "layers": [*map(on_cpu, before), last]} if layers else last
@@ -133,7 +134,3 @@ def run_dtype(model, device):
     """The autocast a model runs under on device: its run's on a GPU, float32 on a CPU."""
     return model.eval_config["dtype"] if "cuda" in str(device) else "float32"
 
-
-def data_workers():
-    """Workers to read images with outside training: a few, not more than the CPU has."""
-    return min(4, os.cpu_count() or 1)

@@ -49,7 +49,7 @@ from data.format import IMAGE_EXTENSIONS, displayed_size, read_dataset_json
 from data.pipeline import DetectionDataset, dataset_dir, read_image, val_transform
 from detr import parameters_by_part
 from draw import class_colour, draw_boxes, for_display, pyplot, save_figure, text_font
-from inference import ImageFiles, autocast, class_map, data_workers, predict, run_dtype
+from inference import ImageFiles, autocast, class_map, predict, run_dtype
 from weights import LoadError, load_model
 
 # defaults, each overridable as --key=value
@@ -116,6 +116,7 @@ def detect(model, images, threshold=0.5, device="cpu", top_k=0, num_workers=0):
     model.to(device)
     data = ImageFiles(images, model)
     predictions = predict(model, data, device, dtype=run_dtype(model, device), num_workers=num_workers)
+    classes = model.classes or [f"class {k}" for k in range(model.num_classes)]
     found = []
     for i in range(len(data)):
         if i not in predictions:
@@ -124,7 +125,6 @@ def detect(model, images, threshold=0.5, device="cpu", top_k=0, num_workers=0):
         p = predictions[i]
         order = p["scores"].argsort(descending=True)
         keep = order[:top_k] if top_k else order[p["scores"][order] > threshold]
-        classes = model.classes or [f"class {k}" for k in range(model.num_classes)]
         found.append({**{k: p[k][keep] for k in ("boxes", "scores", "labels")},
                       "names": [classes[label] for label in p["labels"][keep].tolist()]})
     return found
@@ -135,11 +135,12 @@ def write_json(model, paths, root, out_path, image_ids=None, category_ids=None, 
     docstring) to out_path. image_ids: each path's, else its index; category_ids: each output's id in the
     dataset, -1 to leave its detections out (a class the dataset lacks), else the label."""
     start = time.perf_counter()
-    found = detect(model, paths, threshold, device, top_k, data_workers())
+    found = detect(model, paths, threshold, device, top_k, num_workers=min(4, os.cpu_count() or 1))
     records = []
     for i, d in enumerate(found):
-        image_id = i if image_ids is None else image_ids[i]
-        for record in metrics.coco_results([d] if d else [], [image_id] if d else [], category_ids):
+        if d is None:  # unreadable (logged)
+            continue
+        for record in metrics.coco_results([d], [i if image_ids is None else image_ids[i]], category_ids):
             if record["category_id"] != -1:
                 records.append({"file_name": os.path.relpath(paths[i], root), **record})
     read = sum(d is not None for d in found)
@@ -396,14 +397,17 @@ def draw_slots(model, paths, n, path, device="cpu"):
     rows = math.ceil(n / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.7 * rows + 1.2), squeeze=False)
     kinds = {"small": "tab:green", "large, wide": "tab:red", "large, tall": "tab:blue"}
+    unit = {}  # each image's boxes (Q, 4) as fractions of its displayed size
+    for i, p in predictions.items():
+        width, height = displayed_size(paths[i])
+        unit[i] = p["boxes"] / torch.tensor([width, height, width, height])
     for slot, ax in enumerate(axes.flat):
         if slot >= n:
             ax.axis("off")
             continue
         points = {kind: [] for kind in kinds}
-        for i, p in predictions.items():
-            width, height = displayed_size(paths[i])
-            x0, y0, x1, y1 = (p["boxes"][slot] / torch.tensor([width, height, width, height])).tolist()
+        for boxes in unit.values():
+            x0, y0, x1, y1 = boxes[slot].tolist()
             w, h = x1 - x0, y1 - y0
             kind = "small" if max(w, h) < SMALL_BOX else "large, wide" if w >= h else "large, tall"
             points[kind].append(((x0 + x1) / 2, (y0 + y1) / 2))

@@ -48,7 +48,12 @@ def displayed_size(path):
     file raises OSError (or SyntaxError, as PIL does for some)."""
     with Image.open(path) as im:
         width, height = im.size
-        return (height, width) if im.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8) else (width, height)
+        return (height, width) if turned(im) else (width, height)
+
+
+def turned(im):
+    """Whether an opened image's EXIF orientation turns it a quarter to display it (width and height swap)."""
+    return im.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)
 
 
 def raw_frame_warning(path, width, height):
@@ -56,7 +61,7 @@ def raw_frame_warning(path, width, height):
     EXIF turns a quarter to display, else None: its boxes were likely drawn by a tool that ignores EXIF
     (labelImg), on pixels other than those every script here reads."""
     with Image.open(path) as im:
-        if im.getexif().get(EXIF_ORIENTATION) not in (5, 6, 7, 8) or (width, height) != im.size or width == height:
+        if not turned(im) or (width, height) != im.size or width == height:
             return None
         return (f"warning: {path}: its annotation gives {width}x{height}, the photo's raw frame, but EXIF displays it "
                 f"{height}x{width}: a tool that ignores EXIF (labelImg) may have drawn its boxes on the raw frame; "

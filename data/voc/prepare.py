@@ -62,7 +62,7 @@ def parse_annotation(xml_path, jpeg_path, log):
         log(f"skip image: cannot read {jpeg_path} ({type(e).__name__})")
         return None
     size = [int(float(root.findtext(f"size/{k}") or 0)) for k in ("width", "height")]
-    warning = raw_frame_warning(jpeg_path, *size)
+    warning = raw_frame_warning(jpeg_path, *size) if size != [width, height] else None  # (a second header read: only then)
     if warning:
         log(warning)
     record = {"file": os.path.abspath(jpeg_path), "width": width, "height": height,
