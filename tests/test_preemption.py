@@ -17,16 +17,21 @@ from detr import DETR
 from test_train import TINY, make_shapes, run, run_ddp
 
 
+def wait_for_step(child):
+    """Read a training process's stdout up to its log line of step 3: a few steps into the run."""
+    for line in child.stdout:
+        if line.startswith("iter 3:"):
+            return
+
+
 def test_sigterm_finishes_the_step_saves_and_the_resume_is_exact(tmp_path):
     make_shapes(tmp_path / "data", 10, 2)
     flags = [f"--{k}={v}" for k, v in {**TINY, "dataset": tmp_path / "data", "out_dir": tmp_path / "split",
                                         "max_iters": 1000, "device": "cpu", "dtype": "float32"}.items()]
     child = subprocess.Popen([sys.executable, "train.py", *flags], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL, text=True)
-    for line in child.stdout:  # a few steps in, as a scheduler's warning would come
-        if line.startswith("iter 3:"):
-            child.send_signal(signal.SIGTERM)
-            break
+    wait_for_step(child)  # a few steps in, as a scheduler's warning would come
+    child.send_signal(signal.SIGTERM)
     out = child.stdout.read()
     assert child.wait(timeout=120) == 0
     stopped = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)["iter_num"]
@@ -52,22 +57,22 @@ def no_process_left(group, seconds=15):
     return False
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_a_signal_to_the_whole_job_saves_and_the_resume_is_exact(tmp_path, sig):
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 0), (signal.SIGUSR1, 0), (signal.SIGINT, 130)])
+def test_a_signal_to_the_whole_job_saves_and_the_resume_is_exact(tmp_path, sig, status):
     """scancel and a time limit signal every process of the job (SIGTERM), SLURM's --signal may too
-    (SIGUSR1): the data workers leave it to the main process, which saves and exits 0, no traceback, no
-    worker left behind; the resume then ends bit for bit where a straight run does."""
+    (SIGUSR1), and a terminal's Ctrl-C reaches its whole process group (SIGINT): the data workers leave it
+    to the main process, which finishes the step, saves and exits (0; 130 for Ctrl-C, the shell's status
+    for an interrupted command, so that `train.py && ...` stops), no traceback, no worker left behind;
+    the resume then ends bit for bit where a straight run does."""
     make_shapes(tmp_path / "data", 10, 2)
     flags = [f"--{k}={v}" for k, v in {**TINY, "dataset": tmp_path / "data", "out_dir": tmp_path / "split",
                                         "num_workers": 2, "max_iters": 1000, "device": "cpu"}.items()]
     child = subprocess.Popen([sys.executable, "train.py", *flags], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
-    for line in child.stdout:
-        if line.startswith("iter 3:"):
-            os.killpg(child.pid, sig)  # the main process and both workers
-            break
-    out, err = child.communicate(timeout=120)
-    assert child.returncode == 0, err[-2000:]
+    wait_for_step(child)
+    os.killpg(child.pid, sig)  # the main process and both workers
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == status, err[-2000:]
     assert no_process_left(child.pid)
     stopped = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)["iter_num"]
     assert f"{sig.name}: stopped at iteration {stopped};" in out and "Traceback" not in err
@@ -96,10 +101,8 @@ def test_sigterm_to_every_process_under_torchrun_saves_and_the_resume_is_exact(t
     config = {**TINY, "dataset": tmp_path / "data", "num_workers": 2, "device": "cpu"}
     flags = lambda out, **more: [f"--{k}={v}" for k, v in {**config, "out_dir": tmp_path / out, **more}.items()]
     child = torchrun(flags("split", max_iters=1000))
-    for line in child.stdout:
-        if line.startswith("iter 3:"):
-            os.killpg(child.pid, signal.SIGTERM)
-            break
+    wait_for_step(child)
+    os.killpg(child.pid, signal.SIGTERM)
     out, err = child.communicate(timeout=120)
     assert no_process_left(child.pid)
     stopped = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)["iter_num"]

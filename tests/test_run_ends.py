@@ -18,7 +18,7 @@ import train
 import weights
 from conftest import ROOT
 from detr import DETR
-from test_preemption import a_failing_torchrun, no_process_left, torchrun, traceback_frames_of_the_run
+from test_preemption import a_failing_torchrun, no_process_left, torchrun, traceback_frames_of_the_run, wait_for_step
 from test_train import TINY, make_shapes, run, run_ddp
 
 RAISING_SCRIPT = """
@@ -59,28 +59,6 @@ def test_an_exception_with_data_workers_ends_the_process(tmp_path, where):
         os.killpg(child.pid, signal.SIGKILL) if not no_process_left(child.pid, 1) else None
     assert child.returncode == 1 and "RuntimeError: a bug" in err and "Traceback" in err
     assert no_process_left(child.pid)
-
-
-def test_ctrl_c_saves_and_the_resume_is_exact(tmp_path):
-    """A terminal's Ctrl-C reaches the main process and its two data workers. The run finishes the step,
-    writes ckpt.pt, prints one line and exits 130 (the shell's status for an interrupted command, so that
-    `train.py && ...` stops); the resume ends bit for bit where a straight run does."""
-    make_shapes(tmp_path / "data", 10, 2)
-    child = subprocess.Popen([sys.executable, "train.py", *tiny_flags(tmp_path, num_workers=2, max_iters=1000)],
-                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    for line in child.stdout:
-        if line.startswith("iter 3:"):
-            os.killpg(child.pid, signal.SIGINT)
-            break
-    out, err = child.communicate(timeout=60)
-    assert no_process_left(child.pid)
-    assert child.returncode == 130, err[-2000:]
-    stopped = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["iter_num"]
-    assert f"SIGINT: stopped at iteration {stopped}; " in out and "Traceback" not in err
-    run(tmp_path / "out", tmp_path / "data", max_iters=stopped + 2, init_from="resume")
-    run(tmp_path / "straight", tmp_path / "data", max_iters=stopped + 2)
-    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False)["model"] for d in ("straight", "out"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_second_ctrl_c_stops_at_once():
@@ -299,9 +277,7 @@ def test_the_ranks_and_their_workers_end_when_torchrun_is_killed(tmp_path):
     reached no rank, and they waited on its store for ever. Now every rank and data worker ends within seconds."""
     make_shapes(tmp_path / "data", 10, 2)
     child = torchrun(tiny_flags(tmp_path, num_workers=2, max_iters=100000))
-    for line in child.stdout:
-        if line.startswith("iter 3:"):
-            break
+    wait_for_step(child)
     ranks = [pid for pid in children(child.pid) if alive(pid)]
     workers = [pid for rank in ranks for pid in children(rank)]
     assert len(ranks) == 2 and len(workers) == 4
@@ -324,9 +300,7 @@ def test_sigkill_keeps_the_last_checkpoint_and_the_workers_end(tmp_path):
     child = subprocess.Popen([sys.executable, "train.py", *tiny_flags(tmp_path, num_workers=2, max_iters=1000,
                                                                       checkpoint_minutes=1e-9)],
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-    for line in child.stdout:
-        if line.startswith("iter 3:"):
-            break
+    wait_for_step(child)
     workers = children(child.pid)
     child.kill()
     assert child.wait(timeout=10) == -signal.SIGKILL and len(workers) == 2
@@ -340,9 +314,7 @@ def test_a_dead_rank_ends_the_run_and_keeps_the_last_checkpoint(tmp_path):
     line each rather than wait in a collective, and ckpt.pt is the last one written."""
     make_shapes(tmp_path / "data", 10, 2)
     child = torchrun(tiny_flags(tmp_path, num_workers=2, max_iters=100000, checkpoint_minutes=1e-9))
-    for line in child.stdout:
-        if line.startswith("iter 3:"):
-            break
+    wait_for_step(child)
     ranks = sorted(pid for pid in children(child.pid) if alive(pid))
     start = time.time()
     os.kill(ranks[1], signal.SIGKILL)
