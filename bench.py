@@ -31,6 +31,7 @@ import train
 from configurator import configure
 from metrics import compute_map
 from detr import DETR, postprocess
+from inference import compile_model
 
 # defaults, each overridable as --key=value
 on_gpu = torch.cuda.is_available()
@@ -122,7 +123,7 @@ class MiniDETR:
         self.optimizer = make_optimizer(self.model)
 
     def compile(self):
-        train.compile_model(self.model)  # as train.py does: the backbone and each layer, dynamic sizes
+        compile_model(self.model)  # as train.py does: the backbone and each layer, dynamic sizes
 
     def train_step(self, images, mask, targets, autocast):
         with autocast:

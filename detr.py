@@ -257,6 +257,9 @@ class DETR(nn.Module):
         denoising_groups=0,  # DN-DETR: noised copies of the ground truth as extra queries (needs anchor_queries)
         query_groups=1,  # Group DETR: this many groups of queries in training, each matched on its own
         conditional_cross_attn=False,  # Conditional DETR / DAB-DETR: a box-made spatial query in cross-attention (needs anchor_queries)
+        cls_loss="ce",  # how the class head is trained, so read: 'ce' (the paper's softmax), 'focal' or 'iou_aware' (sigmoid)
+        look_forward_twice=False,  # DINO: a layer's box loss reaches the layer before (needs anchor_queries)
+        dn_contrastive=False,  # DINO: each denoising group gets negatives, far-noised copies that say "no object" (needs denoising_groups)
     ):
         super().__init__()
         # what rebuilds this model (checkpoints store it); the weights, pretrained or not, come from weights.py
@@ -266,7 +269,8 @@ class DETR(nn.Module):
             num_decoder_layers=num_decoder_layers, dim_feedforward=dim_feedforward, dropout=dropout,
             num_queries=num_queries, feature_stride=feature_stride, anchor_queries=anchor_queries,
             encoder_proposals=encoder_proposals, denoising_groups=denoising_groups, query_groups=query_groups,
-            conditional_cross_attn=conditional_cross_attn,
+            conditional_cross_attn=conditional_cross_attn, cls_loss=cls_loss, look_forward_twice=look_forward_twice,
+            dn_contrastive=dn_contrastive,
         )
         problem = argument_problem(self.config)
         if problem:
@@ -275,6 +279,7 @@ class DETR(nn.Module):
         self.anchor_queries, self.encoder_proposals = anchor_queries, encoder_proposals
         self.denoising_groups, self.query_groups = denoising_groups, query_groups
         self.conditional_cross_attn = conditional_cross_attn
+        self.sigmoid_classes, self.look_forward_twice, self.dn_contrastive = cls_loss != "ce", look_forward_twice, dn_contrastive
         self.classes = self.category_ids = None  # the outputs' names and dataset ids, where the weights' file gives them
         # how images are run through it (inference.py): the paper's evaluation (2 images a batch as its training, DC5 1),
         # or the sizes, batch and autocast of the run that trained it (weights.load_model)
@@ -366,16 +371,22 @@ def argument_problem(args):
         *((k, a[k] >= 0, ">= 0") for k in ("num_encoder_layers", "denoising_groups")),
         ("dropout", 0 <= a["dropout"] < 1, "in [0, 1)"),
         ("feature_stride", a["feature_stride"] in (8, 16, 32), "8, 16 or 32"),
-        ("anchor_queries", a["anchor_queries"] or not (a["encoder_proposals"] or a["denoising_groups"] or a["conditional_cross_attn"]),
-         "True for encoder_proposals, denoising_groups or conditional_cross_attn (their queries are boxes)"),
+        ("anchor_queries", a["anchor_queries"] or not (a["encoder_proposals"] or a["denoising_groups"] or a["conditional_cross_attn"]
+                                                       or a["look_forward_twice"]),
+         "True for encoder_proposals, denoising_groups, conditional_cross_attn or look_forward_twice (their queries are boxes)"),
+        ("cls_loss", a["cls_loss"] in CLS_LOSSES, ", ".join(map(repr, CLS_LOSSES))),
+        ("dn_contrastive", not a["dn_contrastive"] or a["denoising_groups"] > 0, "False without denoising_groups (its negatives are denoising queries)"),
     ]
     return next(((key, want) for key, ok, want in rules if not ok), None)
 
 
-def postprocess(outputs, sizes):
+def postprocess(outputs, sizes, sigmoid=False):
     """Model outputs -> one dict per image with `scores`, `labels` (Q,) and `boxes` (Q, 4) as absolute
-    (x0, y0, x1, y1) pixels of the original image. sizes: (B, 2) of (height, width)."""
-    probs = outputs["pred_logits"].softmax(-1)[..., :-1]  # drop "no object"
+    (x0, y0, x1, y1) pixels of the original image. sizes: (B, 2) of (height, width). sigmoid: the
+    model's sigmoid_classes (a class head trained with a sigmoid loss, addition 6: K outputs, each
+    class its own probability, no "no object")."""
+    logits = outputs["pred_logits"]
+    probs = logits.sigmoid() if sigmoid else logits.softmax(-1)[..., :-1]  # drop "no object"
     scores, labels = probs.max(-1)  # (B, Q): the best real class of each query
     sizes = torch.as_tensor(sizes, dtype=torch.float32, device=scores.device)
     scale = torch.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], dim=1)  # (B, 4): w, h, w, h
@@ -423,10 +434,13 @@ def add_addition_modules(model):
         if not c["encoder_proposals"]:  # learned boxes (before the sigmoid), one per query
             model.anchor_embed = nn.Embedding(queries, 4)
             init_anchors(model.anchor_embed.weight)
+    if model.sigmoid_classes:  # K outputs, no "no object", each starting at the prior probability (addition 6)
+        model.class_head = sigmoid_class_head(dim, c["num_classes"])
     if c["encoder_proposals"]:  # every encoder token proposes a box (Deformable DETR §4.2, two-stage)
         model.proposal_proj = nn.Linear(dim, dim)
         model.proposal_norm = nn.LayerNorm(dim)
-        model.proposal_class_head = nn.Linear(dim, c["num_classes"] + 1)
+        model.proposal_class_head = (sigmoid_class_head(dim, c["num_classes"]) if model.sigmoid_classes
+                                     else nn.Linear(dim, c["num_classes"] + 1))
         model.proposal_box_head = mlp_layers(dim, dim, 4, 3)
         model.proposal_size = 0.05 * c["feature_stride"] / 8  # the tokens' anchor side (Deformable DETR: 0.05 at stride 8)
     if c["denoising_groups"]:  # a noised ground-truth label enters the decoder as its embedding
@@ -489,7 +503,8 @@ def decode_with_additions(model, memory, pos, feature_mask, token_mask, targets,
         hs.append(model.decoder_norm(content))
         dec_weights.append(weights)
         if boxes is not None:  # addition 1: ... and each layer moves the boxes; the next layer starts from them,
-            layer_boxes.append(refine_boxes(model, hs[-1], boxes))  # but the refinement is not back-propagated
+            reference = layer_boxes[-1] if model.look_forward_twice and layer_boxes else boxes  # (addition 7)
+            layer_boxes.append(refine_boxes(model, hs[-1], reference))  # but the refinement is not back-propagated
             boxes = layer_boxes[-1].detach()  # through the layers (Deformable DETR, DAB-DETR)
     hs = torch.stack(hs)  # (num_decoder_layers, B, Q, C)
     logits = model.class_head(hs)  # (L, B, Q, K+1)
@@ -497,7 +512,7 @@ def decode_with_additions(model, memory, pos, feature_mask, token_mask, targets,
         boxes = mlp(model.box_head, hs).sigmoid()
     else:  # addition 1 (and 3): the refined boxes; the denoising queries' outputs set apart
         logits, boxes, additions["start_boxes"], additions["dn_outputs"] = split_denoising_queries(
-            logits, torch.stack(layer_boxes), start_boxes, Q, model.denoising_groups)
+            model, logits, torch.stack(layer_boxes), start_boxes, Q)
     out = {
         "pred_logits": logits[-1],
         "pred_boxes": boxes[-1],
@@ -547,13 +562,13 @@ def refine_boxes(model, layer_out, boxes):
     return (mlp(model.box_head, layer_out) + inverse_sigmoid(boxes)).sigmoid()
 
 
-def split_denoising_queries(logits, boxes, start_boxes, Q, denoising_groups):
+def split_denoising_queries(model, logits, boxes, start_boxes, Q):
     """The heads' outputs (L, B, Q, ...) and start boxes (B, Q, 4) of the matching queries, and the
     denoising queries' outputs (the queries after the first Q), or None when there are none."""
     if Q == logits.shape[2]:
         return logits, boxes, start_boxes, None
     dn_outputs = {"pred_logits": logits[:, :, Q:], "pred_boxes": boxes[:, :, Q:],  # (L, B, D, ...)
-                  "start_boxes": start_boxes[:, Q:], "groups": denoising_groups}
+                  "start_boxes": start_boxes[:, Q:], "groups": model.denoising_groups, "contrastive": model.dn_contrastive}
     return logits[:, :, :Q], boxes[:, :, :Q], start_boxes[:, :Q], dn_outputs
 
 
@@ -613,7 +628,10 @@ def propose_boxes(model, memory, feature_mask):
     if logits.shape[1] < model.num_queries:
         raise ValueError(f"encoder_proposals needs at least num_queries={model.num_queries} feature tokens, the "
                          f"images give {h}x{w}: use larger images, a smaller feature_stride or fewer queries")
-    objectness = 1 - logits.softmax(-1)[..., -1]  # the probability of any real class
+    if model.sigmoid_classes:  # addition 6: the best class's own probability (DINO's selection)
+        objectness = logits.sigmoid().max(-1).values
+    else:  # the probability of any real class
+        objectness = 1 - logits.softmax(-1)[..., -1]
     objectness = objectness.masked_fill(~valid, -1.0)  # padding is chosen last
     top = objectness.topk(model.num_queries, dim=1).indices  # (B, num_queries)
     enc_outputs = {"pred_logits": logits, "pred_boxes": boxes, "valid": valid}
@@ -644,18 +662,21 @@ def add_denoising_queries(model, targets, content, boxes, self_attn_mask):
     device = content.device
     labels, gt_boxes, real = padded_targets(targets, content.dtype)  # (B, n, ...)
     groups, n = model.denoising_groups, labels.shape[1]
-    labels, gt_boxes, real = labels.repeat(1, groups), gt_boxes.repeat(1, groups, 1), real.repeat(1, groups)  # (B, D, ...)
+    copies = groups * (2 if model.dn_contrastive else 1)  # addition 8: each group its positives, then its negatives
+    labels, gt_boxes, real = labels.repeat(1, copies), gt_boxes.repeat(1, copies, 1), real.repeat(1, copies)  # (B, D, ...)
     swap = torch.rand(labels.shape, device=device) < DN_LABEL_NOISE
     labels = torch.where(swap, torch.randint_like(labels, model.num_classes), labels)
     wh = gt_boxes[..., 2:]
-    noise = (torch.rand_like(gt_boxes) * 2 - 1) * torch.cat([wh / 2, wh], -1) * DN_BOX_NOISE
-    noised = (gt_boxes + noise).clamp(0, 1)
-    D = groups * n
+    noise = torch.rand_like(gt_boxes) * 2 - 1  # (B, D, 4) in (-1, 1): of DN_BOX_NOISE times half the side, or the side
+    if model.dn_contrastive:
+        noise = negatives_noise(noise, n)
+    noised = (gt_boxes + noise * torch.cat([wh / 2, wh], -1) * DN_BOX_NOISE).clamp(0, 1)
+    D = copies * n
     allowed = torch.ones(Q + D, Q + D, dtype=torch.bool, device=device)
     if self_attn_mask is not None:
         allowed[:Q, :Q] = self_attn_mask
     allowed[:Q, Q:] = False  # the real queries must not see the answers
-    allowed[Q:, Q:] = group_attention_mask(D, n, device)  # each denoising group sees only itself (and the real queries)
+    allowed[Q:, Q:] = group_attention_mask(D, D // groups, device)  # each denoising group sees only itself (and the real queries)
     allowed = allowed[None].repeat(B, 1, 1)
     allowed[:, :, Q:] &= real[:, None, :]  # padded queries are keys to nobody ...
     own = torch.arange(Q, Q + D, device=device)  # made on the device: a CPU index would be a host copy each step
@@ -729,6 +750,54 @@ def spatial_query_and_key(model, i, content, boxes, box_sine, pos):
     x = x * (size[..., 0] / boxes[..., 2])[..., None]
     return model.spatial_query_proj[i](torch.cat([y, x], dim=-1)), model.spatial_key_proj[i](pos), i == 0
 
+
+# -----------------------------------------------------------------------------
+# Addition 6: sigmoid class scores (cls_loss='focal' or 'iou_aware')
+# Deformable DETR (Zhu et al., ICLR 2021, §5), DAB-DETR, DN-DETR and DINO train their class heads
+# with the sigmoid focal loss (Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017) instead
+# of DETR's softmax with a down-weighted "no object". Their successors make a matched query's target
+# its box's IoU, so that a better box scores higher: RT-DETR's varifocal loss, Align-DETR's and
+# LW-DETR's IoU-aware BCE (Align-DETR: +3.8 AP for DAB-DETR-R50 from it alone), DEIM's
+# matchability-aware loss (Huang et al., CVPR 2025; with its dense one-to-one matching it halves
+# D-FINE's schedule). Either way a query gives each class its own probability: the class head has K
+# outputs and no "no object" row, and postprocess and the proposals' selection read sigmoids. The
+# losses and the focal matching cost are train.py's "Addition 6's loss".
+CLS_LOSSES = ("ce", "focal", "iou_aware")  # cls_loss: the paper's softmax cross-entropy, or a sigmoid loss
+PRIOR_PROBABILITY = 0.01  # every class starts at this probability (focal loss §4.1: else the many background queries swamp the first steps)
+
+
+def sigmoid_class_head(dim, num_classes):
+    """A class head of num_classes sigmoid outputs, its bias set so that every class starts at PRIOR_PROBABILITY."""
+    head = nn.Linear(dim, num_classes)
+    nn.init.constant_(head.bias, -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY))
+    return head
+
+
+# -----------------------------------------------------------------------------
+# Addition 7: look forward twice (look_forward_twice=True, with anchor_queries)
+# DINO (Zhang et al., ICLR 2023, §3.5; with addition 8 and its query selection, 49.4 AP at 12 epochs
+# against DN-DETR's 43.4). Addition 1 detaches each layer's boxes before the next layer refines them,
+# so a layer's box loss trains only that layer's offset ("look forward once"). Here the box a layer's
+# loss sees is its offset applied to the previous layer's box before the detach: its loss also
+# corrects the layer before. The boxes' values are the same; only where the gradients go changes.
+# One line of decode_with_additions.
+
+
+# -----------------------------------------------------------------------------
+# Addition 8: contrastive denoising (dn_contrastive=True, with denoising_groups)
+# DINO (Zhang et al., ICLR 2023, §3.3; 49.4 AP at 12 epochs with addition 7, DN-DETR 43.4). Each
+# denoising group gets a second copy of the ground truth, noised further: where addition 3's positive
+# copies move by up to DN_BOX_NOISE (DINO's lambda_1), these negatives move by DN_BOX_NOISE to twice
+# it (lambda_2), and must say "no object" (train.py, "Addition 3's loss"). DN-DETR's queries learn only
+# to reconstruct; the negatives teach a query near an object to reject a box that is not its
+# object's, the duplicates and near misses that the one-to-one matching otherwise leaves to chance.
+
+
+def negatives_noise(noise, n):
+    """noise (B, D, 4) in (-1, 1), for groups of n positives then n negatives: the negatives' noise
+    pushed out to [1, 2) of the bound, with its sign (the positives' stays as it was)."""
+    negative = (torch.arange(noise.shape[1], device=noise.device) // n) % 2 == 1  # (D,)
+    return torch.where(negative[:, None], noise + noise.sign(), noise)
 
 
 # -----------------------------------------------------------------------------

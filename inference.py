@@ -11,6 +11,7 @@ Batching matters: DETR's outputs move with the padding of the batch an image is 
 positions see the padded frame), so a model is best run at its own run's batch size and padding.
 """
 
+import math
 from contextlib import nullcontext
 from functools import partial
 
@@ -19,6 +20,8 @@ import torch
 from data.format import class_key
 from data.pipeline import collate, read_image, val_transform, worker_ignores_signals
 from detr import postprocess
+from metrics import compute_map, ground_truth
+from processes import gather
 
 
 def autocast(device, dtype):
@@ -91,10 +94,10 @@ def predict(model, dataset, device, batch_size=None, pad_to=None, dtype="float32
                              f"{images.shape[2]}x{images.shape[3]} on {device}; lower the evaluation's "
                              f"batch_size={batch_size} or its image size (val_scale)") from None
         sizes = torch.stack([t["orig_size"] for t in targets])
-        results = postprocess(outputs, sizes)
+        results = postprocess(outputs, sizes, model.sigmoid_classes)
         earlier = [()] * len(results)  # per image: its detections after each earlier decoder layer
         if layers and outputs["aux_outputs"]:
-            earlier = list(zip(*[postprocess(aux, sizes) for aux in outputs["aux_outputs"]]))
+            earlier = list(zip(*[postprocess(aux, sizes, model.sigmoid_classes) for aux in outputs["aux_outputs"]]))
         for target, r, before in zip(targets, results, earlier):
             last = on_cpu(r)
             predictions[target["image_id"]] = {**last, "layers": [*map(on_cpu, before), last]} if layers else last
@@ -134,3 +137,27 @@ def run_dtype(model, device):
     """The autocast a model runs under on device: its run's on a GPU, float32 on a CPU."""
     return model.eval_config["dtype"] if "cuda" in str(device) else "float32"
 
+
+def evaluate(model, dataset, cfg, device, rank=0, world_size=1, stop=None):
+    """mAP of the model on a dataset (compute_map), each process taking every world_size-th batch. None
+    when stop() turned true on any process (a signal: the evaluation is left for the resume)."""
+    batches = range(rank, math.ceil(len(dataset) / cfg.batch_size), world_size)  # whole batches: one process's padding
+    shard = [i for b in batches for i in range(b * cfg.batch_size, min((b + 1) * cfg.batch_size, len(dataset)))]
+    parts = gather(predict(model, dataset, device, cfg.batch_size, cfg.pad_to, cfg.dtype, cfg.num_workers, shard, stop), world_size)
+    if any(part is None for part in parts):
+        return None
+    predictions = {i: p for part in parts for i, p in part.items()}  # every process's shard
+    image_ids = sorted(predictions)
+    detections = [predictions[i] for i in image_ids]
+    ground_truths = [ground_truth(dataset.records[i]) for i in image_ids]
+    return compute_map(detections, ground_truths, len(dataset.classes), cfg.max_dets)
+
+
+def compile_model(model, backend="inductor"):
+    """torch.compile the backbone and each encoder and decoder layer, in place (the checkpoint's keys
+    stay as they are). What runs between them (encoder proposals, the denoising queries made from each
+    image's targets) stays eager, so that no object count reaches a graph, and image sizes are dynamic:
+    a run compiles a few graphs in its first steps (again at the first non-square batch) and at its
+    first evaluation, and none after."""
+    for part in [model.backbone, *model.encoder, *model.decoder]:
+        part.compile(dynamic=True, backend=backend)

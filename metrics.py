@@ -235,7 +235,7 @@ def coco_results(detections, image_ids, category_ids=None):
 # training diagnostics (train.training_diagnostics logs them, sample.py --log draws them)
 
 
-def query_diagnostics(outputs, targets, num_queries, matched, dn_pairs=None):
+def query_diagnostics(outputs, targets, num_queries, matched, dn_pairs=None, sigmoid=False):
     """How alike a model's first num_queries queries are (one group, no denoising queries), and how
     close their boxes are to the objects at each decoder layer:
     - query_classes: how many distinct classes ("no object" included) the queries of an image
@@ -250,7 +250,10 @@ def query_diagnostics(outputs, targets, num_queries, matched, dn_pairs=None):
       encoder proposals) and of each decoder layer's boxes: whether each layer improves on the one before;
     - iou_dn_start, iou_dn_layer_*: the same for the denoising queries and the objects they copy (dn_pairs)."""
     Q = num_queries
-    classes = outputs["pred_logits"][:, :Q].argmax(-1)  # (B, Q)
+    logits = outputs["pred_logits"][:, :Q]
+    classes = logits.argmax(-1)  # (B, Q)
+    if sigmoid:  # sigmoid scores (the model's sigmoid_classes): "no object" where no class passes 0.5
+        classes = classes.masked_fill(logits.max(-1).values < 0, logits.shape[-1])
     record = {"query_classes": float(np.mean([len(c.unique()) for c in classes]))}
     centres = outputs["pred_boxes"][:, :Q, :2].float()  # (B, Q, 2)
     record["query_box_spread"] = centres.var(1, unbiased=False).sum(-1).sqrt().mean().item()

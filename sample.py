@@ -277,7 +277,7 @@ def draw_matching(model, data, index, cost_weights, path, device="cpu"):
         outputs = model(image[None].to(device))
     outputs = {k: outputs[k].float().cpu() for k in ("pred_logits", "pred_boxes")}
     targets = [{"labels": target["labels"], "boxes": target["boxes"]}]
-    matcher = HungarianMatcher(*cost_weights)
+    matcher = HungarianMatcher(*cost_weights, sigmoid=model.sigmoid_classes)
     ((queries, objects),) = matcher(outputs, targets)
     parts = [p[0, 0].T for p in matcher.cost(outputs, targets, parts=True)]  # (T, Q) each: objects x queries
     picture, scale = for_display(pixels)
@@ -287,7 +287,8 @@ def draw_matching(model, data, index, cost_weights, path, device="cpu"):
     gt_boxes = box_convert(target["boxes"], "cxcywh", "xyxy") * size  # the picture's pixels
     query_boxes = box_convert(outputs["pred_boxes"][0, queries], "cxcywh", "xyxy") * size
     colours = [class_colour(l) for l in target["labels"][objects].tolist()]
-    probs = outputs["pred_logits"][0, queries].softmax(-1)[torch.arange(len(queries)), target["labels"][objects]]
+    logits = outputs["pred_logits"][0, queries]
+    probs = (logits.sigmoid() if model.sigmoid_classes else logits.softmax(-1))[torch.arange(len(queries)), target["labels"][objects]]
     width = max(2, min(picture.size) // 200)
     # the objects in their class's colour (thick), the queries matched to them in white (thin)
     texts = ([f"object {j}: {model.classes[target['labels'][j]]}" for j in objects.tolist()]

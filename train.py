@@ -19,7 +19,6 @@ import sys
 import time
 from contextlib import nullcontext
 from importlib.util import find_spec
-from functools import partial
 from types import SimpleNamespace
 
 import numpy as np
@@ -29,15 +28,16 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torchvision.ops import box_convert, generalized_box_iou, generalized_box_iou_loss
+from torchvision.ops import box_convert, box_iou, generalized_box_iou, generalized_box_iou_loss
 from tqdm import tqdm
 
 from configurator import VALUE_TYPES, configure, device_problem
-from data.pipeline import ResumableSampler, collate, load_datasets, too_many_objects, worker_ignores_signals
+from data.pipeline import load_datasets, to_device, too_many_objects, training_batches
 from detr import argument_problem, parameters_by_part
-from inference import autocast, is_out_of_memory, predict
-from metrics import compute_map, ground_truth, plateau_warning, query_diagnostics
-from processes import NONE_BAD, gather, on_master, same_on_every_rank, setup_process, stop_if_not_finite, stop_signals
+from inference import autocast, compile_model, evaluate, is_out_of_memory
+from metrics import plateau_warning, query_diagnostics
+from processes import (NONE_BAD, gather, on_master, out_of_memory, same_on_every_rank, setup_process, stop_if_not_finite,
+                       stop_signals)
 from weights import (LoadError, append_log, check_out_dir, checkpoint_architecture, cut_log, initial_model,
                      save_checkpoint)
 
@@ -76,6 +76,11 @@ encoder_proposals = False  # two-stage: the encoder's best tokens start the quer
 denoising_groups = 0  # DN-DETR: this many noised copies of the ground truth as extra queries (needs anchor_queries)
 query_groups = 1  # Group DETR: this many groups of queries in training, each matched one-to-one
 conditional_cross_attn = False  # Conditional DETR / DAB-DETR: a spatial query from each box in cross-attention (needs anchor_queries)
+cls_loss = "ce"  # the class loss: 'ce' (the paper's softmax), 'focal' (Deformable DETR, DINO) or 'iou_aware' (DEIM's MAL): sigmoid
+look_forward_twice = False  # DINO: a layer's box loss trains the layer before too (needs anchor_queries)
+dn_contrastive = False  # DINO: each denoising group also gets negatives, trained to say "no object" (needs denoising_groups)
+mosaic_prob = 0.0  # DEIM: the chance that a training image is a mosaic of 4 (data/pipeline.py), until mosaic_until
+mosaic_until = 0.5  # the fraction of max_iters after which no image is a mosaic (DEIM: about half)
 # loss (paper §3.1 and App. A.1): matching costs; the box costs are the box losses' weights too (the class loss weighs 1)
 cost_class = 1.0
 cost_bbox = 5.0
@@ -123,9 +128,10 @@ class HungarianMatcher(nn.Module):
     target of the batch, for every decoder layer given), one copy to the CPU, then scipy's
     linear_sum_assignment per image and layer."""
 
-    def __init__(self, cost_class=1.0, cost_bbox=5.0, cost_giou=2.0):
+    def __init__(self, cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, sigmoid=False):
         super().__init__()
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
+        self.sigmoid = sigmoid  # addition 6: sigmoid class scores, the focal loss's cost
 
     @torch.no_grad()
     def forward(self, outputs, targets, groups=1):
@@ -170,12 +176,12 @@ class HungarianMatcher(nn.Module):
         if logits.dim() == 3:
             logits, boxes = logits[None], boxes[None]
         L, B, Q = logits.shape[:3]
-        prob = logits.flatten(0, 2).float().softmax(-1)  # (L*B*Q, K+1)
-        boxes = boxes.flatten(0, 2).float()  # (L*B*Q, 4)
+        logits, boxes = logits.flatten(0, 2).float(), boxes.flatten(0, 2).float()  # (L*B*Q, K+1), (L*B*Q, 4)
         tgt_labels = torch.cat([t["labels"] for t in targets])  # (T,) all targets of the batch
         tgt_boxes = torch.cat([t["boxes"] for t in targets]).float()  # (T, 4)
         terms = [
-            -self.cost_class * prob[:, tgt_labels],  # the probability itself, not its log (App. A.1)
+            self.cost_class * (focal_matching_cost(logits, tgt_labels) if self.sigmoid  # addition 6
+                               else -logits.softmax(-1)[:, tgt_labels]),  # the probability itself, not its log (App. A.1)
             self.cost_bbox * torch.cdist(boxes, tgt_boxes, p=1),
             -self.cost_giou * generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy")),
         ]
@@ -196,13 +202,13 @@ class SetCriterion(nn.Module):
     cross-entropy by the sum of its class weights (class_weight_sum), as a weighted mean does. Both
     may be counts of a whole accumulated batch: accumulation then gives exactly the gradients of
     one big batch. The additions enter at marked lines: query groups (each matched on its own, their
-    losses averaged), and the terms loss_*_enc and loss_*_dn, written in their sections below."""
+    losses averaged), a sigmoid cls_loss (loss_ce, over num_boxes), loss_*_enc and loss_*_dn (sections below)."""
 
-    def __init__(self, matcher, eos_coef=0.1, weight_ce=1.0, weight_bbox=5.0, weight_giou=2.0, query_groups=1):
+    def __init__(self, matcher, eos_coef=0.1, weight_ce=1.0, weight_bbox=5.0, weight_giou=2.0, query_groups=1, cls_loss="ce"):
         super().__init__()
         self.matcher, self.eos_coef = matcher, eos_coef
         self.weight_ce, self.weight_bbox, self.weight_giou = weight_ce, weight_bbox, weight_giou
-        self.query_groups = query_groups
+        self.query_groups, self.cls_loss = query_groups, cls_loss
 
     def forward(self, outputs, targets, num_boxes=None, class_weight_sum=None):
         # every decoder layer at once: (L, B, Q, ...), the last layer last
@@ -225,12 +231,16 @@ class SetCriterion(nn.Module):
             indices, enc_indices = self.matcher.match_sets([(decoder, groups), (proposals, 1)], targets)
         else:
             indices = self.matcher(decoder, targets, groups)
-        ce, l1, giou = summed_losses(logits, boxes, targets, indices, self.eos_coef)  # (L,) each
+        if self.cls_loss != "ce":  # addition 6: every sigmoid weighs 1, the class loss is a sum over num_boxes
+            ce, l1, giou = summed_losses(logits, boxes, targets, indices, 1.0, self.cls_loss)
+            class_weight_sum = num_boxes
+        else:
+            ce, l1, giou = summed_losses(logits, boxes, targets, indices, self.eos_coef)  # (L,) each
         terms = {"": (ce / (groups * class_weight_sum), l1 / (groups * num_boxes), giou / (groups * num_boxes))}
         if "enc_outputs" in outputs:  # addition 2
-            terms["_enc"] = proposal_losses(proposals, targets, enc_indices, num_boxes)
+            terms["_enc"] = proposal_losses(proposals, targets, enc_indices, num_boxes, self.cls_loss)
         if "dn_outputs" in outputs:  # addition 3
-            terms["_dn"] = denoising_losses(outputs["dn_outputs"], targets, num_boxes)
+            terms["_dn"] = denoising_losses(outputs["dn_outputs"], targets, num_boxes, self.cls_loss)
 
         total = sum((self.weight_ce * ce + self.weight_bbox * l1 + self.weight_giou * giou).sum()
                     for ce, l1, giou in terms.values())
@@ -251,13 +261,14 @@ def cross_entropy_normaliser(targets, num_queries, eos_coef):
     return matched + eos_coef * (len(targets) * num_queries - matched)
 
 
-def summed_losses(logits, boxes, targets, indices, no_object_weight):
+def summed_losses(logits, boxes, targets, indices, no_object_weight, cls_loss="ce"):
     """Per layer (L,): the cross-entropy summed over every query (the unmatched ones target "no
     object", weighted by no_object_weight), and L1 and GIoU summed over the matched pairs.
     logits (L, B, Q, K+1), boxes (L, B, Q, 4); indices: per layer, per image, a (pred_idx, tgt_idx)
-    pair. no_object_weight: eos_coef, or (B, Q) the additions' own weight of each query (0 for padding)."""
+    pair. no_object_weight: eos_coef, or (B, Q) the additions' own weight of each query (0 for padding).
+    A sigmoid cls_loss (addition 6) takes the cross-entropy's place, logits (L, B, Q, K)."""
     L, B, Q = logits.shape[:3]
-    no_object = logits.shape[-1] - 1
+    no_object = logits.shape[-1] - (cls_loss == "ce")  # the class index K: "no object"
     # which (layer, image, query) is matched to which of the batch's targets: built on the host, one copy
     device = logits.device
     first = np.cumsum([0] + [len(t["labels"]) for t in targets]).tolist()  # each image's first target
@@ -268,17 +279,21 @@ def summed_losses(logits, boxes, targets, indices, no_object_weight):
     tgt_labels = torch.cat([t["labels"] for t in targets]).to(device)[target_idx]
     tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(device)[target_idx]
 
+    src_boxes = boxes[layer_idx, image_idx, query_idx]  # (M, 4)
+    src_xyxy, tgt_xyxy = box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes.float(), "cxcywh", "xyxy")
     target_classes = torch.full((L, B, Q), no_object, dtype=torch.int64, device=device)
     target_classes[layer_idx, image_idx, query_idx] = tgt_labels
-    ce = F.cross_entropy(logits.flatten(0, 2), target_classes.flatten(), reduction="none").view(L, B, Q)
+    if cls_loss == "ce":
+        ce = F.cross_entropy(logits.flatten(0, 2), target_classes.flatten(), reduction="none").view(L, B, Q)
+    else:  # addition 6: the matched queries' IoU is iou_aware's target
+        iou = torch.zeros(L, B, Q, device=device).index_put((layer_idx, image_idx, query_idx), box_iou(src_xyxy, tgt_xyxy).diagonal())
+        ce = sigmoid_class_loss(logits, target_classes, iou, cls_loss)
     if torch.is_tensor(no_object_weight):
         no_object_weight = no_object_weight.to(ce.dtype)
     ce = ce * torch.where(target_classes == no_object, no_object_weight, 1.0)
 
-    src_boxes = boxes[layer_idx, image_idx, query_idx]  # (M, 4)
-    tgt_boxes = tgt_boxes.float()
-    l1 = F.l1_loss(src_boxes, tgt_boxes, reduction="none").sum(1)  # (M,)
-    giou = generalized_box_iou_loss(box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"))
+    l1 = F.l1_loss(src_boxes, tgt_boxes.float(), reduction="none").sum(1)  # (M,)
+    giou = generalized_box_iou_loss(src_xyxy, tgt_xyxy)
     zeros = torch.zeros(L, device=device)
     return ce.view(L, -1).sum(1), zeros.index_add(0, layer_idx, l1), zeros.index_add(0, layer_idx, giou)
 
@@ -310,12 +325,13 @@ def proposal_set(enc_outputs):
             "valid": enc_outputs["valid"]}
 
 
-def proposal_losses(proposals, targets, indices, num_boxes):
+def proposal_losses(proposals, targets, indices, num_boxes, cls_loss="ce"):
     """Every token matched to an object learns its class and box; the others say "no object", an
-    image's background tokens together weighing a fixed multiple of its objects, padding nothing.
-    proposals: as proposal_set gives them to the matcher."""
-    weight = proposal_background_weight(targets, proposals["valid"])
-    sums = summed_losses(proposals["pred_logits"], proposals["pred_boxes"], targets, indices, weight)
+    image's background tokens together weighing a fixed multiple of its objects, padding nothing (a sigmoid
+    cls_loss: every real token weighs 1, as in Deformable DETR; EXPERIMENTS.md). proposals: as proposal_set gives them."""
+    valid = proposals["valid"]
+    weight = proposal_background_weight(targets, valid) if cls_loss == "ce" else valid.float()
+    sums = summed_losses(proposals["pred_logits"], proposals["pred_boxes"], targets, indices, weight, cls_loss)
     return tuple(s / num_boxes for s in sums)
 
 
@@ -329,16 +345,57 @@ def denoising_pairs(targets, groups, n):
              torch.arange(len(t["labels"])).repeat(groups)) for t in targets]
 
 
-def denoising_losses(dn_outputs, targets, num_boxes):
+def denoising_losses(dn_outputs, targets, num_boxes, cls_loss="ce"):
     """Denoising query g * n + j reconstructs target j at every decoder layer, with no matching;
-    padded queries are in no loss. Averaged over the groups."""
+    padded queries are in no loss. Averaged over the groups. With dn_contrastive (addition 8) a group's
+    second half are its negatives: each real one says "no object", weighing as a positive, with no box loss."""
     logits, boxes = dn_outputs["pred_logits"].float(), dn_outputs["pred_boxes"].float()  # (L, B, groups * n, ...)
     L, B, D = logits.shape[:3]
     groups = dn_outputs["groups"]
-    padding_weight = torch.zeros(B, D, device=logits.device)  # every real query is matched: the rest, padding, weighs 0
+    no_object_weight = torch.zeros(B, D, device=logits.device)  # every real positive is matched: the rest, padding, weighs 0
     pairs = denoising_pairs(targets, groups, D // groups)
-    sums = summed_losses(logits, boxes, targets, [pairs] * L, padding_weight)
+    for b, (query_idx, _) in enumerate(pairs if dn_outputs["contrastive"] else []):  # addition 8: the real negatives
+        no_object_weight[b, (query_idx + D // groups // 2).to(logits.device)] = 1.0
+    sums = summed_losses(logits, boxes, targets, [pairs] * L, no_object_weight, cls_loss)
     return tuple(s / (groups * num_boxes) for s in sums)
+
+
+# -----------------------------------------------------------------------------
+# Addition 6's loss: sigmoid class losses (cls_loss; detr.py, "Addition 6")
+# Each of a query's K classes is its own binary target; summed over queries and classes and divided
+# by num_boxes (Deformable DETR), with no eos_coef: the focal weight keeps background from drowning objects.
+# - 'focal' (Lin et al. 2017; Deformable DETR, DINO): a matched query's class targets 1, the rest 0,
+#   each term weighed by how wrong it is, |p - t|^gamma.
+# - 'iou_aware' (DEIM's matchability-aware loss, Huang et al. 2025, §3.2): the matched class targets the
+#   box's IoU^gamma with its object, so the score ranks boxes by quality; negatives weigh p^gamma.
+# Both match with Deformable DETR's focal cost.
+FOCAL_ALPHA = 0.25  # the positives' share of the focal loss (focal loss §3.2; Deformable DETR, DINO)
+FOCAL_GAMMA = 2.0  # the focal loss's exponent (and the focal matching cost's)
+IOU_AWARE_GAMMA = 1.5  # iou_aware: the target IoU^gamma and the negatives' weight p^gamma (DEIM: 1.5)
+
+
+def sigmoid_class_loss(logits, target_classes, iou, cls_loss):
+    """(L, B, Q) the sigmoid class loss of each query, summed over its K classes. logits (L, B, Q, K);
+    target_classes (L, B, Q): a class, or K for "no object"; iou (L, B, Q): the matched queries' box IoU."""
+    logits = logits.float()
+    onehot = F.one_hot(target_classes, logits.shape[-1] + 1)[..., :-1].to(logits.dtype)  # (L, B, Q, K); "no object": all 0
+    prob = logits.sigmoid()
+    if cls_loss == "focal":
+        target = onehot
+        weight = (FOCAL_ALPHA * target + (1 - FOCAL_ALPHA) * (1 - target)) * (prob - target).abs().pow(FOCAL_GAMMA)
+    else:  # iou_aware
+        target = onehot * iou.detach()[..., None].pow(IOU_AWARE_GAMMA)
+        weight = onehot + (1 - onehot) * prob.detach().pow(IOU_AWARE_GAMMA)
+    return (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight).sum(-1)
+
+
+def focal_matching_cost(logits, tgt_labels):
+    """(N, T) the focal loss's class cost (Deformable DETR's matcher): for each prediction's sigmoid
+    score of each target's class, the positive focal term less the negative one. logits (N, K)."""
+    prob = logits.sigmoid()[:, tgt_labels]  # (N, T)
+    positive = FOCAL_ALPHA * (1 - prob).pow(FOCAL_GAMMA) * -(prob + 1e-8).log()
+    negative = (1 - FOCAL_ALPHA) * prob.pow(FOCAL_GAMMA) * -(1 - prob + 1e-8).log()
+    return positive - negative
 
 
 # -----------------------------------------------------------------------------
@@ -376,7 +433,7 @@ def check_config(c):
         ("eos_coef", 0 < c["eos_coef"] <= 1, "in (0, 1]"),
         ("ema_decay", 0 <= c["ema_decay"] < 1, "in [0, 1) (0: no EMA)"),
         ("lr_schedule", c["lr_schedule"] in ("step", "cosine"), "'step' or 'cosine'"),
-        ("min_lr_ratio", 0 <= c["min_lr_ratio"] <= 1, "in [0, 1]"),
+        *((k, 0 <= c[k] <= 1, "in [0, 1]") for k in ("min_lr_ratio", "mosaic_prob", "mosaic_until")),
         ("tensorboard", not c["tensorboard"] or find_spec("tensorboard") is not None,
          "False without the tensorboard package (pip install tensorboard)"),
         ("train_scales", positive_ints(c["train_scales"]), "a list of sizes > 0"),
@@ -398,18 +455,8 @@ def check_config(c):
 
 def new_criterion(config, query_groups):
     """The set loss with the config's costs, which are also the loss weights (paper App. A.1)."""
-    matcher = HungarianMatcher(config["cost_class"], config["cost_bbox"], config["cost_giou"])
-    return SetCriterion(matcher, config["eos_coef"], 1.0, config["cost_bbox"], config["cost_giou"], query_groups)
-
-
-def compile_model(model, backend="inductor"):
-    """torch.compile the backbone and each encoder and decoder layer, in place (the checkpoint's keys
-    stay as they are). What runs between them (encoder proposals, the denoising queries made from each
-    image's targets) stays eager, so that no object count reaches a graph, and image sizes are dynamic:
-    a run compiles a few graphs in its first steps (again at the first non-square batch) and at its
-    first evaluation, and none after."""
-    for part in [model.backbone, *model.encoder, *model.decoder]:
-        part.compile(dynamic=True, backend=backend)
+    matcher = HungarianMatcher(config["cost_class"], config["cost_bbox"], config["cost_giou"], config["cls_loss"] != "ce")
+    return SetCriterion(matcher, config["eos_coef"], 1.0, config["cost_bbox"], config["cost_giou"], query_groups, config["cls_loss"])
 
 
 def lr_factor(it, cfg):
@@ -434,21 +481,6 @@ def ema_update(ema_model, model, decay):
             averaged.copy_(current)
 
 
-def evaluate(model, dataset, cfg, device, rank=0, world_size=1, stop=None):
-    """mAP of the model on a dataset (compute_map), each process taking every world_size-th batch. None
-    when stop() turned true on any process (a signal: the evaluation is left for the resume)."""
-    batches = range(rank, math.ceil(len(dataset) / cfg.batch_size), world_size)  # whole batches: one process's padding
-    shard = [i for b in batches for i in range(b * cfg.batch_size, min((b + 1) * cfg.batch_size, len(dataset)))]
-    parts = gather(predict(model, dataset, device, cfg.batch_size, cfg.pad_to, cfg.dtype, cfg.num_workers, shard, stop), world_size)
-    if any(part is None for part in parts):
-        return None
-    predictions = {i: p for part in parts for i, p in part.items()}  # every process's shard
-    image_ids = sorted(predictions)
-    detections = [predictions[i] for i in image_ids]
-    ground_truths = [ground_truth(dataset.records[i]) for i in image_ids]
-    return compute_map(detections, ground_truths, len(dataset.classes), cfg.max_dets)
-
-
 @torch.no_grad()
 def training_diagnostics(model, outputs, targets, matcher):
     """What shows DETR's early plateau (logged every log_interval, drawn by sample.py --log):
@@ -465,16 +497,7 @@ def training_diagnostics(model, outputs, targets, matcher):
     matched = matcher({"pred_logits": outputs["pred_logits"][:, :Q], "pred_boxes": outputs["pred_boxes"][:, :Q]}, targets)
     dn = outputs.get("dn_outputs")
     dn_pairs = dn and denoising_pairs(targets, dn["groups"], dn["pred_boxes"].shape[2] // dn["groups"])
-    return {**record, **query_diagnostics(outputs, targets, Q, matched, dn_pairs)}
-
-
-def out_of_memory(it, images, cfg, device, ckpt_path):
-    """The exit for a training step that ran out of memory: one line with the batch and the keys that size it."""
-    B, _, H, W = images.shape
-    return SystemExit(f"error: out of memory at iteration {it} on {device}, a batch of {B} images padded to {H}x{W}; "
-                      f"lower batch_size={cfg.batch_size} (a larger gradient_accumulation_steps keeps the batch), "
-                      f"max_size={cfg.max_size} or train_scales (up to {max(cfg.train_scales)}; val_scale={cfg.val_scale} "
-                      f"at evaluation). {ckpt_path} is left as it was")
+    return {**record, **query_diagnostics(outputs, targets, Q, matched, dn_pairs, model.sigmoid_classes)}
 
 
 # -----------------------------------------------------------------------------
@@ -527,28 +550,6 @@ def describe(run, train_set, val_set):
               f"{cfg.max_dets} best detections of an image and class (raise max_dets to count them all)")
     for warning in filter(None, (too_many_objects(d, cfg.num_queries) for d in (train_set, val_set) if d)):
         print(warning)
-
-
-def training_batches(train_set, run):
-    """Endless training batches, in an order that is a pure function of (seed, samples consumed), so that a
-    resumed run continues exactly."""
-    cfg = run.cfg
-    start = run.iter_num * cfg.batch_size * cfg.gradient_accumulation_steps
-    sampler = ResumableSampler(len(train_set), cfg.seed, start, run.rank, run.world_size)
-    return iter(torch.utils.data.DataLoader(
-        train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-        collate_fn=partial(collate, pad_to=cfg.pad_to), worker_init_fn=worker_ignores_signals, pin_memory="cuda" in run.device,
-        persistent_workers=cfg.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed)))
-
-
-def to_device(images, mask, targets, device):
-    """A batch on the device: NHWC images on a GPU (its convolutions run on tensor cores without layout
-    transposes), and a mask even when nothing is padded (under compile, one graph rather than two)."""
-    images = images.to(device, non_blocking=True)
-    if "cuda" in device:
-        images = images.contiguous(memory_format=torch.channels_last)
-    mask = mask.to(device, non_blocking=True) if mask is not None else images.new_zeros(images[:, 0].shape, dtype=torch.bool)
-    return images, mask, [{k: t[k].to(device, non_blocking=True) for k in ("labels", "boxes")} for t in targets]
 
 
 def set_loss(criterion, outputs, targets, num_boxes, class_weight_sum):
@@ -699,7 +700,8 @@ def train(config):
         from torch.utils.tensorboard import SummaryWriter  # optional: imported only when asked for
 
         run.writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
-    batches = training_batches(train_set, run)
+    batches = training_batches(train_set, cfg, run.iter_num * cfg.batch_size * cfg.gradient_accumulation_steps,
+                               run.rank, run.world_size, pin_memory="cuda" in device)
 
     metrics, sums, steps_since_log, images_since_log, skipped_steps = {}, {}, 0, 0, 0
     first_bad_iter = torch.tensor(NONE_BAD, device=device)  # where a loss first went non-finite, kept on the device

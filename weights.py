@@ -355,7 +355,8 @@ def transfer_weights(pretrained, model, source):
       every tensor's shape): anything else is one LoadError naming the first setting or key that differs.
     - The class-shaped tensors (the class heads' rows and the denoising label embedding) are copied
       row by row for the classes of the same name (data/format.class_key: case aside, VOC's names as
-      COCO's), "no object" too when any class is; new classes keep fresh rows.
+      COCO's), "no object" too when any class is; new classes keep fresh rows. Class heads trained
+      with another kind of score (cls_loss: a softmax with "no object", or sigmoids) start new.
     - An addition's own modules that the pretrained model lacks start as new; those it has and the
       config switches off are left out. The object queries are loaded when they mean the same
       (DETR's positions, or DAB-DETR's content with anchor_queries), as many groups as both have, and
@@ -380,10 +381,12 @@ def transfer_weights(pretrained, model, source):
                 if attr not in additions:
                     raise LoadError(f"{source} has no '{key}': it is another architecture than the config's")
                 new.add(part)
+            elif attr in ("class_head", "proposal_class_head") and pretrained.sigmoid_classes != model.sigmoid_classes:
+                new.add(part)  # softmax rows with "no object" and sigmoid rows without mean different scores (cls_loss)
             elif attr in ("class_head", "proposal_class_head", "label_embed"):  # rows by class name
                 for i, j in rows.items():
                     value[i] = theirs[key][j]
-                if rows and attr != "label_embed":  # "no object", the last row
+                if rows and attr != "label_embed" and not model.sigmoid_classes:  # "no object", the last row
                     value[-1] = theirs[key][-1]
                 (loaded if rows else new).add(part)
                 if len(rows) < len(model.classes):
@@ -761,6 +764,7 @@ def write_transformers_folder(model, folder, val_scale=800, max_size=1333):
     then gives the same outputs."""
     c = model.config
     on = [k for k in ("anchor_queries", "encoder_proposals", "denoising_groups", "conditional_cross_attn") if c[k]]
+    on += [f"cls_loss={c['cls_loss']!r}"] * model.sigmoid_classes  # transformers' DETR reads a softmax with "no object"
     on += ["query_groups"] * (c["query_groups"] > 1) + ["feature_stride"] * (c["feature_stride"] != 32)
     if on:
         raise LoadError(f"the model uses {', '.join(on)}, which transformers' DETR does not have: "

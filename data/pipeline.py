@@ -13,6 +13,7 @@ import multiprocessing.util  # its exit handler is registered first, so end_data
 import os
 import signal
 import sys
+from functools import partial
 
 import torch
 import torchvision.transforms.v2 as v2
@@ -98,60 +99,94 @@ class DetectionDataset(torch.utils.data.Dataset):
     """Reads a prepared json. Returns (image (3, h, w) normalised float, target) with the target as
     the model and the loss take it: labels (N,) int64 class indices, boxes (N, 4) (cx, cy, w, h) in
     [0, 1] of the transformed image (N may be 0), plus image_id (the index in the json) and
-    orig_size (H, W) for evaluation. Difficult objects are
-    left out unless keep_difficult, crowds always. An image that cannot be decoded is skipped with one logged
-    line and the next one is returned, so a batch keeps its size."""
+    orig_size (H, W) for evaluation. Difficult objects are left out unless keep_difficult, crowds
+    always. An image that cannot be decoded is skipped with one logged line and the next one is
+    returned, so a batch keeps its size. mosaic_prob > 0 (training): a sample that the sampler allows
+    it is a mosaic (below) with that probability, of at most max_objects objects, on tiles of mosaic_tile."""
 
-    def __init__(self, json_path, transform, keep_difficult=False):
+    def __init__(self, json_path, transform, keep_difficult=False, mosaic_prob=0.0, mosaic_tile=0, max_objects=0):
         data = read_dataset_json(json_path)
         self.classes, self.records, self.category_ids = data["classes"], data["images"], data.get("category_ids")
         self.json_path = str(json_path)
         root = os.path.dirname(os.path.abspath(json_path))
         self.paths = [os.path.join(root, r["file"]) for r in self.records]  # join keeps absolute paths
         self.transform, self.keep_difficult = transform, keep_difficult
+        self.mosaic_prob, self.mosaic_tile, self.max_objects = mosaic_prob, mosaic_tile, max_objects
         self.unreadable = set()
 
     def __len__(self):
         return len(self.records)
 
     def __getitem__(self, key):
-        """key: an index, or (index, seed) to draw the augmentation from its own seed (so that a
-        sample's augmentation does not depend on worker processes or on where a run resumed)."""
-        index, aug_seed = key if isinstance(key, tuple) else (key, None)
+        """key: an index, or (index, seed, mosaic allowed) to draw the augmentation from its own seed (so
+        that a sample's augmentation does not depend on worker processes or on where a run resumed)."""
+        index, aug_seed, mosaic = key if isinstance(key, tuple) else (key, None, False)
         with torch.random.fork_rng(devices=[], enabled=aug_seed is not None):
             if aug_seed is not None:
                 torch.manual_seed(aug_seed)
-            return self.load(index)
+            i, image = self.load(index)
+            mosaic = mosaic and self.mosaic_prob > 0 and bool(torch.rand(()) < self.mosaic_prob)  # no draw when off
+            return self.make_sample(i, image, mosaic)
 
     def load(self, index):
+        """(i, (3, H, W) uint8) of the first image from index on that can be decoded."""
         for i in range(index, index + len(self)):
             i %= len(self)
-            image = None if i in self.unreadable else read_image(self.paths[i])  # (3, H, W) uint8
+            image = None if i in self.unreadable else read_image(self.paths[i])
             if image is not None:
-                return self.make_sample(i, image)
+                return i, image
             self.unreadable.add(i)  # logged once, then passed over
         raise RuntimeError(f"no image of {len(self)} could be decoded")
 
-    def make_sample(self, i, image):
+    def objects(self, i, image):
+        """Image i's pixels and objects as tv_tensors: {"image", "boxes" (XYXY pixels), "labels"}."""
         record = self.records[i]
         boxes = torch.tensor(record["boxes"], dtype=torch.float32).reshape(-1, 4)  # xyxy pixels
         labels = torch.tensor(record["labels"], dtype=torch.int64)
         keep = ~torch.tensor(record.get("iscrowd", [0] * len(labels)), dtype=torch.bool)  # crowds never train
         if not self.keep_difficult:
             keep &= ~torch.tensor(record.get("difficult", [0] * len(labels)), dtype=torch.bool)
-        boxes, labels = boxes[keep], labels[keep]
-        H, W = image.shape[-2:]
-        sample = self.transform({
-            "image": tv_tensors.Image(image),
-            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(H, W)),
-            "labels": labels,
-        })
+        return {"image": tv_tensors.Image(image), "labels": labels[keep],
+                "boxes": tv_tensors.BoundingBoxes(boxes[keep], format="XYXY", canvas_size=tuple(image.shape[-2:]))}
+
+    def make_sample(self, i, image, mosaic=False):
+        sample = self.mosaic(self.objects(i, image)) if mosaic else self.objects(i, image)
+        H, W = sample["boxes"].canvas_size
+        sample = self.transform(sample)
         image = sample["image"].as_subclass(torch.Tensor)
         h, w = image.shape[-2:]
         boxes = box_convert(sample["boxes"].as_subclass(torch.Tensor), "xyxy", "cxcywh")
         boxes = boxes / torch.tensor([w, h, w, h], dtype=torch.float32)
         target = {"labels": sample["labels"], "boxes": boxes, "image_id": i, "orig_size": torch.tensor([H, W])}
         return image, target
+
+    def mosaic(self, first):
+        """Dense one-to-one (DEIM, Huang et al. CVPR 2025, §3.1): up to 4 training images on one 2x2 canvas,
+        each resized (shorter side mosaic_tile) and randomly cropped to a mosaic_tile square tile, so that an
+        image holds more, smaller objects and more queries are matched. The others are drawn at random, an
+        image only while the objects stay within max_objects (a query matches one object: paper §3.1); a tile
+        left over stays black. The canvas then takes the usual augmentation."""
+        t = self.mosaic_tile
+        tiles, count = [first], len(first["labels"])
+        for j in torch.randint(len(self), (MOSAIC_DRAWS,)).tolist():  # drawn at once: the same draws however many fit
+            image = None if j in self.unreadable or len(tiles) == 4 else read_image(self.paths[j])
+            tile = None if image is None else self.objects(j, image)
+            if tile is not None and count + len(tile["labels"]) <= self.max_objects:
+                tiles.append(tile)
+                count += len(tile["labels"])
+        fit = v2.Compose([v2.Resize(t), v2.RandomCrop(t, pad_if_needed=True), v2.SanitizeBoundingBoxes()])
+        images, boxes, labels = [], [], []
+        for tile, place in zip(tiles, torch.randperm(4).tolist()):
+            top, left = (place // 2) * t, (place % 2) * t
+            tile = v2.Pad([left, top, t - left, t - top])(fit(tile))  # (3, 2t, 2t), zero off its quarter
+            images.append(tile["image"])
+            boxes.append(tile["boxes"])
+            labels.append(tile["labels"])
+        return {"image": tv_tensors.Image(torch.stack(images).sum(0, dtype=torch.uint8)), "labels": torch.cat(labels),
+                "boxes": tv_tensors.BoundingBoxes(torch.cat(boxes), format="XYXY", canvas_size=(2 * t, 2 * t))}
+
+
+MOSAIC_DRAWS = 6  # a mosaic draws this many other images for its 3 tiles, taking those whose objects fit
 
 
 def worker_ignores_signals(worker_id):
@@ -199,20 +234,24 @@ def collate(batch, pad_to=1):
 class ResumableSampler(torch.utils.data.Sampler):
     """Endless training order that a resumed run can re-enter at any point: epoch e is a permutation
     drawn from seed + e, split across processes as DistributedSampler does (padded to a multiple of
-    world_size, then every world_size-th index), and each index comes with its augmentation seed.
+    world_size, then every world_size-th index), and each index comes with its augmentation seed and
+    whether it may be a mosaic (DetectionDataset.mosaic: among this process's first mosaic_until samples).
     start: how many samples this process has already consumed."""
 
-    def __init__(self, num_samples, seed, start=0, rank=0, world_size=1):
+    def __init__(self, num_samples, seed, start=0, rank=0, world_size=1, mosaic_until=0):
         self.num_samples, self.seed, self.start, self.rank, self.world_size = num_samples, seed, start, rank, world_size
+        self.mosaic_until = mosaic_until
 
     def __iter__(self):
         per_rank = math.ceil(self.num_samples / self.world_size)
         epoch, offset = divmod(self.start, per_rank)
+        position = self.start
         while True:
             order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
             order = torch.cat([order, order[: per_rank * self.world_size - self.num_samples]])
             for i in order[self.rank :: self.world_size][offset:].tolist():
-                yield i, (self.seed * 1_000_003 + epoch * self.num_samples + i) % 2**62
+                yield i, (self.seed * 1_000_003 + epoch * self.num_samples + i) % 2**62, position < self.mosaic_until
+                position += 1
             epoch, offset = epoch + 1, 0
 
 
@@ -228,10 +267,33 @@ def load_datasets(cfg):
             raise SystemExit(f"error: no {path}: prepare the dataset first ({how})")
     val_set = DetectionDataset(json_paths[-1], val_transform(cfg.val_scale, cfg.max_size))
     augment = make_transforms(True, cfg.train_scales, cfg.max_size, cfg.crop_scales, cfg.crop_size, cfg.val_scale)
-    train_set = None if cfg.eval_only else DetectionDataset(json_paths[0], augment, cfg.keep_difficult)
+    train_set = None if cfg.eval_only else DetectionDataset(
+        json_paths[0], augment, cfg.keep_difficult, cfg.mosaic_prob, max(cfg.train_scales) // 2, cfg.num_queries)
     if train_set is not None and train_set.classes != val_set.classes:
         raise SystemExit(f"error: {json_paths[0]} and {json_paths[1]} have different classes")
     return train_set, val_set
+
+
+def training_batches(train_set, cfg, start, rank=0, world_size=1, pin_memory=False):
+    """Endless training batches from start (the samples this process consumed), in an order that is a
+    pure function of (seed, samples consumed), so that a resumed run continues exactly; mosaics
+    (mosaic_prob) only in the first mosaic_until of max_iters."""
+    mosaic_until = int(cfg.mosaic_until * cfg.max_iters) * cfg.batch_size * cfg.gradient_accumulation_steps
+    sampler = ResumableSampler(len(train_set), cfg.seed, start, rank, world_size, mosaic_until)
+    return iter(torch.utils.data.DataLoader(
+        train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+        collate_fn=partial(collate, pad_to=cfg.pad_to), worker_init_fn=worker_ignores_signals, pin_memory=pin_memory,
+        persistent_workers=cfg.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed)))
+
+
+def to_device(images, mask, targets, device):
+    """A batch on the device: NHWC images on a GPU (its convolutions run on tensor cores without layout
+    transposes), and a mask even when nothing is padded (under compile, one graph rather than two)."""
+    images = images.to(device, non_blocking=True)
+    if "cuda" in device:
+        images = images.contiguous(memory_format=torch.channels_last)
+    mask = mask.to(device, non_blocking=True) if mask is not None else images.new_zeros(images[:, 0].shape, dtype=torch.bool)
+    return images, mask, [{k: t[k].to(device, non_blocking=True) for k in ("labels", "boxes")} for t in targets]
 
 
 def too_many_objects(dataset, num_queries):

@@ -206,7 +206,7 @@ def test_denoising_loss_needs_no_matching():
             logits[0, b, g * 2 + torch.arange(len(t["labels"])), t["labels"]] = 20.0
     logits[0, 1, [1, 3]] = torch.tensor([20.0, -20, -20, -20])  # the padding (second image) says class 0: no matter
     outputs = {"pred_logits": torch.zeros(2, 3, 4), "pred_boxes": torch.rand(2, 3, 4),
-               "dn_outputs": {"pred_logits": logits, "pred_boxes": boxes, "groups": 2}}
+               "dn_outputs": {"pred_logits": logits, "pred_boxes": boxes, "groups": 2, "contrastive": False}}
     losses = criterion(outputs, targets)
     assert losses["loss_bbox_dn"] < 1e-6 and losses["loss_giou_dn"] < 1e-5 and losses["loss_ce_dn"] < 1e-6
     boxes[0, 0, 0, 0] += 0.1  # one copy of one object off by 0.1: L1 0.1 over 3 objects x 2 groups
@@ -280,7 +280,7 @@ def test_diagnostics_see_alike_queries_and_how_each_layer_moves_the_boxes():
     layer = lambda boxes: {"pred_logits": torch.eye(4)[[2]][None], "pred_boxes": torch.tensor([boxes])}
     outputs = {**layer(shifted), "aux_outputs": [layer(right)], "start_boxes": torch.tensor([half]),
                "dn_outputs": {"pred_boxes": torch.tensor([[right]]), "pred_logits": torch.zeros(1, 1, 1, 4),
-                              "start_boxes": torch.tensor([shifted]), "groups": 1}}
+                              "start_boxes": torch.tensor([shifted]), "groups": 1, "contrastive": False}}
     record = train.training_diagnostics(model, outputs, [truth], matcher)
     assert record["iou_start"] == pytest.approx(0.5) and record["iou_layer_0"] == pytest.approx(1.0)
     assert record["iou_layer_1"] == pytest.approx(0.3 / 0.5)  # 0.3 x 0.2 shared of 0.5 x 0.2
@@ -292,6 +292,10 @@ def test_diagnostics_see_alike_queries_and_how_each_layer_moves_the_boxes():
     # config/voc.py's additions, stride and query count on a narrower, shallower model (fast on a CPU)
     ("config/voc.py", (384, 800), dict(backbone="resnet18", pretrained_backbone=False, hidden_dim=64, num_heads=4,
                                        dim_feedforward=128, num_encoder_layers=1, num_decoder_layers=2)),
+    # and with the successors' keys: a sigmoid class loss, contrastive denoising, look-forward-twice
+    *(("config/voc.py", (384, 800), dict(backbone="resnet18", pretrained_backbone=False, hidden_dim=64, num_heads=4,
+                                         dim_feedforward=128, num_encoder_layers=1, num_decoder_layers=2, cls_loss=cls_loss,
+                                         dn_contrastive=True, look_forward_twice=True)) for cls_loss in ("focal", "iou_aware")),
 ])
 def test_loss_parts_keep_their_balance_at_every_image_size(config_file, sizes, smaller):
     """Every loss part at the first step, as a ratio to the decoder's class loss, with the same weights,
@@ -366,3 +370,178 @@ def test_conditional_cross_attention_keeps_positions_in_its_content_part_at_the_
     flags = [detr.spatial_query_and_key(model, i, torch.randn(1, 5, 32), torch.rand(1, 5, 4) * 0.5 + 0.25,
                                         torch.randn(1, 5, 4, 16), torch.randn(1, 16, 32))[2] for i in range(3)]
     assert flags == [True, False, False]
+
+
+# --- additions 6 to 8: the successors' recipe (sigmoid class losses, look forward twice, contrastive denoising)
+
+
+def test_focal_loss_is_torchvisions_and_iou_aware_targets_the_boxs_iou():
+    """cls_loss='focal' is the focal loss of Lin et al. (torchvision's sigmoid_focal_loss, alpha 0.25, gamma 2);
+    'iou_aware' (DEIM's MAL) has its minimum where a matched query's score is its box's IoU^gamma, and
+    takes no gradient through the IoU."""
+    from torchvision.ops import sigmoid_focal_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5, 4, requires_grad=True)  # (L, B, Q, K)
+    target_classes = torch.randint(0, 5, (2, 3, 5))  # 4: "no object"
+    iou = torch.rand(2, 3, 5, requires_grad=True)
+    onehot = torch.nn.functional.one_hot(target_classes, 5)[..., :4].float()
+    focal = train.sigmoid_class_loss(logits, target_classes, iou, "focal")
+    assert torch.allclose(focal, sigmoid_focal_loss(logits, onehot, 0.25, 2.0, reduction="none").sum(-1), atol=1e-6)
+    # iou_aware: one matched query's score at IoU^1.5 is the loss's minimum; a negative weighs p^1.5 x BCE(p, 0)
+    u = torch.tensor(0.7)
+    at = torch.full((1, 1, 1, 2), -3.0)
+    at[..., 1] = torch.logit(u ** train.IOU_AWARE_GAMMA)
+    at.requires_grad_(True)
+    loss = train.sigmoid_class_loss(at, torch.tensor([[[1]]]), u.view(1, 1, 1), "iou_aware")
+    (grad,) = torch.autograd.grad(loss.sum(), at)
+    assert abs(grad[..., 1].item()) < 1e-6 and grad[..., 0].item() > 0  # the matched class sits still, the other goes down
+    p = torch.sigmoid(torch.tensor(-3.0))
+    bce = -torch.log(1 - p)
+    expected = p ** 1.5 * bce - (u ** 1.5 * torch.log(u ** 1.5) + (1 - u ** 1.5) * torch.log(1 - u ** 1.5))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    aware = train.sigmoid_class_loss(logits, target_classes, iou, "iou_aware")
+    assert torch.autograd.grad(aware.sum(), iou, allow_unused=True)[0] is None
+    # a better box of the same class asks for a higher score: at the 0.7 box's optimum, the 0.9 box's loss pushes it up
+    better = train.sigmoid_class_loss(at, torch.tensor([[[1]]]), torch.tensor([[[0.9]]]), "iou_aware")
+    assert torch.autograd.grad(better.sum(), at)[0][..., 1].item() < -0.01
+
+
+def test_focal_matching_cost_prefers_the_confident_right_class():
+    """Deformable DETR's class cost: positive focal term less the negative one, per prediction and target;
+    the sigmoid matcher pairs each target with the query that scores its class."""
+    logits = torch.tensor([[4.0, -4.0, -4.0], [-4.0, 4.0, -4.0]])
+    cost = train.focal_matching_cost(logits, torch.tensor([1, 0]))  # (2 predictions, 2 targets)
+    assert cost[1, 0] < cost[0, 0] and cost[0, 1] < cost[1, 1]
+    p = torch.sigmoid(torch.tensor(4.0))
+    assert cost[0, 1].item() == pytest.approx((0.25 * (1 - p) ** 2 * -p.log() - 0.75 * p ** 2 * -(1 - p).log()).item(), rel=1e-4)
+    boxes = torch.tensor([[[0.3, 0.3, 0.2, 0.2], [0.3, 0.3, 0.2, 0.2]]])  # the same box: only the class decides
+    targets = [{"labels": torch.tensor([1, 0]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.3, 0.3, 0.2, 0.2]])}]
+    (pred, tgt), = train.HungarianMatcher(sigmoid=True)({"pred_logits": logits[None], "pred_boxes": boxes}, targets)
+    assert dict(zip(tgt.tolist(), pred.tolist())) == {1: 0, 0: 1}
+
+
+def test_sigmoid_classes_have_k_outputs_everywhere_and_are_read_as_sigmoids():
+    """A sigmoid cls_loss: K class outputs (no "no object") for the decoder, the proposals and denoising, each
+    starting at the prior probability; the proposals are picked by their best class's sigmoid, and postprocess
+    scores a query by it."""
+    torch.manual_seed(0)
+    model = tiny(anchor_queries=True, encoder_proposals=True, denoising_groups=1, cls_loss="focal").train()
+    out = model(torch.randn(2, 3, 64, 64), targets=targets_of(2, 1))
+    K = 3
+    assert out["pred_logits"].shape[-1] == out["enc_outputs"]["pred_logits"].shape[-1] == K
+    assert out["dn_outputs"]["pred_logits"].shape[-1] == K
+    assert torch.sigmoid(out["pred_logits"]).mean().item() == pytest.approx(detr.PRIOR_PROBABILITY, rel=0.5)
+    # the proposals' selection: the tokens whose best class has the highest sigmoid
+    with torch.no_grad():
+        enc_outputs, start_boxes = detr.propose_boxes(model, torch.randn(2, 64, 32), torch.zeros(2, 8, 8, dtype=torch.bool))
+    top = enc_outputs["pred_logits"].sigmoid().max(-1).values.topk(5, dim=1).indices
+    assert torch.equal(start_boxes, enc_outputs["pred_boxes"].gather(1, top[..., None].expand(-1, -1, 4)))
+    logits = torch.tensor([[[2.0, -1.0, 0.0], [-3.0, -2.0, -4.0]]])
+    result = detr.postprocess({"pred_logits": logits, "pred_boxes": torch.full((1, 2, 4), 0.5)}, [(10, 10)], sigmoid=True)[0]
+    assert torch.allclose(result["scores"], torch.sigmoid(torch.tensor([2.0, -2.0]))) and result["labels"].tolist() == [0, 1]
+    with pytest.raises(ValueError, match="cls_loss"):
+        tiny(cls_loss="softmax")
+
+
+def test_sigmoid_set_loss_is_a_sum_over_queries_and_classes_over_num_boxes():
+    """With cls_loss='focal' loss_ce is torchvision's focal loss summed over every query and class, over
+    the number of objects (Deformable DETR), with no eos_coef; a perfect prediction costs ~nothing."""
+    from torchvision.ops import sigmoid_focal_loss
+
+    torch.manual_seed(0)
+    targets = targets_of(2, 1)
+    logits, boxes = torch.randn(2, 4, 3), torch.rand(2, 4, 4) * 0.5 + 0.25
+    criterion = train.SetCriterion(train.HungarianMatcher(sigmoid=True), cls_loss="focal")
+    (p0, t0), (p1, t1) = criterion.matcher({"pred_logits": logits, "pred_boxes": boxes}, targets)
+    onehot = torch.zeros(2, 4, 3)
+    onehot[0, p0, targets[0]["labels"][t0]] = 1
+    onehot[1, p1, targets[1]["labels"][t1]] = 1
+    losses = criterion({"pred_logits": logits, "pred_boxes": boxes}, targets)
+    assert losses["loss_ce"].item() == pytest.approx(sigmoid_focal_loss(logits, onehot, reduction="sum").item() / 3, rel=1e-5)
+    perfect = torch.full((2, 4, 3), -12.0)
+    perfect_boxes = boxes.clone()
+    for b, t in enumerate(targets):
+        perfect[b, torch.arange(len(t["labels"])), t["labels"]] = 12.0
+        perfect_boxes[b, : len(t["labels"])] = t["boxes"]
+    losses = criterion({"pred_logits": perfect, "pred_boxes": perfect_boxes}, targets)
+    assert losses["loss_ce"] < 1e-6 and losses["loss_bbox"] < 1e-6
+
+
+def test_look_forward_twice_sends_a_layers_box_loss_to_the_layer_before(monkeypatch):
+    """DINO §3.5: the same boxes, but the last layer's box reaches the previous layer's refinement
+    (before its detach) only with look_forward_twice."""
+    refined = []
+    original = detr.refine_boxes
+
+    def recording(model, layer_out, boxes):
+        refined.append(original(model, layer_out, boxes))
+        return refined[-1]
+
+    monkeypatch.setattr(detr, "refine_boxes", recording)
+    torch.manual_seed(0)
+    once = tiny(anchor_queries=True).train()
+    twice = tiny(anchor_queries=True, look_forward_twice=True).train()
+    twice.load_state_dict(once.state_dict())
+    images = torch.randn(1, 3, 64, 64)
+    reaches = []
+    for model in (once, twice):
+        refined.clear()
+        out = model(images)
+        reaches.append(torch.autograd.grad(out["pred_boxes"].sum(), refined[-2])[0])
+        boxes = out["pred_boxes"]
+        if model is once:
+            plain = boxes
+    assert torch.allclose(boxes, plain, atol=1e-6)  # the values are the same ...
+    assert not reaches[0].any() and reaches[1].abs().sum() > 0  # ... only the gradient's path is new
+
+
+def test_contrastive_denoising_negatives_are_farther_and_say_no_object():
+    """DINO §3.3: each group holds n positives then n negatives; the positives' noise stays within
+    DN_BOX_NOISE, the negatives' lies between it and twice it; a group sees only itself; the negatives
+    are trained to "no object" and have no box loss."""
+    torch.manual_seed(0)
+    model = tiny(anchor_queries=True, denoising_groups=20, dn_contrastive=True)
+    targets = targets_of(4, 2)
+    tgt, boxes, allowed = detr.add_denoising_queries(model, targets, torch.zeros(2, 5, 32), torch.rand(2, 5, 4), None)
+    n = detr.DN_MIN_SLOTS
+    assert boxes.shape[1] == 5 + 20 * 2 * n
+    noised = boxes[0, 5:].view(20, 2, n, 4)[:, :, :4]  # (groups, positive/negative, objects, 4)
+    gt = targets[0]["boxes"]
+    shift = (noised[..., :2] - gt[:, :2]).abs() / gt[:, 2:]  # of the side
+    scale = (noised[..., 2:] / gt[:, 2:] - 1).abs()
+    assert shift[:, 0].max() <= 0.2 + 1e-6 and scale[:, 0].max() <= 0.4 + 1e-6
+    assert shift[:, 1].min() >= 0.2 - 1e-6 and shift[:, 1].max() <= 0.4 + 1e-6
+    assert scale[:, 1].min() >= 0.4 - 1e-6 and scale[:, 1].max() <= 0.8 + 1e-6
+    slot = torch.arange(20 * 2 * n)
+    real = slot % n < 4  # the first image's 4 objects in each block of n slots
+    group = slot[real] // (2 * n)
+    seen = allowed[0, 0, 5:, 5:][real][:, real]
+    assert torch.equal(seen, group[:, None] == group[None, :])  # positives and negatives of a group see each other
+    # the loss: positives reconstruct, negatives say "no object" (no box loss whatever their boxes)
+    for cls_loss in ("ce", "focal"):
+        K = 3 + (cls_loss == "ce")
+        criterion = train.SetCriterion(train.HungarianMatcher(sigmoid=cls_loss != "ce"), cls_loss=cls_loss)
+        targets = targets_of(2)
+        logits = torch.full((1, 1, 4, K), -12.0)  # one group: 2 slots of positives, 2 of negatives
+        boxes = torch.rand(1, 1, 4, 4)
+        logits[0, 0, [0, 1], targets[0]["labels"]] = 12.0
+        boxes[0, 0, :2] = targets[0]["boxes"]
+        if cls_loss == "ce":
+            logits[0, 0, 2:, 3] = 12.0  # "no object"
+        outputs = {"pred_logits": torch.zeros(1, 3, K), "pred_boxes": torch.rand(1, 3, 4),
+                   "dn_outputs": {"pred_logits": logits, "pred_boxes": boxes, "groups": 1, "contrastive": True}}
+        right = criterion(outputs, targets)
+        assert right["loss_ce_dn"] < 1e-4 and right["loss_bbox_dn"] < 1e-6
+        logits[0, 0, 2, 0] = 12.0  # a negative that claims class 0
+        if cls_loss == "ce":
+            logits[0, 0, 2, 3] = -12.0
+        wrong = criterion(outputs, targets)
+        assert wrong["loss_ce_dn"] > 1.0 and wrong["loss_bbox_dn"] < 1e-6
+
+
+def test_successor_keys_need_their_base_additions():
+    with pytest.raises(ValueError, match="look_forward_twice"):
+        tiny(look_forward_twice=True)
+    with pytest.raises(ValueError, match="dn_contrastive"):
+        tiny(anchor_queries=True, dn_contrastive=True)

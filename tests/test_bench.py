@@ -74,7 +74,7 @@ def test_gpu_check_writes_its_json_and_the_readme_rows(tmp_path, capsys, monkeyp
     inductor would take minutes here)."""
     bench = tiny(load_script("bench.py"))
     bench.duration, bench.repeats = 2.0, 2
-    monkeypatch.setattr(bench.train, "compile_model", lambda model: None)
+    monkeypatch.setattr(bench, "compile_model", lambda model: None)
     monkeypatch.setitem(sys.modules, "transformers", None)  # as in CI: Hugging Face's DETR is skipped
     path = tmp_path / "gpu_check.json"
     bench.gpu_check(str(path))

@@ -251,3 +251,55 @@ def test_images_without_exif_are_read_as_before(tmp_path):
     Image.fromarray(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8)).save(tmp_path / "plain.png")
     ours = pipeline.read_image(str(tmp_path / "plain.png"))
     assert torch.equal(ours, torch.from_numpy(np.array(Image.open(tmp_path / "plain.png").convert("RGB"))).permute(2, 0, 1))
+
+
+def mosaic_dataset(tmp_path, max_objects=6, count=6):
+    """count images of 120x160, each one coloured rectangle of its own (a class each), and a dataset that
+    always makes mosaics of 64-pixel tiles."""
+    images, boxes = [], []
+    for i in range(count):
+        image = np.zeros((120, 160, 3), np.uint8)
+        x0, y0 = 20 + 10 * i, 20 + 5 * i
+        image[y0 : y0 + 50, x0 : x0 + 60] = (255, 0, 0) if i % 2 == 0 else (0, 255, 0)
+        images.append(image)
+        boxes.append([[x0, y0, x0 + 60, y0 + 50]])
+    path = write_dataset(tmp_path, images, boxes, [[i % 2] for i in range(count)])
+    transform = pipeline.make_transforms(True, scales=[128], max_size=200, crop_scales=[128], crop_size=(120, 128),
+                                         val_scale=128)
+    return pipeline.DetectionDataset(path, transform, mosaic_prob=1.0, mosaic_tile=64, max_objects=max_objects)
+
+
+def test_mosaic_puts_each_tiles_boxes_on_its_pixels(tmp_path):
+    """DEIM's mosaic: several images on one canvas, each box still framing its own colour, no more objects
+    than max_objects, and the same sample from the same seed."""
+    dataset = mosaic_dataset(tmp_path)
+    mean, std = torch.tensor(pipeline.IMAGENET_MEAN)[:, None, None], torch.tensor(pipeline.IMAGENET_STD)[:, None, None]
+    counts = set()
+    for seed in range(12):
+        x, target = dataset[(seed % 6, seed, True)]
+        pixels = x * std + mean
+        h, w = x.shape[1:]
+        counts.add(len(target["labels"]))
+        for (cx, cy, bw, bh), label in zip((target["boxes"] * torch.tensor([w, h, w, h])).tolist(), target["labels"].tolist()):
+            x0, y0, x1, y1 = round(cx - bw / 2), round(cy - bh / 2), round(cx + bw / 2), round(cy + bh / 2)
+            inside = pixels[label, y0 + 1 : y1 - 1, x0 + 1 : x1 - 1]  # red for class 0, green for class 1
+            assert inside.numel() > 0 and (inside > 0.5).float().mean() > 0.95
+        again, again_target = dataset[(seed % 6, seed, True)]
+        assert torch.equal(x, again) and torch.equal(target["boxes"], again_target["boxes"])
+    assert max(counts) > 1  # tiles of other images came in with their objects
+    small = mosaic_dataset(tmp_path, max_objects=2)
+    assert all(len(small[(i, i, True)][1]["labels"]) <= 2 for i in range(6))
+    plain = dataset[(0, 0, False)][1]  # not allowed: the image alone
+    assert len(plain["labels"]) == 1
+
+
+def test_mosaic_stops_after_its_fraction_and_the_order_resumes_exactly():
+    """ResumableSampler marks mosaics allowed only for a process's first mosaic_until samples; entered at
+    any point it continues the same stream of (index, seed, allowed)."""
+    sampler = pipeline.ResumableSampler(10, seed=3, mosaic_until=25)
+    stream = [next(s) for s in [iter(sampler)] for _ in range(40)]
+    assert [allowed for _, _, allowed in stream] == [True] * 25 + [False] * 15
+    resumed = iter(pipeline.ResumableSampler(10, seed=3, start=17, mosaic_until=25))
+    assert [next(resumed) for _ in range(23)] == stream[17:]
+    ranks = [iter(pipeline.ResumableSampler(10, seed=3, start=4, rank=r, world_size=2, mosaic_until=6)) for r in (0, 1)]
+    assert [next(ranks[0])[2] for _ in range(4)] == [True, True, False, False]

@@ -200,3 +200,25 @@ def test_tensorboard_gets_every_logged_number(tmp_path, monkeypatch):
     assert ("folder", str(tmp_path / "out" / "tensorboard")) in written and closed == [True]
     assert {"loss", "loss_ce", "lr", "val_mAP50", "val_mAP"} <= tags and ("loss", 2) in written
     assert any(tag.startswith("val_AP") and tag.endswith("/circle") for tag in tags)
+
+
+def test_a_softmax_checkpoint_starts_a_sigmoid_model_with_new_class_heads():
+    """A paper (softmax, "no object") checkpoint into a model with a sigmoid cls_loss: everything loads but the
+    class heads, whose K sigmoid rows mean other scores (they start new, at the prior); and back."""
+    torch.manual_seed(0)
+    small = dict(backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1, num_decoder_layers=2,
+                 dim_feedforward=64, num_queries=8, anchor_queries=True)
+    pretrained = DETR(3, **small)
+    model = DETR(3, **small, cls_loss="iou_aware")
+    pretrained.classes = model.classes = ["circle", "square", "star"]
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    done = weights.transfer_weights(pretrained, model, "vanilla")
+    assert "class_head" in done["new"] and "class_head" not in done["loaded"] and "decoder" in done["loaded"]
+    assert model.class_head.weight.shape == (3, 32) and torch.equal(model.class_head.bias, fresh["class_head.bias"])
+    assert torch.equal(model.state_dict()["decoder.1.linear1.weight"], pretrained.state_dict()["decoder.1.linear1.weight"])
+    back = DETR(3, **small)
+    back.classes = model.classes
+    assert "class_head" in weights.transfer_weights(model, back, "sigmoid")["new"]
+    sigmoid_twin = DETR(3, **small, cls_loss="focal")  # focal and iou_aware read their scores alike
+    sigmoid_twin.classes = model.classes
+    assert "class_head" in weights.transfer_weights(model, sigmoid_twin, "sigmoid")["loaded"]

@@ -258,3 +258,10 @@ def test_fine_tune_a_folder_then_hand_it_back_with_its_category_ids(tmp_path, ca
     assert result.returncode == 0, result.stderr[-2000:]
     records = json.loads((tmp_path / "d.json").read_text())
     assert len(records) == 2 * 3 and {r["category_id"] for r in records} <= {3, 5, 7, 9}
+
+
+def test_a_sigmoid_class_head_is_not_written(tmp_path):
+    model = DETR(num_classes=2, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1,
+                 num_decoder_layers=1, dim_feedforward=64, num_queries=4, cls_loss="focal")
+    message = one_line_error(lambda: weights.write_transformers_folder(model, str(tmp_path / "out")))
+    assert "cls_loss='focal'" in message and not (tmp_path / "out").exists()
