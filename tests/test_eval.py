@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import inference
 import train
 from conftest import load_script
 from data.pipeline import DetectionDataset, val_transform
@@ -117,7 +118,7 @@ def test_per_class_numbers_equal_train_evaluate_and_compute_map(evaluation, tmp_
         model.box_head[-1].bias.copy_(torch.logit(torch.tensor([0.5, 0.5, 0.5, 0.25])))
     result = run_report(evaluation, model, data, tmp_path / "report")
     cfg = train.get_config(["--batch_size=2", "--num_workers=0", "--dtype=float32"])
-    logged = train.evaluate(model, data, SimpleNamespace(**cfg), "cpu")
+    logged = inference.evaluate(model, data, SimpleNamespace(**cfg), "cpu")
     with open(tmp_path / "report" / "per_class.csv") as f:
         ap = [float(r["AP"]) for r in csv.DictReader(f)]
     assert ap == pytest.approx(logged["AP_per_class"], abs=1e-6) and result["mAP"] == logged["mAP"]
@@ -182,7 +183,7 @@ def test_a_checkpoint_is_evaluated_as_its_run_evaluated_it(evaluation, tmp_path,
         predictions=predictions, result=report(model, data, predictions, *args)))
     evaluation.main()
     data = DetectionDataset(folder / "val.json", val_transform(64, 200))
-    logged = train.evaluate(model, data, SimpleNamespace(**cfg), "cpu")
+    logged = inference.evaluate(model, data, SimpleNamespace(**cfg), "cpu")
     assert seen["result"]["AP_per_class"] == logged["AP_per_class"] and seen["result"]["mAP"] == logged["mAP"]
     assert seen["result"]["AR5"] == logged["AR5"]  # the run's max_dets, not COCO's 100
     # the detections are those of the run's batches, and the padding matters: one image at a time gives other boxes

@@ -6,6 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import inference
 import train
 import detr
 from detr import DETR
@@ -100,7 +101,7 @@ def batch(generator, height, width, counts, padded=True):
 
 
 def test_compiled_training_and_evaluation_compile_in_their_first_steps_only(monkeypatch):
-    """train.compile_model with dynamo's eager backend (graph capture only): batches of other image
+    """inference.compile_model with dynamo's eager backend (graph capture only): batches of other image
     sizes and object counts (0 to 12, so 8 and 16 denoising slots) reuse the graphs of the first
     steps, and dynamo's recompile limit is never reached."""
     from torch._dynamo.utils import counters
@@ -111,7 +112,7 @@ def test_compiled_training_and_evaluation_compile_in_their_first_steps_only(monk
     torch.manual_seed(0)
     model = DETR(3, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=2, num_decoder_layers=2,
                  dim_feedforward=64, num_queries=5, dropout=0.1, feature_stride=8, **ALL_ADDITIONS).train()
-    train.compile_model(model, backend="eager")
+    inference.compile_model(model, backend="eager")
     criterion = train.SetCriterion(train.HungarianMatcher(), query_groups=2)
     g = torch.Generator().manual_seed(0)
     first = [(64, 64, (2, 1)), (96, 64, (0, 5)), (64, 128, (12, 3))]  # square, not, more objects than 8

@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+import inference
 import processes
 import train
 import weights
@@ -156,13 +157,13 @@ def test_out_of_memory_in_an_evaluation_names_its_batch(tmp_path, monkeypatch):
 DDP_EVALUATION_SCRIPT = """
 import os, sys, torch
 sys.path.insert(0, {root!r})
-import train
-real_predict = train.predict
+import inference, train
+real_predict = inference.predict
 def predict(*args, **kwargs):  # each rank's detections of its shard
     predictions = real_predict(*args, **kwargs)
     torch.save(predictions, {out!r} + "/predictions_" + os.environ["RANK"] + ".pt")
     return predictions
-train.predict = predict
+inference.predict = predict  # what train.py's evaluation (inference.evaluate) calls
 config = train.get_config([])
 config.update({config!r})
 train.train(config)
@@ -182,8 +183,8 @@ def test_every_rank_evaluates_the_ema_that_best_pt_saves(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks ran (OMP_NUM_THREADS=1): the same sums in the same order
     try:
-        alone = train.predict(model, val_set, "cpu", cfg.batch_size, 0)
-        mAP = train.evaluate(model, val_set, cfg, "cpu")["mAP"]
+        alone = inference.predict(model, val_set, "cpu", cfg.batch_size, 0)
+        mAP = inference.evaluate(model, val_set, cfg, "cpu")["mAP"]
     finally:
         torch.set_num_threads(threads)
     for rank, images in ((0, [0, 1, 4]), (1, [2, 3])):
