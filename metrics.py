@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 import torch
-from torchvision.ops import box_convert, box_iou
+from torchvision.ops import box_area, box_convert
 
 
 # COCOeval's area ranges (pixels²), both ends included
@@ -235,6 +235,12 @@ def coco_results(detections, image_ids, category_ids=None):
 # training diagnostics (train.training_diagnostics logs them, sample.py --log draws them)
 
 
+def paired_iou(a, b):
+    """(M,) the IoU of each box of a (M, 4) with the same row of b, (x0, y0, x1, y1): M values, not box_iou's M x M."""
+    inter = (torch.min(a[:, 2:], b[:, 2:]) - torch.max(a[:, :2], b[:, :2])).clamp(min=0).prod(1)
+    return inter / (box_area(a) + box_area(b) - inter)
+
+
 def query_diagnostics(outputs, targets, num_queries, matched, dn_pairs=None, sigmoid=False):
     """How alike a model's first num_queries queries are (one group, no denoising queries), and how
     close their boxes are to the objects at each decoder layer:
@@ -268,7 +274,7 @@ def query_diagnostics(outputs, targets, num_queries, matched, dn_pairs=None, sig
             pairs = dn_pairs if name.startswith("dn") else matched
             pred = torch.cat([b[i, p.to(b.device)] for i, (p, _) in enumerate(pairs)]).float()
             truth = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, pairs)]).float()
-            iou = box_iou(box_convert(pred, "cxcywh", "xyxy"), box_convert(truth, "cxcywh", "xyxy")).diagonal()
+            iou = paired_iou(box_convert(pred, "cxcywh", "xyxy"), box_convert(truth, "cxcywh", "xyxy"))
             record[f"iou_{name}"] = iou.mean().item() if len(iou) else math.nan
     return record
 

@@ -28,14 +28,14 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torchvision.ops import box_convert, box_iou, generalized_box_iou, generalized_box_iou_loss
+from torchvision.ops import box_convert, generalized_box_iou, generalized_box_iou_loss
 from tqdm import tqdm
 
 from configurator import VALUE_TYPES, configure, device_problem
 from data.pipeline import load_datasets, to_device, too_many_objects, training_batches
 from detr import argument_problem, parameters_by_part
 from inference import autocast, compile_model, evaluate, is_out_of_memory
-from metrics import plateau_warning, query_diagnostics
+from metrics import paired_iou, plateau_warning, query_diagnostics
 from processes import (NONE_BAD, gather, on_master, out_of_memory, same_on_every_rank, setup_process, stop_if_not_finite,
                        stop_signals)
 from weights import (LoadError, append_log, check_out_dir, checkpoint_architecture, cut_log, initial_model,
@@ -231,11 +231,9 @@ class SetCriterion(nn.Module):
             indices, enc_indices = self.matcher.match_sets([(decoder, groups), (proposals, 1)], targets)
         else:
             indices = self.matcher(decoder, targets, groups)
-        if self.cls_loss != "ce":  # addition 6: every sigmoid weighs 1, the class loss is a sum over num_boxes
-            ce, l1, giou = summed_losses(logits, boxes, targets, indices, 1.0, self.cls_loss)
-            class_weight_sum = num_boxes
-        else:
-            ce, l1, giou = summed_losses(logits, boxes, targets, indices, self.eos_coef)  # (L,) each
+        sigmoid = self.cls_loss != "ce"  # addition 6: every sigmoid weighs 1, the class loss is a sum over num_boxes
+        ce, l1, giou = summed_losses(logits, boxes, targets, indices, 1.0 if sigmoid else self.eos_coef, self.cls_loss)  # (L,) each
+        class_weight_sum = num_boxes if sigmoid else class_weight_sum
         terms = {"": (ce / (groups * class_weight_sum), l1 / (groups * num_boxes), giou / (groups * num_boxes))}
         if "enc_outputs" in outputs:  # addition 2
             terms["_enc"] = proposal_losses(proposals, targets, enc_indices, num_boxes, self.cls_loss)
@@ -285,8 +283,9 @@ def summed_losses(logits, boxes, targets, indices, no_object_weight, cls_loss="c
     target_classes[layer_idx, image_idx, query_idx] = tgt_labels
     if cls_loss == "ce":
         ce = F.cross_entropy(logits.flatten(0, 2), target_classes.flatten(), reduction="none").view(L, B, Q)
-    else:  # addition 6: the matched queries' IoU is iou_aware's target
-        iou = torch.zeros(L, B, Q, device=device).index_put((layer_idx, image_idx, query_idx), box_iou(src_xyxy, tgt_xyxy).diagonal())
+    else:  # addition 6: iou_aware's target is each matched query's IoU with its object (one per pair, not all pairs)
+        iou = None if cls_loss == "focal" else torch.zeros(L, B, Q, device=device).index_put(
+            (layer_idx, image_idx, query_idx), paired_iou(src_xyxy, tgt_xyxy))
         ce = sigmoid_class_loss(logits, target_classes, iou, cls_loss)
     if torch.is_tensor(no_object_weight):
         no_object_weight = no_object_weight.to(ce.dtype)

@@ -169,9 +169,10 @@ class DetectionDataset(torch.utils.data.Dataset):
         t = self.mosaic_tile
         tiles, count = [first], len(first["labels"])
         for j in torch.randint(len(self), (MOSAIC_DRAWS,)).tolist():  # drawn at once: the same draws however many fit
-            image = None if j in self.unreadable or len(tiles) == 4 else read_image(self.paths[j])
-            tile = None if image is None else self.objects(j, image)
-            if tile is not None and count + len(tile["labels"]) <= self.max_objects:
+            if len(tiles) == 4:
+                break
+            tile = self.objects(*self.load(j))  # an image that cannot be decoded: the next one, as for any sample
+            if count + len(tile["labels"]) <= self.max_objects:
                 tiles.append(tile)
                 count += len(tile["labels"])
         fit = v2.Compose([v2.Resize(t), v2.RandomCrop(t, pad_if_needed=True), v2.SanitizeBoundingBoxes()])
