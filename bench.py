@@ -54,8 +54,7 @@ additions = False  # config/voc.py's additions on (anchor queries, proposals, de
 compare = ""  # 'hf': also measure transformers' DetrForObjectDetection
 peak_tflops = 0.0  # the device's dense bf16 peak; 0: looked up from the GPU's name
 profile = False  # write trace.json for one training step of the first setting
-what = "speed"  # 'speed', 'memory' (a training step's peak memory at batch 1, 2, 4: EXPERIMENTS.md's table),
-# 'gpu_check' (everything EXPERIMENTS.md's GPU rows need, in one command) or 'map'
+what = "speed"  # 'speed'; 'memory' (peak memory at batch 1, 2, 4); 'gpu_check' (every GPU row); 'map'
 duration = 180.0  # gpu_check: seconds of training config/voc.py's model with every addition
 FLAGS = ("device", "batch_size", "height", "width", "backbone", "num_classes", "hidden_dim", "num_encoder_layers",
          "num_decoder_layers", "dim_feedforward", "num_queries", "settings", "channels_last", "warmup", "iters",

@@ -14,11 +14,15 @@ defaults are plain globals at its top; its command line overrides them, in order
 Every value must then have its default's type (an integer where a number is expected is fine). A
 bad file, an unknown key or a wrong type stops the script with one `error:` line. A string that
 starts with ~ is a path from the home folder (--voc_root=~/VOCdevkit), expanded here for every script.
+--help (or -h) prints the script's keys, each with its default and its comment, and exits.
 """
 
 import ast
 import difflib
+import io
 import os
+import sys
+import tokenize
 
 VALUE_TYPES = (bool, int, float, str, list, tuple)
 
@@ -27,6 +31,9 @@ def configure(defaults, argv, config_files=False, given=None):
     """defaults ({name: value}) overridden by argv; returns a new dict. given: a set that receives the
     names that a config file or a flag set."""
     config, given = dict(defaults), set() if given is None else given
+    if "--help" in argv or "-h" in argv:
+        print(help_text(defaults, sys.argv[0], config_files))
+        raise SystemExit(0)
     for arg in argv:
         if not arg.startswith("--"):
             if not config_files:
@@ -60,6 +67,50 @@ def configure(defaults, argv, config_files=False, given=None):
         if isinstance(value, str) and value.startswith("~"):  # a path from the home folder, as a shell would expand it
             config[key] = os.path.expanduser(value)
     return config
+
+
+def help_text(defaults, script, config_files=False):
+    """--help: the first paragraph of the script's docstring, then every key as --key=default and the
+    comment on its line, under the comment lines that head its group in the script (read from its source)."""
+    try:
+        source = open(script).read()
+        tree = ast.parse(source)
+    except (OSError, SyntaxError, ValueError):
+        source, tree = "", ast.parse("")
+    lines = source.splitlines()
+    trailing = {}  # line number -> the comment at its end
+    for token in tokenize.generate_tokens(io.StringIO(source).readline) if source else ():
+        if token.type == tokenize.COMMENT and lines[token.start[0] - 1][: token.start[1]].strip():
+            trailing[token.start[0]] = token.string.lstrip("# ")
+    where = {}  # key -> the line that sets it
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                for name in target.elts if isinstance(target, ast.Tuple) else [target]:
+                    if isinstance(name, ast.Name) and name.id in defaults and name.id not in where:
+                        where[name.id] = node.lineno
+    doc = (ast.get_docstring(tree) or "").strip().split("\n\n")[0]
+    usage = f"python {script}{' [config.py ...]' if config_files else ''} [--key=value ...]"
+    out = [f"usage: {usage}", *([doc] if doc else [])]
+    width = min(40, max(len(f"--{k}={shown(v)}") for k, v in defaults.items()) + 2) if defaults else 0
+    for key in sorted(defaults, key=lambda k: where.get(k, len(lines) + 1)):
+        line = where.get(key)
+        heading = []  # the comment lines just above the key, with no blank line between
+        while line and line - len(heading) > 1 and lines[line - len(heading) - 2].lstrip().startswith("#"):
+            heading.insert(0, lines[line - len(heading) - 2].strip().lstrip("# "))
+        heading = [h for h in heading if h.strip("-")]
+        if heading or len(out) <= 2:
+            out += ["", *heading]
+        flag = f"--{key}={shown(defaults[key])}"
+        out.append(f"  {flag:<{width}} {trailing.get(line, '')}".rstrip())
+    return "\n".join(out)
+
+
+def shown(value):
+    """A default as it would be typed after --key= (a list without spaces, so that a shell keeps it one word)."""
+    if isinstance(value, str):
+        return value
+    return repr(value).replace(", ", ",") if isinstance(value, (list, tuple)) else repr(value)
 
 
 def read_config_file(path, config):

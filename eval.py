@@ -62,14 +62,14 @@ from weights import LoadError, load_model
 ckpt = "out-shapes/best.pt"  # any model sample.py takes: a minidetr checkpoint, an official one, a transformers folder / hub id
 dataset = ""  # a prepared dataset: a name under data/ or a folder; empty: the checkpoint's own
 split = ""  # its split (<split>.json); empty: the checkpoint's val_split, else val
-out_dir = "report"
+out_dir = "report"  # where the tables and pictures go
 threshold = 0.5  # a detection counts for precision, recall, the confusion matrix and worst/ when its score is above this
 max_dets = 0  # detections per image and class that COCO's AP and AR count (train.py's key); 0: the checkpoint's own, else 100
 worst = 8  # how many images worst/ draws
-device = "cpu"
+device = "cpu"  # cpu, or cuda
 dtype = ""  # autocast dtype: float32 (none), bfloat16 or float16; empty: the checkpoint's own on a GPU, float32 on a CPU
 batch_size = 0  # images per forward pass; 0: the checkpoint's own batch_size (the official models': 2), see above
-num_workers = 2
+num_workers = 2  # data-loading processes
 layers = False  # also AP after every decoder layer, with and without NMS (the paper's Fig. 4): layers.csv and .png
 nms_iou = 0.7  # --layers: the IoU above which class-wise NMS (torchvision's batched_nms) drops the less sure box
 

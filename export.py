@@ -39,9 +39,9 @@ from weights import LoadError, load_model, write_transformers_folder
 
 # defaults, each overridable as --key=value
 ckpt = ""  # a minidetr checkpoint (out_dir/ckpt.pt or best.pt), an official file or name, or a transformers folder / hub id
-out = "model.onnx"
+out = "model.onnx"  # the ONNX file written
 sizes = "480x640,400x320"  # HxW of the two check batches (each gets a second, padded image)
-opset = 18
+opset = 18  # the ONNX opset
 hf = ""  # a folder: write a transformers DetrForObjectDetection there instead of an ONNX file
 
 

@@ -226,8 +226,9 @@ def coco_results(detections, image_ids, category_ids=None):
     for det, image_id in zip(detections, image_ids):
         xywh = box_convert(det["boxes"].double(), "xyxy", "xywh")
         for box, score, label in zip(xywh.tolist(), det["scores"].tolist(), det["labels"].tolist()):
+            # the score unrounded: rounded, near-certain scores tie, and AP counts the ties in another order
             records.append({"image_id": image_id, "category_id": category_ids[label] if category_ids else label,
-                            "bbox": [round(v, 3) for v in box], "score": round(score, 5)})
+                            "bbox": [round(v, 3) for v in box], "score": score})
     return records
 
 

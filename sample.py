@@ -22,8 +22,10 @@ predicts (paper Fig. 7), and training curves. Also the Python API and detections
 One PNG per image goes to out_dir (<name>.png; with --attention also <name>_attention.png); --log
 writes out_dir/curves.png, --weights out_dir/weights.png, --slots out_dir/slots.png, --matching
 <name>_matching.png per image (needs matplotlib). Small images are drawn upscaled (MIN_SIDE). --json draws nothing: it runs batched
-inference over every image of --images and writes one COCO results record per detection above
---threshold (or the --top_k best per image): image_id (for a folder, the image's index in sorted
+inference over every image of --images and writes one COCO results record per detection: every one,
+up to the model's max_dets per image and class, as COCO's evaluation counts them (so pycocotools on the
+file gives eval.py's mAP), or, given --threshold or --top_k, those above it or the top_k best per
+image: image_id (for a folder, the image's index in sorted
 file order; with --split, a split of the checkpoint's dataset or of --dataset (classes matched by
 name), the dataset's own image id, as a COCO json gave it, so that pycocotools scores the file against that json), file_name (relative to the
 folder or the split's json), category_id (the dataset's own ids where the checkpoint or the split has
@@ -34,6 +36,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 import torch
@@ -57,12 +60,12 @@ ckpt = "out-shapes/ckpt.pt"  # a minidetr checkpoint, an official one (file, or 
 images = ""  # an image file or a folder of them; empty: the checkpoint's val split
 split = ""  # instead of --images: a split of a prepared dataset (val, train ...), with its own image and category ids
 dataset = ""  # with --split: a prepared dataset (a name under data/ or a folder); empty: the checkpoint's own
-out_dir = "samples"
-device = "cpu"
-threshold = 0.7  # keep detections whose class probability is above this
-max_images = 8
+out_dir = "samples"  # where the pictures go
+device = "cpu"  # cpu, or cuda
+threshold = 0.7  # draw detections whose class probability is above this (with --json: only when given)
+max_images = 8  # images drawn (and with --matching, matched)
 json = ""  # --json=PATH: write the detections of every image of --images to PATH instead of drawing
-top_k = 0  # with --json: keep the top_k detections per image instead of those above threshold
+top_k = 0  # with --json: keep the top_k detections per image instead of every one
 batch_size = 0  # images per forward pass; 0: the checkpoint's own (the official models': 2), padded as it was (inference.py says why)
 attention = False  # also draw the attention maps of every kept detection
 num_pixels = 4  # encoder self-attention is shown from this many pixels (the centres of detections)
@@ -130,16 +133,26 @@ def detect(model, images, threshold=0.5, device="cpu", top_k=0, num_workers=0):
     return found
 
 
-def write_json(model, paths, root, out_path, image_ids=None, category_ids=None, threshold=0.7, top_k=0, device="cpu"):
+def write_json(model, paths, root, out_path, image_ids=None, category_ids=None, threshold=None, top_k=0, device="cpu",
+               max_dets=100):
     """--json: detect over paths, and write each kept detection as a COCO results record (see the
-    docstring) to out_path. image_ids: each path's, else its index; category_ids: each output's id in the
-    dataset, -1 to leave its detections out (a class the dataset lacks), else the label."""
+    docstring) to out_path. threshold None (and no top_k): every detection, up to max_dets per image and
+    class, what COCO's AP counts. image_ids: each path's, else its index; category_ids: each output's id in
+    the dataset, -1 to leave its detections out (a class the dataset lacks), else the label."""
     start = time.perf_counter()
-    found = detect(model, paths, threshold, device, top_k, num_workers=min(4, os.cpu_count() or 1))
+    found = detect(model, paths, -1.0 if threshold is None else threshold, device, top_k,  # -1: every score passes
+                   num_workers=min(4, os.cpu_count() or 1))
     records = []
     for i, d in enumerate(found):
         if d is None:  # unreadable (logged)
             continue
+        if threshold is None and not top_k:  # each class's max_dets surest (detect sorts them surest first)
+            keep, count = [], Counter()
+            for j, label in enumerate(d["labels"].tolist()):
+                count[label] += 1
+                if count[label] <= max_dets:
+                    keep.append(j)
+            d = {k: d[k][keep] for k in ("boxes", "scores", "labels")}
         for record in metrics.coco_results([d], [i if image_ids is None else image_ids[i]], category_ids):
             if record["category_id"] != -1:
                 records.append({"file_name": os.path.relpath(paths[i], root), **record})
@@ -456,7 +469,8 @@ def plot_weights(model, out_path):
     return save_figure(fig, out_path, f"{len(named)} parts")
 
 
-def main():
+def main(given=()):
+    """given: the flags the command line set (--json writes every detection unless --threshold is one)."""
     if log:
         plot_log(log, os.path.join(out_dir, "curves.png"))
         return
@@ -467,6 +481,7 @@ def main():
     if model.classes is None:  # an official-format file of a model fine-tuned elsewhere: its outputs by number
         model.classes = [f"class {i}" for i in range(model.num_classes)]
     val_scale, max_size = config["val_scale"], config["max_size"]
+    json_threshold, max_dets = threshold if "threshold" in given else None, config.get("max_dets", 100)
     if batch_size:
         model.eval_config["batch_size"] = batch_size
     if weights:
@@ -494,14 +509,14 @@ def main():
         paths, image_ids, classes, category_ids = split_images(path)
         ids = class_map(model, classes).tolist()  # each output's dataset class, -1 for none
         ids = [c if c < 0 or category_ids is None else category_ids[c] for c in ids]
-        write_json(model, paths, os.path.dirname(path), json, image_ids, ids, threshold, top_k, device)
+        write_json(model, paths, os.path.dirname(path), json, image_ids, ids, json_threshold, top_k, device, max_dets)
         return
     if json:
         if not images:
             raise SystemExit("error: --json needs --images=DIR (or one image file), or --split=NAME of the checkpoint's dataset")
         paths = image_paths(images, None, model.classes)
         root = images if os.path.isdir(images) else os.path.dirname(images)
-        write_json(model, paths, root, json, None, model.category_ids, threshold, top_k, device)
+        write_json(model, paths, root, json, None, model.category_ids, json_threshold, top_k, device, max_dets)
         return
     paths = image_paths(images, split_json(config, config.get("val_split")), model.classes)
     sample(model, paths[:max_images], out_dir, threshold, device, attention, num_pixels)
@@ -510,7 +525,8 @@ def main():
 if __name__ == "__main__":
     flags = ("ckpt", "images", "out_dir", "device", "threshold", "max_images", "attention", "num_pixels", "log",
              "weights", "json", "top_k", "batch_size", "split", "dataset", "matching", "slots", "num_slots")
-    globals().update(configure({k: globals()[k] for k in flags}, sys.argv[1:]))
+    given = set()
+    globals().update(configure({k: globals()[k] for k in flags}, sys.argv[1:], given=given))
     if not 0 <= threshold <= 1 or max_images < 1 or num_pixels < 1 or min(top_k, batch_size, num_slots) < 0:
         sys.exit("error: --threshold must be in [0, 1], --max_images and --num_pixels >= 1, --top_k, --batch_size and --num_slots >= 0")
     if json and not os.path.isdir(os.path.dirname(os.path.abspath(json))):
@@ -526,4 +542,4 @@ if __name__ == "__main__":
         sys.exit(f"error: cannot write to --out_dir={out_dir} ({e.strerror})")
     if matching and (images or json or attention):
         sys.exit("error: --matching needs the ground truth of a prepared split (--split=NAME, else the checkpoint's val split): not --images, --json or --attention")
-    main()
+    main(given)

@@ -46,8 +46,8 @@ from weights import (LoadError, append_log, check_out_dir, checkpoint_architectu
 # I/O
 out_dir = "out"  # ckpt.pt, best.pt and log.jsonl go here
 dataset = "shapes"  # reads data/<dataset>/<train_split>.json and <val_split>.json (or <dataset>/... if it is a path)
-train_split = "train"
-val_split = "val"
+train_split = "train"  # the split trained on
+val_split = "val"  # the split evaluated every eval_interval (and that picks best.pt)
 init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), or weights to fine-tune: an official checkpoint ('detr-r50' or a .pth), a transformers folder / hub id or a minidetr checkpoint
 eval_interval = 1000  # evaluate (and checkpoint) every this many iterations, and at the end
 checkpoint_minutes = 0.0  # also write ckpt.pt this often, without evaluating (0: only at evaluations)
@@ -57,18 +57,18 @@ eval_only = False  # evaluate the initial model and exit
 best_metric = "mAP50"  # the val metric that decides best.pt
 max_dets = 100  # detections per image and class that COCO's mAP and AR count (pycocotools' maxDets)
 # model
-backbone = "resnet50"
+backbone = "resnet50"  # a torchvision ResNet: resnet18, resnet34, resnet50 or resnet101
 pretrained_backbone = True  # torchvision's ImageNet weights (the paper starts from them)
 dilation = False  # DC5
 frozen_bn = True  # the backbone's BatchNorm statistics frozen (pretrained); False to train it from scratch
 trainable_layers = 3  # ResNet stages that learn, from the top: 3 (layer2-4) as the paper, 5 from scratch
-hidden_dim = 256
-num_heads = 8
-num_encoder_layers = 6
-num_decoder_layers = 6
-dim_feedforward = 2048
-dropout = 0.1
-num_queries = 100
+hidden_dim = 256  # the transformer's width d
+num_heads = 8  # attention heads
+num_encoder_layers = 6  # the paper's 6 + 6
+num_decoder_layers = 6  # each one's outputs get the auxiliary loss
+dim_feedforward = 2048  # the width of each layer's feed-forward network
+dropout = 0.1  # in every transformer layer
+num_queries = 100  # object queries N: the most objects one image can have detected
 # additions beyond the paper (detr.py, "Additions beyond the paper"), all off: the paper's DETR
 feature_stride = 32  # 16 or 8: backbone features from layer3 or layer2, a finer token grid for small images
 anchor_queries = False  # DAB-DETR: queries are boxes, refined by every decoder layer
@@ -82,14 +82,14 @@ dn_contrastive = False  # DINO: each denoising group also gets negatives, traine
 mosaic_prob = 0.0  # DEIM: the chance that a training image is a mosaic of 4 (data/pipeline.py), until mosaic_until
 mosaic_until = 0.5  # the fraction of max_iters after which no image is a mosaic (DEIM: about half)
 # loss (paper §3.1 and App. A.1): matching costs; the box costs are the box losses' weights too (the class loss weighs 1)
-cost_class = 1.0
-cost_bbox = 5.0
-cost_giou = 2.0
+cost_class = 1.0  # the class probability's weight in the matching cost
+cost_bbox = 5.0  # lambda_L1: the L1 box distance
+cost_giou = 2.0  # lambda_iou: the generalised IoU
 eos_coef = 0.1  # weight of the "no object" class in the cross-entropy
 # data
 batch_size = 2  # images per micro-batch on each process
 gradient_accumulation_steps = 1  # micro-batches per optimizer step
-num_workers = 2
+num_workers = 2  # data-loading processes
 train_scales = list(range(480, 801, 32))  # shorter side, drawn at random per image
 max_size = 1333  # longer side at most
 crop_scales = [400, 500, 600]  # resize before the random crop
@@ -98,11 +98,11 @@ val_scale = 800  # shorter side at validation
 pad_to = 1  # pad batches to a multiple of this (e.g. 64 for fewer shapes under torch.compile)
 keep_difficult = False  # train on VOC's difficult objects too
 # optimizer (paper §4): AdamW, backbone at a tenth of the rest, gradients clipped at 0.1
-learning_rate = 1e-4
+learning_rate = 1e-4  # the transformer's and heads' rate
 lr_backbone = 1e-5  # 0 freezes the backbone
-weight_decay = 1e-4
-grad_clip = 0.1
-max_iters = 100000
+weight_decay = 1e-4  # AdamW's
+grad_clip = 0.1  # the gradients' total norm is clipped to this (0: no clipping)
+max_iters = 100000  # optimizer steps
 warmup_iters = 0  # linear warm-up from 0
 lr_schedule = "step"  # after the warm-up: 'step' (the paper's: x0.1 at lr_drop) or 'cosine' (down to min_lr_ratio at max_iters)
 lr_drop = 70000  # 'step': multiply the learning rates by 0.1 from this iteration on
@@ -110,10 +110,10 @@ min_lr_ratio = 0.01  # 'cosine': the rates at max_iters, as a fraction of their 
 ema_decay = 0.0  # > 0: evaluate and keep an exponential moving average of the weights (RT-DETR: 0.9999); 0 is off
 ema_warmup_iters = 2000  # the EMA's decay grows as 1 - exp(-iter / this), so early steps are not averaged with the init
 # system
-device = "cuda" if torch.cuda.is_available() else "cpu"
+device = "cuda" if torch.cuda.is_available() else "cpu"  # cuda (a GPU) or cpu
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; float32 turns AMP off, float16 adds a loss scaler
 compile = False  # torch.compile the backbone and the transformer layers (compile_model below)
-seed = 1337
+seed = 1337  # the weights' init, the data order and the augmentation
 tensorboard = False  # also write every logged scalar to out_dir/tensorboard (pip install tensorboard)
 CONFIG_KEYS = [k for k, v in globals().items() if k.islower() and not k.startswith("_") and isinstance(v, VALUE_TYPES)]
 

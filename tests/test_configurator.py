@@ -62,3 +62,35 @@ def test_a_path_from_the_home_folder_is_expanded_for_every_script(tmp_path, monk
         runpy.run_path(str(ROOT / "data" / "voc" / "prepare.py"), run_name="__main__")
     assert f"download it by hand into {tmp_path / 'home'}" in stop.value.code
     assert (tmp_path / "home").is_dir() and not (tmp_path / "~").exists()
+
+
+@pytest.mark.parametrize("script, flag, some_keys", [
+    ("train.py", "-h", ()),
+    ("sample.py", "--help", ("ckpt", "json", "top_k", "threshold", "slots")),
+    ("eval.py", "--help", ("ckpt", "split", "max_dets", "layers")),
+    ("data/shapes/prepare.py", "--help", ("num_train", "min_objects", "max_objects", "seed")),
+    ("data/voc/prepare.py", "-h", ("voc_root", "years", "splits", "download")),
+    ("data/coco/prepare.py", "--help", ("ann", "images", "split")),
+    ("data/yolo/prepare.py", "--help", ("yaml", "images", "labels", "names")),
+])
+def test_help_lists_every_key_with_its_default_and_comment_in_the_scripts_groups(script, flag, some_keys):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, load_script
+
+    result = subprocess.run([sys.executable, script, "--out_dir=ignored", flag], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and not result.stderr, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"usage: python {script}{' [config.py ...]' if script == 'train.py' else ''} [--key=value ...]"
+    listed = {line.split()[0].split("=")[0][2:]: line for line in lines if line.startswith("  --")}
+    module = load_script(script)
+    keys = module.CONFIG_KEYS if script == "train.py" else listed
+    assert set(listed) == set(keys) and set(some_keys) <= set(listed) and "out_dir" in listed
+    for key in keys:  # the default as typed, then the comment of the key's line
+        flag, *comment = listed[key].split(maxsplit=1)
+        default = getattr(module, key)
+        assert configure({key: default}, [flag]) == {key: default} and flag.startswith(f"--{key}=") and comment
+    if script == "train.py":  # under the comment that heads its group
+        assert lines.index("model") < lines.index(listed["backbone"]) < lines.index(listed["hidden_dim"]) < lines.index("data")
+        assert lines.index("I/O") < lines.index(listed["out_dir"]) < lines.index("model")

@@ -211,7 +211,7 @@ def test_the_python_api_gives_what_json_writes(sample, tmp_path):
     records = sample.write_json(model, paths, str(tmp_path), str(tmp_path / "d.json"), threshold=0.3)
     for i, d in enumerate(found):
         mine = [r for r in records if r["image_id"] == i]
-        assert [r["score"] for r in mine] == pytest.approx(d["scores"].tolist(), abs=1e-5)  # the json's 5 decimals
+        assert [r["score"] for r in mine] == pytest.approx(d["scores"].tolist(), abs=1e-7)
         xywh = [[x0, y0, x1 - x0, y1 - y0] for x0, y0, x1, y1 in d["boxes"].tolist()]
         assert np.allclose([r["bbox"] for r in mine], xywh, atol=1e-2) and len(mine) == len(xywh)
     assert sample.detect(model, [str(tmp_path / "missing.jpg")])[0] is None
@@ -309,3 +309,71 @@ def test_slots_draw_every_box_of_each_query_slot(sample, tmp_path):
     result = subprocess.run([sys.executable, "sample.py", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--images={tmp_path / 'imgs'}",
                              "--slots", "--num_slots=5", f"--out_dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr.strip() == "error: --num_slots=5 but the model has 3 query slots"
+
+
+def test_json_by_default_is_what_cocos_evaluation_counts(tmp_path):
+    """sample.py --json with no --threshold or --top_k writes every detection (up to max_dets per image and
+    class), so pycocotools on the file gives eval.py's mAP; a threshold drops the low scores AP counts."""
+    import subprocess
+    import sys
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from conftest import ROOT
+    from sample import detect
+
+    model = fixed_box_model(num_queries=10)
+    with torch.no_grad():  # a different box, class and score per query, some of them near-certain
+        model.class_head.bias.copy_(torch.tensor([0.0, 6.0, 0.0, 0.0]))
+        model.query_embed.weight.normal_(generator=torch.Generator().manual_seed(1))
+        model.box_head[-1].weight.normal_(std=0.5, generator=torch.Generator().manual_seed(2))
+        model.class_head.weight.normal_(std=1.0, generator=torch.Generator().manual_seed(3))
+    data = tmp_path / "mine"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    sizes = [(96, 64), (80, 50), (64, 70), (100, 80), (72, 72), (90, 60)]
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    config = {"dataset": str(data), "val_split": "val", "val_scale": 64, "max_size": 200, "batch_size": 2, "pad_to": 32}
+    torch.save({"model": model.state_dict(), "model_args": model.config, "classes": ["a", "b", "c"], "config": config},
+               tmp_path / "ckpt.pt")
+    # the ground truth: some of the model's own boxes, moved a few pixels, some with another class
+    found = detect(load_model(str(tmp_path / "ckpt.pt"))[0], [str(data / f"{i}.png") for i in range(len(sizes))], top_k=10)
+    images, annotations = [], []
+    for i, (d, (w, h)) in enumerate(zip(found, sizes)):
+        boxes, labels = [], []
+        for j in (1, 4, 9):  # a sure box, a wrong class, the least sure box
+            x0, y0, x1, y1 = (d["boxes"][j] + torch.tensor(rng.uniform(-3, 3, 4))).clamp(min=0).tolist()
+            if x1 - x0 > 2 and y1 - y0 > 2:
+                boxes.append([x0, y0, min(x1, w), min(y1, h)])
+                labels.append((d["labels"][j].item() + (j == 4)) % 3)
+        images.append({"file": f"{i}.png", "width": w, "height": h, "boxes": boxes, "labels": labels, "id": 100 + i})
+        annotations += [{"id": len(annotations) + k + 1, "image_id": 100 + i, "category_id": label + 1, "iscrowd": 0,
+                         "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "area": (b[2] - b[0]) * (b[3] - b[1])}
+                        for k, (b, label) in enumerate(zip(boxes, labels))]
+    (data / "val.json").write_text(json.dumps({"classes": ["a", "b", "c"], "category_ids": [1, 2, 3], "images": images}))
+    (tmp_path / "coco.json").write_text(json.dumps({
+        "images": [{"id": r["id"], "file_name": r["file"], "width": r["width"], "height": r["height"]} for r in images],
+        "annotations": annotations, "categories": [{"id": k + 1, "name": n} for k, n in enumerate("abc")]}))
+
+    def pycocotools_map(flags):
+        result = subprocess.run([sys.executable, "sample.py", f"--ckpt={tmp_path / 'ckpt.pt'}", "--split=val",
+                                 f"--json={tmp_path / 'd.json'}", *flags], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        coco = COCO(str(tmp_path / "coco.json"))
+        evaluator = COCOeval(coco, coco.loadRes(str(tmp_path / "d.json")), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+        return evaluator.stats[0], len(json.loads((tmp_path / "d.json").read_text()))
+
+    result = subprocess.run([sys.executable, "eval.py", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--out_dir={tmp_path / 'report'}",
+                             "--num_workers=0"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    reported = json.loads((tmp_path / "report" / "summary.json").read_text())["mAP"]
+    every, count = pycocotools_map([])
+    assert count == 10 * len(sizes) and reported > 0.1
+    assert every == pytest.approx(reported, abs=1e-4)
+    above, count = pycocotools_map(["--threshold=0.997"])
+    assert count < 10 * len(sizes) and above < reported - 0.01

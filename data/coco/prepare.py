@@ -35,7 +35,7 @@ from data.format import displayed_size, raw_frame_warning, read_json  # noqa: E4
 # defaults, each overridable as --key=value
 ann = ""  # the COCO annotation json
 images = ""  # the folder its file_name entries are relative to
-out_dir = os.path.dirname(os.path.abspath(__file__))
+out_dir = os.path.dirname(os.path.abspath(__file__))  # where <split>.json goes (by default this folder)
 split = "val"  # writes <out_dir>/<split>.json
 
 

@@ -30,8 +30,8 @@ num_val = 200  # validation images
 image_size = 128  # images are square, image_size x image_size pixels
 min_objects, max_objects = 1, 6  # objects per image, uniform (more, for the paper's §4.2: eval.py's by_object_count)
 min_size, max_size = 0.15, 0.45  # object size (box side before rotation) as a fraction of the image
-seed = 1337
-workers = os.cpu_count()
+seed = 1337  # the same seed draws the same images
+workers = os.cpu_count()  # drawing processes
 
 CLASSES = ["circle", "square", "triangle", "star"]
 SUPERSAMPLE = 4

@@ -30,9 +30,9 @@ from data.format import displayed_size, raw_frame_warning  # noqa: E402
 
 # defaults, each overridable as --key=value
 voc_root = ""  # the VOCdevkit folder, holding VOC2007/ and/or VOC2012/
-years = "2007,2012"
+years = "2007,2012"  # the VOC years to read
 splits = "train:trainval,val:test"  # output:ImageSet pairs
-out_dir = os.path.dirname(os.path.abspath(__file__))
+out_dir = os.path.dirname(os.path.abspath(__file__))  # where <split>.json goes (by default this folder)
 download = False  # fetch and unpack the official tarballs into voc_root first (needs internet)
 
 CLASSES = [
