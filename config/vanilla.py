@@ -8,3 +8,7 @@ encoder_proposals = False
 denoising_groups = 0
 query_groups = 1
 conditional_cross_attn = False
+dn_contrastive = False
+look_forward_twice = False
+cls_loss = "ce"
+mosaic_prob = 0.0

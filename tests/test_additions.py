@@ -41,6 +41,7 @@ def test_config_vanilla_composes_the_paper_model_onto_any_config(first):
     config = train.get_config([str(ROOT / first), str(ROOT / "config" / "vanilla.py")])
     assert not (config["anchor_queries"] or config["encoder_proposals"] or config["conditional_cross_attn"])
     assert config["denoising_groups"] == 0 and config["query_groups"] == 1
+    assert not (config["dn_contrastive"] or config["look_forward_twice"] or config["mosaic_prob"]) and config["cls_loss"] == "ce"
     model = weights.new_model({**config, "backbone": "resnet18", "pretrained_backbone": False}, 3, 5)
     assert set(detr.parameters_by_part(model)) == {"backbone", "input_proj", "encoder", "decoder", "query_embed",
                                                    "class_head", "box_head"}
