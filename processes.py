@@ -25,8 +25,11 @@ NONE_BAD = 2**62  # first_bad_iter when every loss so far was finite
 
 
 def setup_process(cfg):
-    """(ddp, rank, world_size, device): under torchrun one process per GPU (DDP), else one on cfg.device."""
+    """(ddp, rank, world_size, device): under torchrun one process per GPU (DDP), else one on cfg.device
+    (on a CPU, with a thread per free core: cpu_threads)."""
     if "RANK" not in os.environ:
+        if cfg.device == "cpu":
+            torch.set_num_threads(cpu_threads())
         return False, 0, 1, cfg.device
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
@@ -34,6 +37,39 @@ def setup_process(cfg):
         torch.cuda.set_device(device)
     exit_with_the_launcher(dist.get_rank())
     return True, dist.get_rank(), dist.get_world_size(), device
+
+
+def cpu_threads():
+    """torch's threads for a run on the CPU: its default (one per core) while the cores are free, one per
+    free core while other work keeps some busy, where a thread that waits for a descheduled one stalls
+    every step (3x slower beside one busy process on 2 cores: EXPERIMENTS.md, "A CPU shared with another
+    job"). OMP_NUM_THREADS, when set, decides."""
+    threads = torch.get_num_threads()
+    if "OMP_NUM_THREADS" in os.environ:
+        return threads
+    busy = busy_cores()
+    free = max(1, round(len(os.sched_getaffinity(0)) - busy)) if busy is not None else threads
+    if free < threads:
+        print(f"cpu: other work keeps {busy:.1f} of the {len(os.sched_getaffinity(0))} cores busy: {free} thread"
+              f"{'s' if free > 1 else ''} (OMP_NUM_THREADS=N chooses)")
+    return min(threads, free)
+
+
+def busy_cores(seconds=0.25):
+    """How many cores the machine's other processes kept busy over a moment (Linux's /proc/stat; None elsewhere)."""
+    def sample():
+        with open("/proc/stat") as f:
+            times = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return sum(times), times[3] + times[4]
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError):
+        return None
+    cores = os.cpu_count() or 1  # /proc/stat's first line sums every core of the machine
+    return cores * (1 - (idle1 - idle0) / max(1, total1 - total0))
 
 
 def gather(obj, world_size):

@@ -66,7 +66,7 @@ def test_fine_tuning_says_what_it_loaded_made_new_and_left_out(tmp_path, capsys)
     assert lines[0].endswith("loaded backbone, input_proj, encoder, decoder, query_embed, class_head, box_head, anchors; "
                              "the class rows of 2 of the 4 classes (by name)")
     assert lines[1].endswith("new class_head; rows for triangle, star")
-    assert lines[2].endswith("left out denoising; the rows of hexagon")
+    assert lines[2].endswith("left out denoising; dropped the class rows of hexagon (not in this data)")
 
 
 def test_official_models_run_at_the_batch_they_were_trained_with(tmp_path):
@@ -177,3 +177,40 @@ def test_the_readmes_python_snippet_runs_as_pasted(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()  # the model's 3 queries all say "square" at the image's centre
     assert len(lines) == 3 and all(line == "square 1.00 at [32, 48, 96, 80]" for line in lines), lines
+
+
+def test_a_resume_before_any_evaluation_says_so(tmp_path, capsys):
+    """A checkpoint written before the first evaluation (a signal, checkpoint_minutes) has no best value yet."""
+    import math
+
+    make_shapes(tmp_path / "data", 4, 2)
+    run(tmp_path / "out", tmp_path / "data", max_iters=2)
+    checkpoint = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)
+    torch.save({**checkpoint, "best_val": -math.inf, "best_iter": 0}, tmp_path / "out" / "ckpt.pt")
+    capsys.readouterr()
+    run(tmp_path / "out", tmp_path / "data", max_iters=3, init_from="resume")
+    out = capsys.readouterr().out
+    assert "init_from=resume: " in out and " at iteration 2, no evaluation yet" in out and "-inf" not in out
+
+
+def test_a_cpu_run_takes_a_thread_per_free_core(monkeypatch, capsys):
+    """Beside a busy process a 2-core CPU run takes 1 thread (and says so), on free cores torch's default;
+    OMP_NUM_THREADS decides when set. busy_cores sees a real busy process."""
+    import subprocess
+
+    import processes
+
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        assert processes.busy_cores(0.5) >= 0.7
+    finally:
+        busy.kill()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(processes.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(processes.torch, "get_num_threads", lambda: 2)
+    for others, threads in ((0.1, 2), (0.4, 2), (0.6, 1), (1.0, 1), (1.9, 1)):
+        monkeypatch.setattr(processes, "busy_cores", lambda: others)
+        assert processes.cpu_threads() == threads
+    assert "cpu: other work keeps 1.0 of the 2 cores busy: 1 thread (OMP_NUM_THREADS=N chooses)\n" in capsys.readouterr().out
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert processes.cpu_threads() == 2
