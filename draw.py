@@ -40,13 +40,16 @@ def text_font(picture):
 
 def place_labels(boxes, sizes, picture_size):
     """Where each label goes, (x, y, w, h) in the order given (the surest first): at the first of a few
-    places at its box's corners (above the top-left one first) that lies inside the picture and covers
-    no earlier label, else at the one that covers least. So no label is cut off, and few sit on top
-    of each other. boxes: (x0, y0, x1, y1) each; sizes: (w, h) each."""
+    places at its box's corners (above the top-left one first), then up and down the box's left and
+    right edges, nearest first, that lies inside the picture and covers no earlier label; only when
+    none is free (more labels than the picture holds), at the one that covers least. So no label is
+    cut off, and none sits on another. boxes: (x0, y0, x1, y1) each; sizes: (w, h) each."""
     W, H = picture_size
     placed = []
     for (x0, y0, x1, y1), (w, h) in zip(boxes, sizes):
-        candidates = [(x0, y0 - h), (x0, y0), (x0, y1), (x0, y1 - h), (x1 - w, y0 - h), (x1 - w, y1)]
+        rows = sorted(range(0, max(1, H - h + 1), max(1, h)), key=lambda row: abs(row - y0))
+        candidates = ([(x0, y0 - h), (x0, y0), (x0, y1), (x0, y1 - h), (x1 - w, y0 - h), (x1 - w, y1)]
+                      + [(x, row) for row in rows for x in (x0, x1 - w)])
         candidates = [(max(0, min(x, W - w)), max(0, min(y, H - h))) for x, y in candidates]  # inside, or from the left/top edge
 
         def covered(corner):

@@ -264,6 +264,14 @@ def plot_confusion_matrix(plt, classes, matrix, threshold, path):
     save_figure(fig, path, f"{len(classes)} classes, the errors by kind")
 
 
+def error_counts(errors):
+    """The title's counts, [(text, colour)], each as the boxes are labelled: the true positives, each kind of
+    false positive that the image has (so an object taken for another class is counted as that), the missed."""
+    tp, fp, missed, kinds, _ = errors
+    wrong = [(f"{kind}: {kinds.count(kind)}", COLOURS["false positive"]) for kind in FALSE_POSITIVE_KINDS if kind in kinds]
+    return [(f"true positives: {len(tp)}", COLOURS["true positive"]), *wrong, (f"missed: {len(missed)}", COLOURS["missed"])]
+
+
 def draw_errors(path, det, gt, errors, classes, title):
     """One image, upscaled as sample.py draws (short side >= 512): true positives, false positives and
     missed objects in their COLOURS, under a title with the counts."""
@@ -281,8 +289,7 @@ def draw_errors(path, det, gt, errors, classes, title):
     # the title: the file, then each kind with its count on its own colour, on as many lines as it takes
     font = text_font(picture)
     line = font.size + 12
-    items = [(title, None)] + [(f"{n} {kind}{'s' if n != 1 and kind != 'missed' else ''}", COLOURS[kind])
-                               for n, kind in zip(map(len, errors[:3]), COLOURS)]
+    items = [(title, None)] + error_counts(errors)
     measure = ImageDraw.Draw(picture)
     places, x, y = [], 4, 0
     for text, colour in items:

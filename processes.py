@@ -25,11 +25,8 @@ NONE_BAD = 2**62  # first_bad_iter when every loss so far was finite
 
 
 def setup_process(cfg):
-    """(ddp, rank, world_size, device): under torchrun one process per GPU (DDP), else one on cfg.device
-    (on a CPU, with a thread per free core: cpu_threads)."""
+    """(ddp, rank, world_size, device): under torchrun one process per GPU (DDP), else one on cfg.device."""
     if "RANK" not in os.environ:
-        if cfg.device == "cpu":
-            torch.set_num_threads(cpu_threads())
         return False, 0, 1, cfg.device
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
@@ -40,7 +37,7 @@ def setup_process(cfg):
 
 
 def cpu_threads():
-    """torch's threads for a run on the CPU: its default (one per core) while the cores are free, one per
+    """torch's threads for a new run on the CPU: its default (one per core) while the cores are free, one per
     free core while other work keeps some busy, where a thread that waits for a descheduled one stalls
     every step (3x slower beside one busy process on 2 cores: EXPERIMENTS.md, "A CPU shared with another
     job"). OMP_NUM_THREADS, when set, decides."""

@@ -36,8 +36,8 @@ from data.pipeline import load_datasets, to_device, too_many_objects, training_b
 from detr import argument_problem, parameters_by_part
 from inference import autocast, compile_model, evaluate, is_out_of_memory
 from metrics import paired_iou, plateau_warning, query_diagnostics
-from processes import (NONE_BAD, gather, on_master, out_of_memory, same_on_every_rank, setup_process, stop_if_not_finite,
-                       stop_signals)
+from processes import (NONE_BAD, cpu_threads, gather, on_master, out_of_memory, same_on_every_rank, setup_process,
+                       stop_if_not_finite, stop_signals)
 from weights import (LoadError, append_log, check_out_dir, checkpoint_architecture, cut_log, initial_model,
                      save_checkpoint)
 
@@ -525,8 +525,8 @@ def resume(run, checkpoint):
             changed.append(f"{key} {group['base_lr']:g} -> {getattr(cfg, key):g}")
             group["base_lr"] = getattr(cfg, key)
     if run.master:
-        print(f"init_from=resume: {run.ckpt_path} at iteration {run.iter_num}, best val {cfg.best_metric} "
-              f"{run.best_val:.4f}" + (f"; {', '.join(changed)}" if changed else ""))
+        best = f"best val {cfg.best_metric} {run.best_val:.4f}" if run.best_val > -math.inf else "no evaluation yet"
+        print(f"init_from=resume: {run.ckpt_path} at iteration {run.iter_num}, {best}" + (f"; {', '.join(changed)}" if changed else ""))
     if checkpoint.get("scaler"):
         run.scaler.load_state_dict(checkpoint["scaler"])
     if run.ema_model is not None and "ema_model" in checkpoint:
@@ -568,7 +568,8 @@ def save(run, best=False, evaluation_due=False):
            "cuda": gather(torch.cuda.get_rng_state(), run.world_size) if "cuda" in run.device else []}
     ckpt = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "model_args": run.model.config,
             "iter_num": run.iter_num, "best_val": run.best_val, "best_iter": run.best_iter, "config": run.config, "classes": run.model.classes,
-            "rng": rng, "category_ids": run.category_ids, "scaler": run.scaler.state_dict(), "evaluation_due": evaluation_due,
+            "rng": rng, "cpu_threads": torch.get_num_threads(), "category_ids": run.category_ids, "scaler": run.scaler.state_dict(),
+            "evaluation_due": evaluation_due,
             **({"ema_model": run.ema_model.state_dict()} if run.ema_model is not None else {})}
 
     def write():
@@ -661,6 +662,8 @@ def train(config):
         torch.backends.cudnn.allow_tf32 = True
     train_set, val_set = load_datasets(cfg)
     model, checkpoint = initial_model(cfg, config, val_set.classes)
+    if device == "cpu" and not ddp:  # a thread per free core; a resume keeps its run's (other counts sum in another order)
+        torch.set_num_threads((checkpoint or {}).get("cpu_threads") or cpu_threads())
     model.classes = val_set.classes
     model.to(device)
     if "cuda" in device:  # NHWC convolutions run on tensor cores without layout transposes
@@ -789,11 +792,18 @@ def train(config):
 
 
 if __name__ == "__main__":
+    made_out_dir = None  # the out_dir this run creates (the master's): removed again if the run ends with nothing in it
     try:
-        train(get_config(sys.argv[1:]))
+        config = get_config(sys.argv[1:])
+        if not os.path.isdir(config["out_dir"]) and os.environ.get("RANK", "0") == "0":
+            made_out_dir = config["out_dir"]
+        train(config)
     except LoadError as e:  # a checkpoint or weights that cannot be loaded: one line, no traceback
         raise SystemExit(f"error: {e}")
     except RuntimeError as e:  # under torchrun, a rank that stopped (its own line says why) while this one waited on it
         if "RANK" not in os.environ or not (isinstance(e, dist.DistError) or "by peer" in str(e)):  # gloo: closed, reset
             raise
         raise SystemExit(f"error: rank {os.environ['RANK']} stopped: another rank of the run did ({type(e).__name__})") from None
+    finally:  # a run that failed before it wrote anything (no dataset, a failed download) leaves no empty folder
+        if made_out_dir and os.path.isdir(made_out_dir) and not os.listdir(made_out_dir):
+            os.rmdir(made_out_dir)

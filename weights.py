@@ -213,7 +213,8 @@ def load_official_state_dict(model, state_dict, source="checkpoint"):
 # config (train.py's whole config), ema_model (with ema_decay: the averaged weights, which evaluation,
 # best.pt and every later use take), and for an exact resume optimizer (its state dict), scaler (the
 # float16 loss scaler's, {} without), iter_num, best_val (the best val metric so far), best_iter (its
-# iteration), rng (every process's CPU and CUDA generator states) and evaluation_due (True when a
+# iteration), rng (every process's CPU and CUDA generator states), cpu_threads (torch's threads, which a
+# resume on the CPU takes again: another count sums in another order) and evaluation_due (True when a
 # signal cut the evaluation at iter_num short: the resume evaluates first).
 # Every file is read with weights_only=True: a checkpoint runs no code.
 
@@ -462,7 +463,8 @@ def initial_model(cfg, config, classes):
         kept, new_classes, dropped = len(classes) - len(done["new_classes"]), done["new_classes"], done["dropped_classes"]
         print(f"{say} loaded {', '.join(done['loaded'])}; the class rows of {kept} of the {len(classes)} classes (by name)")
         print(f"{say} new {', '.join(done['new']) or 'nothing'}" + (f"; rows for {few(new_classes)}" if new_classes else ""))
-        print(f"{say} left out {', '.join(done['left_out']) or 'nothing'}" + (f"; the rows of {few(dropped)}" if dropped else ""))
+        print(f"{say} left out {', '.join(done['left_out']) or 'no module'}"
+              + (f"; dropped the class rows of {few(dropped)} (not in this data)" if dropped else ""))
         return model, None
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if not os.path.isfile(ckpt_path):

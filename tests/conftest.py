@@ -1,11 +1,17 @@
 """Shared test helpers: the repo root on sys.path, loading the data/*/prepare.py scripts as modules."""
 
 import importlib.util
+import os
 import pathlib
 import sys
 
+import torch
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# torch's threads, fixed: a run on a CPU that looks busy would take fewer (processes.cpu_threads), and two
+# runs that a test compares value for value must sum in the same order
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 
 def load_script(relative_path):

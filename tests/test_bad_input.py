@@ -66,8 +66,8 @@ def inputs(tmp_path_factory):
     (t / "notes.txt").write_text("hello")
     (t / "truncated.json").write_text('{"images": [{"id": 1, "file_name"')
     (t / "list.json").write_text("[1, 2, 3]")
-    run = [sys.executable, "train.py", f"--dataset={good}", *TINY_RUN]
-    sample = [sys.executable, "sample.py"]
+    run = [sys.executable, "train.py", f"--dataset={good}", *TINY_RUN, f"--out_dir={t}/out"]
+    sample = [sys.executable, "sample.py", f"--out_dir={t}/samples"]
     coco = [sys.executable, "data/coco/prepare.py"]
     evaluate = [sys.executable, "eval.py", f"--out_dir={t}/report", "--num_workers=0"]
     (t / "undecodable").mkdir()
@@ -185,8 +185,10 @@ def test_bad_input_is_one_error_line(case, inputs, monkeypatch, capsys):
     script, *args = inputs[case][1:]
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, "argv", [script, *args])
+    before = sorted(p.name for p in ROOT.iterdir())
     with pytest.raises(SystemExit) as stop:
         runpy.run_path(str(ROOT / script), run_name="__main__")
+    assert sorted(p.name for p in ROOT.iterdir()) == before  # nothing left in the repository
     message = stop.value.code
     assert isinstance(message, str), f"exit code {message!r}"  # a message means exit status 1
     output = capsys.readouterr()
@@ -198,6 +200,16 @@ def test_a_bad_input_exits_1_with_one_line_and_no_traceback(inputs):
     result = subprocess.run(inputs["batch_size 0"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr == "error: batch_size=0 must be >= 1\n"
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_out_dir(inputs, tmp_path):
+    """No dataset there: the out_dir the run made for itself goes again; one that was there stays."""
+    for out_dir, there in ((tmp_path / "new", False), (tmp_path / "kept", True)):
+        if there:
+            out_dir.mkdir()
+        argv = [*inputs["unknown dataset"], f"--out_dir={out_dir}"]
+        result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1 and result.stderr.startswith("error: ") and out_dir.is_dir() == there
 
 
 def test_every_case_is_listed(inputs):

@@ -212,6 +212,12 @@ def test_false_positives_are_sorted_into_tides_kinds(evaluation):
     tp, fp, missed, kinds, objects = evaluation.image_errors(match, ignored, det, gt, 0.3)
     assert tp.tolist() == [0] and fp.tolist() == [1, 2, 3, 4] and missed.tolist() == []
     assert kinds == ["duplicate", "wrong class", "poor localisation", "background"] and objects == [-1, 1, -1, -1]
+    # a worst/ picture's title counts them as their boxes are labelled: the second object as a wrong class
+    counts = [text for text, _ in evaluation.error_counts((tp, fp, missed, kinds, objects))]
+    assert counts == ["true positives: 1", "duplicate: 1", "wrong class: 1", "poor localisation: 1", "background: 1",
+                      "missed: 0"]
+    _, fp, missed, kinds, _ = evaluation.image_errors(match, ignored, det, gt, 0.75)  # the wrong class below it
+    assert [text for text, _ in evaluation.error_counts((tp, fp, missed, kinds, []))][-2:] == ["duplicate: 1", "missed: 1"]
 
 
 def test_layers_give_the_papers_fig_4_and_end_at_the_reports_numbers(evaluation, tmp_path):

@@ -214,3 +214,21 @@ def test_a_cpu_run_takes_a_thread_per_free_core(monkeypatch, capsys):
     assert "cpu: other work keeps 1.0 of the 2 cores busy: 1 thread (OMP_NUM_THREADS=N chooses)\n" in capsys.readouterr().out
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert processes.cpu_threads() == 2
+
+
+def test_a_run_keeps_its_threads_in_its_checkpoint_and_a_resume_takes_them(tmp_path, monkeypatch):
+    import processes
+
+    make_shapes(tmp_path / "data", 4, 2)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(processes, "busy_cores", lambda: len(processes.os.sched_getaffinity(0)))  # every core busy
+        run(tmp_path / "out", tmp_path / "data", max_iters=2)
+        assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["cpu_threads"] == 1
+        monkeypatch.setattr(processes, "busy_cores", lambda: 0.0)  # free now: the resume still takes the run's one
+        run(tmp_path / "out", tmp_path / "data", max_iters=3, init_from="resume")
+        assert torch.get_num_threads() == 1
+        assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["cpu_threads"] == 1
+    finally:
+        torch.set_num_threads(threads)

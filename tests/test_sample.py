@@ -65,8 +65,9 @@ def test_labels_stay_inside_the_picture_and_apart(sample):
     """Labels of boxes on the picture's edges are moved in, and boxes in one place get labels that do
     not cover each other; the first label goes above its box's top-left corner."""
     W, H = 600, 512
-    boxes = [(0, 0, 80, 60), (520, 450, 600, 512), (590, 100, 600, 140)] + [(200, 200, 300, 300)] * 4
-    sizes = [(150, 20), (120, 20), (90, 20)] + [(60, 20)] * 4
+    # ... and eight wide labels on one box no taller than a label (the corners' places are all taken)
+    boxes = [(0, 0, 80, 60), (520, 450, 600, 512), (590, 100, 600, 140)] + [(200, 200, 300, 300)] * 4 + [(400, 300, 410, 310)] * 8
+    sizes = [(150, 20), (120, 20), (90, 20)] + [(60, 20)] * 4 + [(180, 20)] * 8
     placed = draw.place_labels(boxes, sizes, (W, H))
     for (x, y, w, h), size in zip(placed, sizes):
         assert (w, h) == size and 0 <= x <= W - w and 0 <= y <= H - h
