@@ -8,7 +8,7 @@
 out_dir = "out-voc"
 # DETR's convergence fixes (detr.py, "Additions beyond the paper"). Measured here on CPU only: on the
 # shapes set they take val mAP50 at 3,000 steps from 0.002 to 0.91, on 80 VOC photos after 2,500 steps
-# from 0.52 to 0.99 (config/shapes.py, config/voc_mini.py; with today's code and schedules: 0.909, 0.877). Their losses keep the same balance at 800 px as at
+# from 0.52 to 0.99 (config/shapes.py, config/voc_mini.py; with the code and schedules of 2026-12-07: 0.929, 0.919). Their losses keep the same balance at 800 px as at
 # 64 px (tests/test_additions.py); this model ran 36 steps at 800 px on the CPU, too few to detect
 # anything (EXPERIMENTS.md, "The same recipe at other image sizes"). feature_stride stays the paper's 32, the coarsest ResNet
 # has: on voc-mini at 320 px it reached val mAP50 0.56 in 1,000 steps where stride 16 reached 0.18.
