@@ -56,7 +56,8 @@ def place_labels(boxes, sizes, picture_size):
             x, y = corner
             return sum(max(0, min(x + w, a + c) - max(x, a)) * max(0, min(y + h, b + d) - max(y, b)) for a, b, c, d in placed)
 
-        x, y = min(candidates, key=covered)  # min keeps the first of equals: the first free place
+        # the first free place (no need to weigh the rest), else the one that covers least
+        x, y = next((c for c in candidates if not covered(c)), None) or min(candidates, key=covered)
         placed.append((x, y, w, h))
     return placed
 

@@ -63,7 +63,7 @@ def compute_map(detections, ground_truths, num_classes, max_dets=100, details=Fa
         d, g = len(scores), len(gt["labels"])
         det_scores[n, :d], det_labels[n, :d] = scores.float(), labels
         det_area[n, :d] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        det_counted[n, :d] = (labels[:, None] == labels[None, :]).tril(-1).sum(1) < max_dets
+        det_counted[n, :d] = top_of_each_class(labels, max_dets)
         gt_labels[n, :g] = torch.as_tensor(gt["labels"])
         for flags, key in ((gt_difficult, "difficult"), (gt_crowd, "iscrowd")):
             if key in gt:
@@ -216,6 +216,11 @@ def ground_truth(record):
         if key in record:
             gt[key] = torch.tensor(record[key])
     return gt
+
+
+def top_of_each_class(labels, max_dets):
+    """(D,) True for the detections among the first max_dets of their class; labels (D,) surest first."""
+    return (labels[:, None] == labels[None, :]).tril(-1).sum(1) < max_dets
 
 
 def coco_results(detections, image_ids, category_ids=None):

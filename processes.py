@@ -45,9 +45,12 @@ def cpu_threads():
     if "OMP_NUM_THREADS" in os.environ:
         return threads
     busy = busy_cores()
-    free = max(1, round(len(os.sched_getaffinity(0)) - busy)) if busy is not None else threads
+    if busy is None:  # not Linux: no /proc/stat to read
+        return threads
+    cores = len(os.sched_getaffinity(0))
+    free = max(1, round(cores - busy))
     if free < threads:
-        print(f"cpu: other work keeps {busy:.1f} of the {len(os.sched_getaffinity(0))} cores busy: {free} thread"
+        print(f"cpu: other work keeps {busy:.1f} of the {cores} cores busy: {free} thread"
               f"{'s' if free > 1 else ''} (OMP_NUM_THREADS=N chooses)")
     return min(threads, free)
 

@@ -36,7 +36,6 @@ import math
 import os
 import sys
 import time
-from collections import Counter
 
 import numpy as np
 import torch
@@ -147,11 +146,7 @@ def write_json(model, paths, root, out_path, image_ids=None, category_ids=None, 
         if d is None:  # unreadable (logged)
             continue
         if threshold is None and not top_k:  # each class's max_dets surest (detect sorts them surest first)
-            keep, count = [], Counter()
-            for j, label in enumerate(d["labels"].tolist()):
-                count[label] += 1
-                if count[label] <= max_dets:
-                    keep.append(j)
+            keep = metrics.top_of_each_class(d["labels"], max_dets)
             d = {k: d[k][keep] for k in ("boxes", "scores", "labels")}
         for record in metrics.coco_results([d], [i if image_ids is None else image_ids[i]], category_ids):
             if record["category_id"] != -1:
