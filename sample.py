@@ -3,7 +3,8 @@ Look at what a DETR sees: its detections drawn on images, what each detection's 
 to (paper Fig. 6), what the encoder attends to from a few pixels (paper Fig. 3), what each query slot
 predicts (paper Fig. 7), and training curves. Also the Python API and detections as data:
 
-    import sample, weights
+    import sample
+    from lib import weights
     model = weights.load_model("out-shapes/best.pt")[0]
     for d in sample.detect(model, ["photo.jpg"], threshold=0.5):   # run as the model's run evaluated
         d["boxes"], d["scores"], d["labels"], d["names"]              # xyxy pixels of the displayed image
@@ -24,7 +25,7 @@ writes out_dir/curves.png, --weights out_dir/weights.png, --slots out_dir/slots.
 <name>_matching.png per image (needs matplotlib). Small images are drawn upscaled (MIN_SIDE). --json draws nothing: it runs batched
 inference over every image of --images and writes one COCO results record per detection: every one,
 up to the model's max_dets per image and class, as COCO's evaluation counts them (so pycocotools on the
-file gives eval.py's mAP), or, given --threshold or --top_k, those above it or the top_k best per
+file gives tools/eval.py's mAP), or, given --threshold or --top_k, those above it or the top_k best per
 image: image_id (for a folder, the image's index in sorted
 file order; with --split, a split of the checkpoint's dataset or of --dataset (classes matched by
 name), the dataset's own image id, as a COCO json gave it, so that pycocotools scores the file against that json), file_name (relative to the
@@ -45,14 +46,14 @@ from torchvision.ops import box_convert
 
 from json import dump, loads  # the name json is the --json flag's
 
-import metrics
+from lib import metrics
 from configurator import configure, device_problem
 from data.format import IMAGE_EXTENSIONS, displayed_size, read_dataset_json
 from data.pipeline import DetectionDataset, dataset_dir, read_image, val_transform
 from detr import parameters_by_part
-from draw import class_colour, draw_boxes, for_display, pyplot, save_figure, text_font
-from inference import ImageFiles, autocast, class_map, predict, run_dtype
-from weights import LoadError, load_model
+from lib.draw import class_colour, draw_boxes, for_display, pyplot, save_figure, text_font
+from lib.inference import ImageFiles, autocast, class_map, predict, run_dtype
+from lib.weights import LoadError, load_model
 
 # defaults, each overridable as --key=value
 ckpt = "out-shapes/ckpt.pt"  # a minidetr checkpoint, an official one (file, or 'detr-r50' ...), or a transformers folder / hub id
@@ -65,7 +66,7 @@ threshold = 0.7  # draw detections whose class probability is above this (with -
 max_images = 8  # images drawn (and with --matching, matched)
 json = ""  # --json=PATH: write the detections of every image of --images to PATH instead of drawing
 top_k = 0  # with --json: keep the top_k detections per image instead of every one
-batch_size = 0  # images per forward pass; 0: the checkpoint's own (the official models': 2), padded as it was (inference.py says why)
+batch_size = 0  # images per forward pass; 0: the checkpoint's own (the official models': 2), padded as it was (lib/inference.py says why)
 attention = False  # also draw the attention maps of every kept detection
 num_pixels = 4  # encoder self-attention is shown from this many pixels (the centres of detections)
 log = ""  # a log.jsonl: draw its training curves instead of sampling

@@ -8,7 +8,7 @@ Train DETR on a prepared dataset (data/<name>/<split>.json, see data/*/prepare.p
 Defaults sit below as globals; a config file (plain Python) overrides them, then --key=value.
 The file goes in the order the data flows: the config, the data (data/pipeline.py), the Hungarian
 matcher and set loss (each addition's terms beside it), then the training loop (mAP comes from
-metrics.py, every weight file from weights.py). Everything above `train()` is importable on its own.
+lib/metrics.py, every weight file from lib/weights.py). Everything above `train()` is importable on its own.
 """
 
 import copy
@@ -34,11 +34,11 @@ from tqdm import tqdm
 from configurator import VALUE_TYPES, configure, device_problem
 from data.pipeline import load_datasets, to_device, too_many_objects, training_batches
 from detr import argument_problem, parameters_by_part
-from inference import autocast, compile_model, evaluate, is_out_of_memory
-from metrics import paired_iou, plateau_warning, query_diagnostics
-from processes import (NONE_BAD, cpu_threads, gather, on_master, out_of_memory, same_on_every_rank, setup_process,
+from lib.inference import autocast, compile_model, evaluate, is_out_of_memory
+from lib.metrics import paired_iou, plateau_warning, query_diagnostics
+from lib.processes import (NONE_BAD, cpu_threads, gather, on_master, out_of_memory, same_on_every_rank, setup_process,
                        stop_if_not_finite, stop_signals)
-from weights import (LoadError, append_log, check_out_dir, checkpoint_architecture, cut_log, initial_model,
+from lib.weights import (LoadError, append_log, check_out_dir, checkpoint_architecture, cut_log, initial_model,
                      save_checkpoint)
 
 # -----------------------------------------------------------------------------
@@ -781,7 +781,7 @@ def train(config):
     if master and not stop:  # the run's end: what it reached, and what to do with it
         best = os.path.join(cfg.out_dir, "best.pt")
         print(f"done: best val {cfg.best_metric} {run.best_val:.4f} at iteration {run.best_iter}, in {best}. Next: "
-              f"python sample.py --ckpt={best} (its detections drawn), python eval.py --ckpt={best} (the report)")
+              f"python sample.py --ckpt={best} (its detections drawn), python tools/eval.py --ckpt={best} (the report)")
     if run.writer is not None:
         run.writer.close()
     if ddp:

@@ -28,7 +28,7 @@ dataset = "voc"
 backbone = "resnet50"
 pretrained_backbone = True  # ImageNet weights, as the paper
 # the paper's batch is 64 (4 images on each of 16 GPUs); here 32 images a step, 2 steps accumulated,
-# so the optimizer sees the same 64-image batches with the same learning rates. bench.py --what=memory
+# so the optimizer sees the same 64-image batches with the same learning rates. tools/bench.py --what=memory
 # estimates 0.6 GiB + 1.1 GiB an image for this model in bf16 at 800x1066 (measured on CPU): 64 would
 # fit 80 GB, 32 leaves room for what a CPU cannot show. 24 GB: 8 x 8; 40 GB: 16 x 4 (EXPERIMENTS.md, "Speed")
 batch_size = 32
@@ -45,4 +45,4 @@ log_interval = 50
 best_metric = "mAP50"  # VOC's metric (mAP50_07, the 11-point VOC2007 one, is logged too)
 pad_to = 64  # fewer distinct shapes: kinder to cuDNN autotuning and to torch.compile
 dtype = "bfloat16"
-compile = False  # compiles once now (train.compile_model), but its gain on a GPU is not yet measured: bench.py --what=gpu_check
+compile = False  # compiles once now (train.compile_model), but its gain on a GPU is not yet measured: tools/bench.py --what=gpu_check

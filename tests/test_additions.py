@@ -8,7 +8,7 @@ import torch
 
 import detr
 import train
-import weights
+from lib import weights
 from conftest import ROOT
 from detr import DETR
 

@@ -69,7 +69,7 @@ def inputs(tmp_path_factory):
     run = [sys.executable, "train.py", f"--dataset={good}", *TINY_RUN, f"--out_dir={t}/out"]
     sample = [sys.executable, "sample.py", f"--out_dir={t}/samples"]
     coco = [sys.executable, "data/coco/prepare.py"]
-    evaluate = [sys.executable, "eval.py", f"--out_dir={t}/report", "--num_workers=0"]
+    evaluate = [sys.executable, "tools/eval.py", f"--out_dir={t}/report", "--num_workers=0"]
     (t / "undecodable").mkdir()
     (t / "undecodable" / "0.png").write_bytes(b"no png here")
     (t / "undecodable" / "val.json").write_text(json.dumps({"classes": ["a", "b"], "images": [image(0)]}))
@@ -132,14 +132,14 @@ def inputs(tmp_path_factory):
         "coco no flags": coco,
         "voc not a devkit": [sys.executable, "data/voc/prepare.py", f"--voc_root={t}"],
         "shapes bad count": [sys.executable, "data/shapes/prepare.py", "--num_train=many", f"--out_dir={t}/sh"],
-        # sample.py --json and export.py
+        # sample.py --json and tools/export.py
         "json of nothing readable": [*sample, f"--ckpt={real}", f"--images={t}/unreadable", f"--json={t}/d.json"],
         "json into no folder": [*sample, f"--ckpt={real}", f"--images={t}/unreadable", f"--json={t}/no/d.json"],
-        "export images too small": [sys.executable, "export.py", f"--ckpt={real}", "--sizes=16x16", f"--out={t}/m.onnx"],
-        "export not a DETR": [sys.executable, "export.py", f"--ckpt={t}/not_detr.pt", f"--out={t}/m.onnx"],
-        "export garbage": [sys.executable, "export.py", f"--ckpt={t}/garbage.pt", f"--out={t}/m.onnx"],
-        "bench unknown what": [sys.executable, "bench.py", "--what=memroy"],
-        # eval.py and sample.py --matching
+        "export images too small": [sys.executable, "tools/export.py", f"--ckpt={real}", "--sizes=16x16", f"--out={t}/m.onnx"],
+        "export not a DETR": [sys.executable, "tools/export.py", f"--ckpt={t}/not_detr.pt", f"--out={t}/m.onnx"],
+        "export garbage": [sys.executable, "tools/export.py", f"--ckpt={t}/garbage.pt", f"--out={t}/m.onnx"],
+        "bench unknown what": [sys.executable, "tools/bench.py", "--what=memroy"],
+        # tools/eval.py and sample.py --matching
         "eval garbage checkpoint": [*evaluate, f"--ckpt={t}/garbage.pt", f"--dataset={good}"],
         "eval no such split": [*evaluate, f"--ckpt={real}", f"--dataset={good}", "--split=test"],
         "eval bad threshold": [*evaluate, f"--ckpt={real}", "--threshold=1.5"],

@@ -1,4 +1,4 @@
-"""bench.py on a tiny config: well-formed JSON, and a FLOP count that matches a hand count."""
+"""tools/bench.py on a tiny config: well-formed JSON, and a FLOP count that matches a hand count."""
 
 import json
 import sys
@@ -19,7 +19,7 @@ def tiny(bench):
 
 
 def test_bench_prints_one_well_formed_line(capsys):
-    bench = tiny(load_script("bench.py"))
+    bench = tiny(load_script("tools/bench.py"))
     bench.main()
     (line,) = capsys.readouterr().out.strip().splitlines()
     result = json.loads(line)
@@ -32,7 +32,7 @@ def test_bench_prints_one_well_formed_line(capsys):
 
 
 def test_transformer_flops_match_a_hand_count():
-    bench = tiny(load_script("bench.py"))
+    bench = tiny(load_script("tools/bench.py"))
     model = bench.MiniDETR().model.eval()
     B, C, F, Q = 2, 32, 64, 5
     S = (64 // 32) * (96 // 32)  # tokens of the feature map
@@ -53,11 +53,11 @@ def test_transformer_flops_match_a_hand_count():
 
 
 def test_step_memory_holds_at_least_weights_gradients_and_adam_state(monkeypatch):
-    """In a fresh process, as bench.py --what=memory measures it: the peak is at least the fp32
+    """In a fresh process, as tools/bench.py --what=memory measures it: the peak is at least the fp32
     weights, gradients and AdamW's two moments of the trainable parameters."""
     import multiprocessing
 
-    import bench
+    from tools import bench
 
     settings = {"batch_size": 1, "height": 320, "width": 352, "additions": True, "backbone": "resnet18", "channels_last": False}
     with multiprocessing.get_context("spawn").Pool(1) as pool:
@@ -72,7 +72,7 @@ def test_step_memory_holds_at_least_weights_gradients_and_adam_state(monkeypatch
 def test_gpu_check_writes_its_json_and_the_readme_rows(tmp_path, capsys, monkeypatch):
     """The one GPU command, on a tiny model for a few seconds (compiling is tested in test_gpu_ready.py:
     inductor would take minutes here)."""
-    bench = tiny(load_script("bench.py"))
+    bench = tiny(load_script("tools/bench.py"))
     bench.duration, bench.repeats = 2.0, 2
     monkeypatch.setattr(bench, "compile_model", lambda model: None)
     monkeypatch.setitem(sys.modules, "transformers", None)  # as in CI: Hugging Face's DETR is skipped

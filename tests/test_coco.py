@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-import metrics
+from lib import metrics
 import train
 from data.format import read_dataset_json
-import weights
+from lib import weights
 from conftest import ROOT, load_script
 from detr import DETR
-from weights import COCO_CLASSES
+from lib.weights import COCO_CLASSES
 from test_metrics import coco_export
 
 

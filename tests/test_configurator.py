@@ -67,7 +67,7 @@ def test_a_path_from_the_home_folder_is_expanded_for_every_script(tmp_path, monk
 @pytest.mark.parametrize("script, flag, some_keys", [
     ("train.py", "-h", ()),
     ("sample.py", "--help", ("ckpt", "json", "top_k", "threshold", "slots")),
-    ("eval.py", "--help", ("ckpt", "split", "max_dets", "layers")),
+    ("tools/eval.py", "--help", ("ckpt", "split", "max_dets", "layers")),
     ("data/shapes/prepare.py", "--help", ("num_train", "min_objects", "max_objects", "seed")),
     ("data/voc/prepare.py", "-h", ("voc_root", "years", "splits", "download")),
     ("data/coco/prepare.py", "--help", ("ann", "images", "split")),

@@ -8,9 +8,9 @@ import torchvision
 from torch import nn
 
 import detr
-import weights
+from lib import weights
 from detr import DETR, Backbone
-from weights import LoadError
+from lib.weights import LoadError
 
 DATA = __import__("pathlib").Path(__file__).parent / "data"
 
@@ -61,7 +61,7 @@ def test_official_r50_checkpoint_round_trip(detr_r50, tmp_path, monkeypatch):
 
     reads, real_read = [], weights.load_checkpoint_file
     monkeypatch.setattr(weights, "load_checkpoint_file", lambda path: reads.append(path) or real_read(path))
-    model, sizes = weights.load_model(str(tmp_path / "detr.pth"))  # as sample.py and export.py load: the file read once
+    model, sizes = weights.load_model(str(tmp_path / "detr.pth"))  # as sample.py and tools/export.py load: the file read once
     assert len(reads) == 1 and model.classes == weights.COCO_CLASSES and sizes == {"val_scale": 800, "max_size": 1333}
 
 

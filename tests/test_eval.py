@@ -1,4 +1,4 @@
-"""eval.py's report: per-class numbers as compute_map and train.py give them, precision, recall and the
+"""tools/eval.py's report: per-class numbers as compute_map and train.py give them, precision, recall and the
 confusion matrix counted by hand, classes matched by name, and the worst images drawn."""
 
 import csv
@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-import inference
+from lib import inference
 import train
 from conftest import load_script
 from data.pipeline import DetectionDataset, val_transform
 from detr import DETR
-from metrics import compute_map
+from lib.metrics import compute_map
 
 BOX = [24, 24, 72, 40]  # where every query of fixed_box_model puts its box on a 96x64 image
 
@@ -51,7 +51,7 @@ def three_images(folder, classes=("a", "b", "c")):
 
 @pytest.fixture
 def evaluation(tmp_path):
-    module = load_script("eval.py")
+    module = load_script("tools/eval.py")
     module.num_workers, module.max_dets = 0, 100
     return module
 
@@ -156,7 +156,7 @@ def test_compute_map_matches_are_in_the_callers_order():
 
 
 def test_a_checkpoint_is_evaluated_as_its_run_evaluated_it(evaluation, tmp_path, monkeypatch):
-    """eval.py batches and pads as the checkpoint's own run did (its batch_size and pad_to), since DETR's
+    """tools/eval.py batches and pads as the checkpoint's own run did (its batch_size and pad_to), since DETR's
     outputs change with the padding: its numbers are then exactly train.py's for that checkpoint."""
     folder = tmp_path / "data"
     folder.mkdir()
@@ -221,7 +221,7 @@ def test_false_positives_are_sorted_into_tides_kinds(evaluation):
 
 
 def test_layers_give_the_papers_fig_4_and_end_at_the_reports_numbers(evaluation, tmp_path):
-    """eval.py --layers: COCO's AP and AP50 after each decoder layer, without and with class-wise NMS; the last
+    """tools/eval.py --layers: COCO's AP and AP50 after each decoder layer, without and with class-wise NMS; the last
     layer without NMS is the report's own mAP and AP50 (per_class.md's mean row)."""
     pytest.importorskip("matplotlib")
     data = three_images(tmp_path / "data")

@@ -1,4 +1,4 @@
-"""export.py: the ONNX graph, run by onnxruntime, gives PyTorch's outputs at other batch sizes and
+"""tools/export.py: the ONNX graph, run by onnxruntime, gives PyTorch's outputs at other batch sizes and
 image sizes than it was traced with, padded or not."""
 
 import pytest
@@ -12,7 +12,7 @@ pytest.importorskip("onnxscript")
 
 
 def test_onnx_round_trip_matches_pytorch(tmp_path):
-    export = load_script("export.py")
+    export = load_script("tools/export.py")
     torch.manual_seed(0)
     model = DETR(num_classes=3, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1,
                  num_decoder_layers=2, dim_feedforward=64, num_queries=5).eval()

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import train
-import weights
+from lib import weights
 from detr import DETR
-from inference import predict
+from lib.inference import predict
 from test_train import TINY, make_shapes, run
 
 WITH_ADDITIONS = dict(feature_stride=8, anchor_queries=True, encoder_proposals=True, denoising_groups=2, query_groups=2,

@@ -30,8 +30,8 @@ def repository_imports():
 
 def test_imports_flow_one_way():
     graph = repository_imports()
-    assert graph["detr"] <= {"configurator"} and graph["metrics"] == set()  # the model (its command line aside), the metrics
-    assert "eval" not in graph["train"] and "sample" not in graph["train"] and "sample" not in graph["eval"]
+    assert graph["detr"] <= {"configurator"} and graph["lib.metrics"] == set()  # the model (its command line aside), the metrics
+    assert "tools.eval" not in graph["train"] and "sample" not in graph["train"] and "sample" not in graph["tools.eval"]
     done, path = set(), []
 
     def visit(module):  # depth first: a module met again on the current path closes a circle

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from metrics import compute_map
+from lib.metrics import compute_map
 
 
 def det(boxes, scores, labels):
@@ -242,7 +242,7 @@ def test_coco_crowds_areas_and_ids_equal_pycocotools(seed, max_dets):
     per_class = [precision[:, :, k][precision[:, :, k] > -1].mean() for k in range(len(label))]
     assert m["AP_per_class"] == pytest.approx(per_class, abs=1e-6)
     assert sum(a["iscrowd"] for a in ground_truth["annotations"]) >= 3 and 0.05 < m["mAP"] < 0.9
-    # eval.py's per-class columns (details): AP50, AP75 and AR at max_dets as pycocotools has them per class
+    # tools/eval.py's per-class columns (details): AP50, AP75 and AR at max_dets as pycocotools has them per class
     d = compute_map(dets, gts, num_classes=len(label), max_dets=max_dets, details=True)
     recall = evaluator.eval["recall"][:, :, 0, -1]  # (IoUs, classes)
     for k in range(len(label)):

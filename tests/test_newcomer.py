@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 
 import train
-import weights
+from lib import weights
 from conftest import load_script
 from data import pipeline
 from detr import DETR
 from test_train import make_shapes, run
-from weights import COCO_CLASSES
+from lib.weights import COCO_CLASSES
 
 VOC_CLASSES = load_script("data/voc/prepare.py").CLASSES
 
@@ -70,7 +70,7 @@ def test_fine_tuning_says_what_it_loaded_made_new_and_left_out(tmp_path, capsys)
 
 
 def test_official_models_run_at_the_batch_they_were_trained_with(tmp_path):
-    """The official README: 2 images a GPU (DC5: 1); evaluated otherwise they lose AP, so eval.py and
+    """The official README: 2 images a GPU (DC5: 1); evaluated otherwise they lose AP, so tools/eval.py and
     sample.py run them so, unless --batch_size says otherwise."""
     for dilation, batch in ((False, 2), (True, 1)):
         model = DETR(num_classes=91, backbone="resnet50", hidden_dim=32, num_heads=8, num_encoder_layers=1,
@@ -87,7 +87,7 @@ def test_a_run_ends_with_a_summary_and_prints_the_detections_limit_only_where_it
     out = capsys.readouterr().out
     best = tmp_path / "out" / "best.pt"
     assert "done: best val mAP50 " in out and f"at iteration {torch.load(best, weights_only=False)['best_iter']}, in {best}" in out
-    assert f"python sample.py --ckpt={best}" in out and f"python eval.py --ckpt={best}" in out
+    assert f"python sample.py --ckpt={best}" in out and f"python tools/eval.py --ckpt={best}" in out
     assert "detections an image and class" not in out  # 8 queries, max_dets 100: no limit binds
     run(tmp_path / "few", tmp_path / "data", max_iters=1, max_dets=4)
     assert "(at most 4 detections an image and class)" in capsys.readouterr().out
@@ -128,7 +128,7 @@ def test_a_photo_labelled_on_its_raw_frame_is_one_warning_line(tmp_path, source)
 def test_eval_tells_its_two_ap50s_apart(tmp_path, capsys):
     from test_eval import fixed_box_model, three_images
 
-    evaluation = load_script("eval.py")
+    evaluation = load_script("tools/eval.py")
     data = three_images(tmp_path / "data")
     model = fixed_box_model(["a", "b", "c"])
     evaluation.report(model, data, evaluation.predict(model, data, "cpu", batch_size=2), str(tmp_path / "report"), 0.5)
@@ -141,7 +141,7 @@ def test_a_run_on_the_plateau_says_so_once(tmp_path, capsys, monkeypatch):
     """metrics.plateau_warning, calibrated on vanilla DETR's shapes run (at step 800 every query gives one box,
     0.000 image widths from image to image, and one class) against the README's run (at least 0.25 and
     1.5 classes after the warm-up); a run prints it once."""
-    import metrics
+    from lib import metrics
 
     readme_run = {"iter": 400, "query_box_spread": 0.247, "query_box_image_std": 0.34, "query_classes": 1.62}
     vanilla = {"iter": 800, "query_box_spread": 0.0, "query_box_image_std": 0.0, "query_classes": 1.0}
@@ -198,7 +198,7 @@ def test_a_cpu_run_takes_a_thread_per_free_core(monkeypatch, capsys):
     OMP_NUM_THREADS decides when set. busy_cores sees a real busy process."""
     import subprocess
 
-    import processes
+    from lib import processes
 
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
@@ -217,7 +217,7 @@ def test_a_cpu_run_takes_a_thread_per_free_core(monkeypatch, capsys):
 
 
 def test_a_run_keeps_its_threads_in_its_checkpoint_and_a_resume_takes_them(tmp_path, monkeypatch):
-    import processes
+    from lib import processes
 
     make_shapes(tmp_path / "data", 4, 2)
     monkeypatch.delenv("OMP_NUM_THREADS")

@@ -8,7 +8,7 @@ Needs the bench-only extras (pip install transformers timm); skipped without the
 import pytest
 import torch
 
-import weights
+from lib import weights
 from detr import DETR
 
 transformers = pytest.importorskip("transformers")

@@ -13,10 +13,10 @@ import time
 import pytest
 import torch
 
-import inference
-import processes
+from lib import inference
+from lib import processes
 import train
-import weights
+from lib import weights
 from conftest import ROOT
 from detr import DETR
 from test_preemption import a_failing_torchrun, no_process_left, torchrun, traceback_frames_of_the_run, wait_for_step
@@ -157,7 +157,8 @@ def test_out_of_memory_in_an_evaluation_names_its_batch(tmp_path, monkeypatch):
 DDP_EVALUATION_SCRIPT = """
 import os, sys, torch
 sys.path.insert(0, {root!r})
-import inference, train
+import train
+from lib import inference
 real_predict = inference.predict
 def predict(*args, **kwargs):  # each rank's detections of its shard
     predictions = real_predict(*args, **kwargs)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-import draw
+from lib import draw
 from conftest import load_script
 from detr import DETR
-from weights import load_model
+from lib.weights import load_model
 
 
 @pytest.fixture
@@ -314,7 +314,7 @@ def test_slots_draw_every_box_of_each_query_slot(sample, tmp_path):
 
 def test_json_by_default_is_what_cocos_evaluation_counts(tmp_path):
     """sample.py --json with no --threshold or --top_k writes every detection (up to max_dets per image and
-    class), so pycocotools on the file gives eval.py's mAP; a threshold drops the low scores AP counts."""
+    class), so pycocotools on the file gives tools/eval.py's mAP; a threshold drops the low scores AP counts."""
     import subprocess
     import sys
 
@@ -369,7 +369,7 @@ def test_json_by_default_is_what_cocos_evaluation_counts(tmp_path):
         evaluator.summarize()
         return evaluator.stats[0], len(json.loads((tmp_path / "d.json").read_text()))
 
-    result = subprocess.run([sys.executable, "eval.py", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--out_dir={tmp_path / 'report'}",
+    result = subprocess.run([sys.executable, "tools/eval.py", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--out_dir={tmp_path / 'report'}",
                              "--num_workers=0"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     reported = json.loads((tmp_path / "report" / "summary.json").read_text())["mAP"]

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_convert, generalized_box_iou
 
-import metrics
+from lib import metrics
 import train
 from data import pipeline
-import weights
+from lib import weights
 from conftest import ROOT, load_script
 from detr import DETR, postprocess
 

@@ -11,10 +11,10 @@ import sys
 import pytest
 import torch
 
-import weights
+from lib import weights
 from conftest import ROOT
 from detr import DETR
-from weights import LoadError, load_model
+from lib.weights import LoadError, load_model
 from test_train import make_shapes, run
 
 RECORDED = json.loads((ROOT / "tests" / "data" / "transformers_detr_names.json").read_text())
@@ -236,7 +236,7 @@ def test_a_model_with_additions_is_not_written(tmp_path):
 
 
 def test_fine_tune_a_folder_then_hand_it_back_with_its_category_ids(tmp_path, capsys):
-    """train.py --init_from=FOLDER keeps the rows of classes of the same name; export.py --hf writes the
+    """train.py --init_from=FOLDER keeps the rows of classes of the same name; tools/export.py --hf writes the
     trained model; sample.py --json reads that folder and gives the dataset's own category ids."""
     pytest.importorskip("safetensors")
     recorded = RECORDED["timm"]
@@ -247,7 +247,7 @@ def test_fine_tune_a_folder_then_hand_it_back_with_its_category_ids(tmp_path, ca
         path.write_text(json.dumps({**json.loads(path.read_text()), "category_ids": [3, 5, 7, 9]}))
     run(tmp_path / "out", tmp_path / "data", init_from=str(pretrained), max_iters=1, eval_interval=1)
     assert "the class rows of 4 of the 4 classes" in capsys.readouterr().out
-    result = subprocess.run([sys.executable, "export.py", f"--ckpt={tmp_path / 'out' / 'best.pt'}",
+    result = subprocess.run([sys.executable, "tools/export.py", f"--ckpt={tmp_path / 'out' / 'best.pt'}",
                              f"--hf={tmp_path / 'handed'}"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     config = json.loads((tmp_path / "handed" / "config.json").read_text())

@@ -1,8 +1,8 @@
 """
-Drawing shared by sample.py and eval.py: class colours, pictures upscaled to a readable size, boxes
+Drawing shared by sample.py and tools/eval.py: class colours, pictures upscaled to a readable size, boxes
 with labels kept inside the picture and apart, and matplotlib figures saved at a readable resolution.
 
-    from draw import draw_boxes, for_display
+    from lib.draw import draw_boxes, for_display
     picture, scale = for_display(image)                     # image (3, H, W) uint8
     draw_boxes(picture, boxes * scale, ["cat 0.93"], [class_colour(0)]).save("cat.png")
 """

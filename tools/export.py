@@ -2,9 +2,9 @@
 Export a trained minidetr model, or an official DETR, to ONNX, and check the file with onnxruntime;
 or write it as a Hugging Face transformers folder.
 
-    python export.py --ckpt=out-shapes/ckpt.pt --out=shapes.onnx
-    python export.py --ckpt=detr-r50 --out=detr-r50.onnx
-    python export.py --ckpt=out-custom/best.pt --hf=detr-mine  # a folder for DetrForObjectDetection.from_pretrained
+    python tools/export.py --ckpt=out-shapes/ckpt.pt --out=shapes.onnx
+    python tools/export.py --ckpt=detr-r50 --out=detr-r50.onnx
+    python tools/export.py --ckpt=out-custom/best.pt --hf=detr-mine  # a folder for DetrForObjectDetection.from_pretrained
 
 The graph takes `images` (B, 3, H, W) float32, ImageNet-normalised and padded bottom/right, and
 `mask` (B, H, W) bool, True on padding (all False when nothing is padded), with B, H and W dynamic;
@@ -34,8 +34,9 @@ import warnings
 import torch
 from torch import nn
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from configurator import configure
-from weights import LoadError, load_model, write_transformers_folder
+from lib.weights import LoadError, load_model, write_transformers_folder
 
 # defaults, each overridable as --key=value
 ckpt = ""  # a minidetr checkpoint (out_dir/ckpt.pt or best.pt), an official file or name, or a transformers folder / hub id

@@ -2,12 +2,12 @@
 How fast is DETR here: training-step and inference images/s, peak GPU memory and model FLOPs
 utilisation (MFU), on random input so that no data is needed. One JSON line per setting.
 
-    python bench.py                          # DETR-R50, 91 classes: GPU batch 8 at 800x1066, CPU batch 2 at 512x512
-    python bench.py --compare=hf             # the same for Hugging Face's DetrForObjectDetection, and the ratios
-    python bench.py --settings=bf16-compile --profile    # a Chrome trace of one training step, and its top ops
-    python bench.py --what=map               # compute_map on 5,000 images x 100 detections
-    python bench.py --what=memory --height=800 --width=1066 --num_classes=20   # EXPERIMENTS.md's memory table
-    python bench.py --what=gpu_check         # on a GPU: every GPU row of EXPERIMENTS.md, and gpu_check.json
+    python tools/bench.py                          # DETR-R50, 91 classes: GPU batch 8 at 800x1066, CPU batch 2 at 512x512
+    python tools/bench.py --compare=hf             # the same for Hugging Face's DetrForObjectDetection, and the ratios
+    python tools/bench.py --settings=bf16-compile --profile    # a Chrome trace of one training step, and its top ops
+    python tools/bench.py --what=map               # compute_map on 5,000 images x 100 detections
+    python tools/bench.py --what=memory --height=800 --width=1066 --num_classes=20   # EXPERIMENTS.md's memory table
+    python tools/bench.py --what=gpu_check         # on a GPU: every GPU row of EXPERIMENTS.md, and gpu_check.json
 
 A training step is forward + Hungarian matching + loss + backward + AdamW step; inference is
 forward + postprocess. FLOPs are counted once per setting with torch.utils.flop_counter (attention
@@ -17,6 +17,7 @@ the device's peak dense bf16 TFLOPS (--peak_tflops; no default on CPU, so MFU is
 
 import json
 import statistics
+import os
 import sys
 import time
 import warnings
@@ -27,11 +28,12 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import train
 from configurator import configure
-from metrics import compute_map
+from lib.metrics import compute_map
 from detr import DETR, postprocess
-from inference import compile_model
+from lib.inference import compile_model
 
 # defaults, each overridable as --key=value
 on_gpu = torch.cuda.is_available()

@@ -4,10 +4,10 @@ Pascal VOC AP at IoU 0.5 (the 11-point VOC2007 and all-point VOC2010+ rules, as 
 COCO AP (IoU 0.50:0.05:0.95, 101 recall points, area ranges, as pycocotools' COCOeval), plus the
 conversions between a dataset's records and what they read.
 
-    from metrics import compute_map
+    from lib.metrics import compute_map
     compute_map(detections, ground_truths, num_classes)   # {'mAP50': ..., 'mAP': ..., ...}
 
-train.py evaluates with it; bench.py --what=map times it on 5,000 images. At the end: what the
+train.py evaluates with it; tools/bench.py --what=map times it on 5,000 images. At the end: what the
 training diagnostics measure of a model's outputs (query_diagnostics).
 """
 
@@ -30,7 +30,7 @@ def compute_map(detections, ground_truths, num_classes, max_dets=100, details=Fa
     101-point, <= max_dets detections per image and class, pycocotools' maxDets), mAP75, mAP_small /
     _medium / _large (COCO's area ranges), AR<max_dets> (COCO's mean recall, AR100 by default), and
     per class AP50_per_class (VOC's all-point AP at IoU 0.5) and AP_per_class (COCO's, 0.50:0.95).
-    Classes with no ground truth are NaN and left out of every mean. With details (eval.py's report), also
+    Classes with no ground truth are NaN and left out of every mean. With details (tools/eval.py's report), also
     per_class: {objects (the objects COCO counts), AP, AP50, AP75, AR<max_dets>} (COCO's, as pycocotools
     per class), and matches: per image, for each detection in the order given, the ground-truth object
     COCO's rule matched it to at IoU 0.5 (-1: none) and whether it is ignored (it matched a difficult

@@ -9,7 +9,7 @@ Every weight format minidetr reads and writes, in one file (detr.py holds the mo
 One function loads any of them: `model, config = load_model(path)` (`DETR.from_pretrained(path)`
 calls it). Every file is read with weights_only=True: a checkpoint runs no code.
 
-    from weights import load_model
+    from lib.weights import load_model
     model, config = load_model("detr-r50")        # the official COCO model, with model.classes
 """
 

@@ -1,10 +1,10 @@
 """
 Run a model over images as its training run evaluated them: resized to its val_scale, normalised,
 batched and padded as its run batched them, under its autocast. The one path of every evaluation and
-detection: train.py's evaluation, eval.py's report, sample.py's pictures and --json, and the Python
+detection: train.py's evaluation, tools/eval.py's report, sample.py's pictures and --json, and the Python
 API (sample.detect):
 
-    from inference import ImageFiles, predict
+    from lib.inference import ImageFiles, predict
     predictions = predict(model, ImageFiles(["photo.jpg"], model), "cpu")   # {0: {"scores", "labels", "boxes"}}
 
 Batching matters: DETR's outputs move with the padding of the batch an image is in (its keys and the
@@ -20,8 +20,8 @@ import torch
 from data.format import class_key
 from data.pipeline import collate, read_image, val_transform, worker_ignores_signals
 from detr import postprocess
-from metrics import compute_map, ground_truth
-from processes import gather
+from lib.metrics import compute_map, ground_truth
+from lib.processes import gather
 
 
 def autocast(device, dtype):

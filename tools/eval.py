@@ -2,10 +2,10 @@
 Evaluate a detector on a prepared split and write a report of how it does, class by class and image
 by image: the tables, curves and pictures of a paper's results section.
 
-    python eval.py --ckpt=out-shapes/best.pt                   # the checkpoint's own val split -> report/
-    python eval.py --ckpt=out-voc/best.pt --split=test --threshold=0.3
-    python eval.py --ckpt=detr-r50 --dataset=coco --split=val2017   # any model sample.py takes, on a prepared set
-    python eval.py --ckpt=out-shapes/best.pt --layers          # also AP after each decoder layer (paper Fig. 4)
+    python tools/eval.py --ckpt=out-shapes/best.pt                   # the checkpoint's own val split -> report/
+    python tools/eval.py --ckpt=out-voc/best.pt --split=test --threshold=0.3
+    python tools/eval.py --ckpt=detr-r50 --dataset=coco --split=val2017   # any model sample.py takes, on a prepared set
+    python tools/eval.py --ckpt=out-shapes/best.pt --layers          # also AP after each decoder layer (paper Fig. 4)
 
 It writes to out_dir:
 - per_class.csv and per_class.md (printed too): per class the objects COCO counts (no difficult ones,
@@ -51,12 +51,13 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision.ops import batched_nms, box_iou
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from configurator import configure, device_problem
 from data.pipeline import DetectionDataset, dataset_dir, read_image, val_transform
-from draw import draw_boxes, for_display, pyplot, save_figure, text_font
-from inference import class_map, predict, run_dtype
-from metrics import compute_map, ground_truth, precision_recall
-from weights import LoadError, load_model
+from lib.draw import draw_boxes, for_display, pyplot, save_figure, text_font
+from lib.inference import class_map, predict, run_dtype
+from lib.metrics import compute_map, ground_truth, precision_recall
+from lib.weights import LoadError, load_model
 
 # defaults, each overridable as --key=value
 ckpt = "out-shapes/best.pt"  # any model sample.py takes: a minidetr checkpoint, an official one, a transformers folder / hub id
