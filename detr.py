@@ -8,7 +8,7 @@ in one file, top to bottom in the order the data flows:
 
 This file is the model and nothing else: it reads and writes no file and imports no other file of
 minidetr. Every weight format (the official checkpoints, minidetr's own, Hugging Face transformers
-folders) lives in weights.py (`weights.load_model('detr-r50')`); the loss is in train.py. The paper's DETR ends at the
+folders) lives in lib/weights.py (`weights.load_model('detr-r50')`); the loss is in train.py. The paper's DETR ends at the
 banner "Additions beyond the paper": what follows it is optional, each section one follow-up paper.
 
     python detr.py                               # parameter count per part of DETR-R50 (91 classes)
@@ -262,7 +262,7 @@ class DETR(nn.Module):
         dn_contrastive=False,  # DINO: each denoising group gets negatives, far-noised copies that say "no object" (needs denoising_groups)
     ):
         super().__init__()
-        # what rebuilds this model (checkpoints store it); the weights, pretrained or not, come from weights.py
+        # what rebuilds this model (checkpoints store it); the weights, pretrained or not, come from lib/weights.py
         self.config = dict(
             num_classes=num_classes, backbone=backbone, dilation=dilation, trainable_layers=trainable_layers, frozen_bn=frozen_bn,
             hidden_dim=hidden_dim, num_heads=num_heads, num_encoder_layers=num_encoder_layers,
@@ -281,7 +281,7 @@ class DETR(nn.Module):
         self.conditional_cross_attn = conditional_cross_attn
         self.sigmoid_classes, self.look_forward_twice, self.dn_contrastive = cls_loss != "ce", look_forward_twice, dn_contrastive
         self.classes = self.category_ids = None  # the outputs' names and dataset ids, where the weights' file gives them
-        # how images are run through it (inference.py): the paper's evaluation (2 images a batch as its training, DC5 1),
+        # how images are run through it (lib/inference.py): the paper's evaluation (2 images a batch as its training, DC5 1),
         # or the sizes, batch and autocast of the run that trained it (weights.load_model)
         self.eval_config = dict(val_scale=800, max_size=1333, batch_size=1 if dilation else 2, pad_to=1, dtype="float32")
         self.backbone = Backbone(backbone, dilation, trainable_layers, frozen_bn, feature_stride)
