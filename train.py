@@ -171,7 +171,7 @@ class HungarianMatcher(nn.Module):
 
     def cost(self, outputs, targets, parts=False):
         """(L, B, Q, T): every query of every layer against every target of the batch; parts: the
-        three weighted terms apart, [class, L1, GIoU] (sample.py --matching draws them)."""
+        three weighted terms apart, [class, L1, GIoU] (tools/analyses.py --matching draws them)."""
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         if logits.dim() == 3:
             logits, boxes = logits[None], boxes[None]
@@ -482,7 +482,7 @@ def ema_update(ema_model, model, decay):
 
 @torch.no_grad()
 def training_diagnostics(model, outputs, targets, matcher):
-    """What shows DETR's early plateau (logged every log_interval, drawn by sample.py --log):
+    """What shows DETR's early plateau (logged every log_interval, drawn by tools/analyses.py --log):
     grad_norm_<part> and weight_norm_<part> for each part of the model (detr.parameters_by_part), the
     gradient before clipping, and how alike the queries are and how close their boxes get to the objects
     at each decoder layer (metrics.query_diagnostics: the last layer's matching of the first query group,

@@ -65,7 +65,7 @@ def raw_frame_warning(path, width, height):
             return None
         return (f"warning: {path}: its annotation gives {width}x{height}, the photo's raw frame, but EXIF displays it "
                 f"{height}x{width}: a tool that ignores EXIF (labelImg) may have drawn its boxes on the raw frame; "
-                f"check them (python sample.py --matching)")
+                f"check them (python tools/analyses.py --matching)")
 
 
 def read_json(path, advice=""):

@@ -1,6 +1,7 @@
 """
-Drawing shared by sample.py and tools/eval.py: class colours, pictures upscaled to a readable size, boxes
-with labels kept inside the picture and apart, and matplotlib figures saved at a readable resolution.
+Drawing shared by sample.py, tools/eval.py and tools/analyses.py: class colours, pictures upscaled to a
+readable size, boxes with labels kept inside the picture and apart, and matplotlib figures saved at a
+readable resolution.
 
     from lib.draw import draw_boxes, for_display
     picture, scale = for_display(image)                     # image (3, H, W) uint8

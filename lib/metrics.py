@@ -238,7 +238,7 @@ def coco_results(detections, image_ids, category_ids=None):
 
 
 # -----------------------------------------------------------------------------
-# training diagnostics (train.training_diagnostics logs them, sample.py --log draws them)
+# training diagnostics (train.training_diagnostics logs them, tools/analyses.py --log draws them)
 
 
 def paired_iou(a, b):
@@ -302,4 +302,4 @@ def plateau_warning(record, warmup_iters):
         else f"class ({classes:.1f} classes an image)"
     return (f"warning: iteration {record['iter']}: DETR's early plateau: every query gives nearly the same {what}: the "
             f"model has not yet learnt where the objects are. It may leave it with more steps; faster with the additions "
-            f"(config/shapes.py), a pretrained start (--init_from) or a lower learning_rate (sample.py --log draws it)")
+            f"(config/shapes.py), a pretrained start (--init_from) or a lower learning_rate (tools/analyses.py --log draws it)")

@@ -70,6 +70,7 @@ def inputs(tmp_path_factory):
     sample = [sys.executable, "sample.py", f"--out_dir={t}/samples"]
     coco = [sys.executable, "data/coco/prepare.py"]
     evaluate = [sys.executable, "tools/eval.py", f"--out_dir={t}/report", "--num_workers=0"]
+    analyses = [sys.executable, "tools/analyses.py", f"--out_dir={t}/samples"]
     (t / "undecodable").mkdir()
     (t / "undecodable" / "0.png").write_bytes(b"no png here")
     (t / "undecodable" / "val.json").write_text(json.dumps({"classes": ["a", "b"], "images": [image(0)]}))
@@ -139,7 +140,7 @@ def inputs(tmp_path_factory):
         "export not a DETR": [sys.executable, "tools/export.py", f"--ckpt={t}/not_detr.pt", f"--out={t}/m.onnx"],
         "export garbage": [sys.executable, "tools/export.py", f"--ckpt={t}/garbage.pt", f"--out={t}/m.onnx"],
         "bench unknown what": [sys.executable, "tools/bench.py", "--what=memroy"],
-        # tools/eval.py and sample.py --matching
+        # tools/eval.py and tools/analyses.py
         "eval garbage checkpoint": [*evaluate, f"--ckpt={t}/garbage.pt", f"--dataset={good}"],
         "eval no such split": [*evaluate, f"--ckpt={real}", f"--dataset={good}", "--split=test"],
         "eval bad threshold": [*evaluate, f"--ckpt={real}", "--threshold=1.5"],
@@ -147,8 +148,10 @@ def inputs(tmp_path_factory):
         "eval classes share no name": [*evaluate, f"--ckpt={t}/other_classes/ckpt.pt", f"--dataset={good}"],
         "eval nothing decodable": [*evaluate, f"--ckpt={real}", f"--dataset={t}/undecodable"],
         "eval empty split": [*evaluate, f"--ckpt={real}", f"--dataset={t}/no_images"],
-        "matching with images": [*sample, f"--ckpt={real}", "--matching", f"--images={t}/unreadable"],
-        "matching no such split": [*sample, f"--ckpt={real}", "--matching", "--split=nope"],
+        "matching with images": [*analyses, f"--ckpt={real}", "--matching", f"--images={t}/unreadable"],
+        "matching no such split": [*analyses, f"--ckpt={real}", "--matching", "--split=nope"],
+        "analyses nothing to draw": [*analyses, f"--ckpt={real}"],
+        "analyses no log file": [*analyses, f"--log={t}/nope.jsonl"],
         "eval no such device": [*evaluate, f"--ckpt={real}", f"--dataset={good}", "--device=tpu"],
         "eval out_dir a file": [*evaluate[:2], f"--out_dir={t}/notes.txt", f"--ckpt={real}", f"--dataset={good}"],
         "sample no such device": [*sample, f"--ckpt={real}", "--device=foo"],
@@ -173,6 +176,7 @@ CASES = [
     "export not a DETR", "export garbage", "bench unknown what",
     "eval garbage checkpoint", "eval no such split", "eval bad threshold", "eval bad dtype", "eval classes share no name",
     "eval nothing decodable", "eval empty split", "matching with images", "matching no such split",
+    "analyses nothing to draw", "analyses no log file",
     "eval no such device", "eval out_dir a file", "sample no such device", "sample out_dir a file",
 ]
 

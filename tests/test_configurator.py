@@ -66,8 +66,9 @@ def test_a_path_from_the_home_folder_is_expanded_for_every_script(tmp_path, monk
 
 @pytest.mark.parametrize("script, flag, some_keys", [
     ("train.py", "-h", ()),
-    ("sample.py", "--help", ("ckpt", "json", "top_k", "threshold", "slots")),
+    ("sample.py", "--help", ("ckpt", "json", "top_k", "threshold", "attention")),
     ("tools/eval.py", "--help", ("ckpt", "split", "max_dets", "layers")),
+    ("tools/analyses.py", "--help", ("log", "weights", "matching", "slots", "num_slots", "ckpt", "split")),
     ("data/shapes/prepare.py", "--help", ("num_train", "min_objects", "max_objects", "seed")),
     ("data/voc/prepare.py", "-h", ("voc_root", "years", "splits", "download")),
     ("data/coco/prepare.py", "--help", ("ann", "images", "split")),
