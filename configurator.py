@@ -44,7 +44,8 @@ def configure(defaults, argv, config_files=False, given=None):
             continue
         key, equals, value = arg[2:].partition("=")
         if key not in config:
-            known = ", ".join(f"--{k}" for k in config) if len(config) <= 25 else "the defaults at the top of the script"
+            known = (", ".join(f"--{k}" for k in config) if len(config) <= 25
+                     else "the defaults at the top of the script")
             raise SystemExit(f"error: unknown flag --{key}{did_you_mean(key, config, '--')} (known: {known})")
         given.add(key)
         if not equals and isinstance(config[key], bool):  # a bare --attention means True
@@ -62,7 +63,8 @@ def configure(defaults, argv, config_files=False, given=None):
         if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
             config[key] = value = type(default)(value)
         if type(value) is not type(default):
-            kind = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}.get(type(default), "a list")
+            kind = {bool: "True or False", int: "an integer", float: "a number",
+                    str: "a string"}.get(type(default), "a list")
             raise SystemExit(f"error: {key}={value!r} should be {kind}")
         if isinstance(value, str) and value.startswith("~"):  # a path from the home folder, as a shell would expand it
             config[key] = os.path.expanduser(value)

@@ -6,10 +6,8 @@
 #   python sample.py --ckpt=out-custom/best.pt --images=export/images
 out_dir = "out-custom"
 dataset = "mine"  # data/mine/train.json and val.json, as written above
-# Fine-tune rather than train from scratch. DETR from scratch needs hundreds of epochs of COCO's 118k
-# images (the paper: 500); on a few thousand images it sits on its early plateau, every query giving
-# the same box (facebookresearch/detr #125, #202). Below ~10k images start from the COCO model: it
-# already finds objects, and only its class head is new (classes named as COCO's keep their rows).
+# Fine-tune: from scratch DETR needs hundreds of COCO epochs, and on a few thousand images sits on its plateau
+# (facebookresearch/detr #125, #202). Below ~10k images start from the COCO model, which already finds objects.
 init_from = "detr-r50"
 # Or a model of yours (--init_from=out-shapes/best.pt): this file sets no architecture key, so the
 # checkpoint gives them all; fine-tune it at a tenth of its from-scratch rate (EXPERIMENTS.md, "Fine-tuning rates")
@@ -36,9 +34,5 @@ val_scale = 640
 # options"; not yet measured). Without a download, or for data unlike COCO's photos, train from
 # scratch with them on instead: init_from = "scratch",
 # pretrained_backbone = True, anchor_queries = True, encoder_proposals = True, denoising_groups = 3,
-# query_groups = 3, conditional_cross_attn = True. One key follows the image size: feature_stride.
-# Take the coarsest stride at which your smallest objects still span a token or two: on 80 VOC photos
-# at 320 pixels, stride 32 (about a 10x14 token grid) reached val mAP50 0.56 in 1,000 steps, stride 16
-# (about 20x28) 0.18. So 8 for small objects in small images, 16 below ~300, 32 (the paper's) above. The
-# rest of the recipe, its loss weights included, is unchanged at every size measured (EXPERIMENTS.md,
-# "The same recipe at other image sizes": 64 to 320 pixels; at 800 only the first 36 steps).
+# query_groups = 3, conditional_cross_attn = True. feature_stride follows the image size: 8 for small objects in
+# small images, 16 below ~300 px, 32 (the paper's) above (EXPERIMENTS.md, "The same recipe at other image sizes").

@@ -32,11 +32,8 @@ crop_scales = [160]
 crop_size = (1000, 1000)
 val_scale = 160
 pad_to = 32
-# DETR's convergence fixes, as config/shapes.py, at stride 16 (a 10x14 token grid at 160 px): measured
-# here, mAP50 on the 80 photos 0.99 after 2,500 steps where vanilla DETR reached 0.52. At lr 1e-3, as
-# shapes uses, they stayed on the plateau (0.001 at step 1,500, before conditional_cross_attn): real
-# photos at batch 4 need 2e-4. The 20 held-out val photos get ~0.03: 80 photos teach a from-scratch
-# backbone nothing general.
+# DETR's convergence fixes, as config/shapes.py, at stride 16 (a 10x14 token grid at 160 px) and lr 2e-4 (at shapes'
+# 1e-3 they stayed on the plateau): EXPERIMENTS.md, "The CPU runs" and "Notes moved from config/voc.py (issue 45)"
 feature_stride = 16
 anchor_queries = True
 encoder_proposals = True
@@ -47,10 +44,8 @@ conditional_cross_attn = True
 # photos on two seeds (EXPERIMENTS.md, "The combination, adopted")
 learning_rate = 2e-4
 lr_backbone = 2e-4
-# 1,700 steps, the rates on a cosine after the warm-up: mAP50 0.919 on the 80 photos (0.558 at step
-# 850; mAP 0.722) in 10.5 min. Against the paper's step drop (at 1,400), on seeds 1337 and 7 (issue 25's
-# code): mAP 0.634 / 0.723 against 0.561 / 0.660, mAP50 0.877 / 0.915 against 0.861 / 0.922 (EXPERIMENTS.md).
-# The longer 2,500 steps (a drop at 2,250, earlier code) reach 0.988 but pass 0.8 only at step 2,000.
+# 1,700 steps, the rates on a cosine after the warm-up: tighter boxes than the paper's step drop on two seeds
+# (EXPERIMENTS.md, "EMA and a cosine schedule")
 max_iters = 1700  # 10.5 minutes alone on 2 CPU cores
 lr_schedule = "cosine"
 warmup_iters = 100

@@ -5,12 +5,12 @@ data/<name>/<split>.json holds
     {"classes": ["aeroplane", "bicycle", ...],          # K distinct names; label i is classes[i]
      "category_ids": [1, 2, ...],                        # optional: the source dataset's id of each class (COCO's)
      "images": [{"file": "images/val/0001.jpg",          # relative to the json's folder, or absolute
-                 "width": 500, "height": 375,            # of the image as displayed (EXIF orientation applied), in pixels
+                 "width": 500, "height": 375,            # of the image as displayed (EXIF orientation applied)
                  "boxes": [[x0, y0, x1, y1], ...],       # absolute pixels, x1 > x0 and y1 > y0
                  "labels": [0, 14, ...],                 # one class index 0..K-1 per box
                  "difficult": [0, 1, ...],               # optional (VOC): kept out of training, ignored in evaluation
                  "iscrowd": [0, 0, ...],                 # optional (COCO): a crowd region, evaluated as COCOeval does
-                 "area": [1520.5, ...],                  # optional (COCO): the object's area, for mAP_small/medium/large
+                 "area": [1520.5, ...],                  # optional (COCO): its area, for mAP_small/medium/large
                  "id": 397133},                          # optional: the source dataset's image id
                 ...]}
 
@@ -91,7 +91,8 @@ def read_dataset_json(path):
         return isinstance(v, list) and (n is None or len(v) == n) and all(
             isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
 
-    if not isinstance(data, dict) or not isinstance(data.get("classes"), list) or not isinstance(data.get("images"), list):
+    if (not isinstance(data, dict) or not isinstance(data.get("classes"), list)
+            or not isinstance(data.get("images"), list)):
         fail("not a prepared dataset (needs 'classes' and 'images' lists; see data/*/prepare.py)")
     classes = data["classes"]
     if not classes or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):

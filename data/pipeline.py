@@ -264,7 +264,8 @@ def load_datasets(cfg):
     for path in json_paths:
         if not os.path.isfile(path):
             prepare = os.path.join(dataset_dir(cfg.dataset), "prepare.py")
-            how = f"python {os.path.relpath(prepare)}" if os.path.isfile(prepare) else "see data/*/prepare.py and data/format.py"
+            how = (f"python {os.path.relpath(prepare)}" if os.path.isfile(prepare)
+                   else "see data/*/prepare.py and data/format.py")
             raise SystemExit(f"error: no {path}: prepare the dataset first ({how})")
     val_set = DetectionDataset(json_paths[-1], val_transform(cfg.val_scale, cfg.max_size))
     augment = make_transforms(True, cfg.train_scales, cfg.max_size, cfg.crop_scales, cfg.crop_size, cfg.val_scale)
@@ -293,7 +294,8 @@ def to_device(images, mask, targets, device):
     images = images.to(device, non_blocking=True)
     if "cuda" in device:
         images = images.contiguous(memory_format=torch.channels_last)
-    mask = mask.to(device, non_blocking=True) if mask is not None else images.new_zeros(images[:, 0].shape, dtype=torch.bool)
+    mask = (mask.to(device, non_blocking=True) if mask is not None
+            else images.new_zeros(images[:, 0].shape, dtype=torch.bool))
     return images, mask, [{k: t[k].to(device, non_blocking=True) for k in ("labels", "boxes")} for t in targets]
 
 

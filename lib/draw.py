@@ -51,11 +51,13 @@ def place_labels(boxes, sizes, picture_size):
         rows = sorted(range(0, max(1, H - h + 1), max(1, h)), key=lambda row: abs(row - y0))
         candidates = ([(x0, y0 - h), (x0, y0), (x0, y1), (x0, y1 - h), (x1 - w, y0 - h), (x1 - w, y1)]
                       + [(x, row) for row in rows for x in (x0, x1 - w)])
-        candidates = [(max(0, min(x, W - w)), max(0, min(y, H - h))) for x, y in candidates]  # inside, or from the left/top edge
+        # inside, or from the left/top edge
+        candidates = [(max(0, min(x, W - w)), max(0, min(y, H - h))) for x, y in candidates]
 
         def covered(corner):
             x, y = corner
-            return sum(max(0, min(x + w, a + c) - max(x, a)) * max(0, min(y + h, b + d) - max(y, b)) for a, b, c, d in placed)
+            return sum(max(0, min(x + w, a + c) - max(x, a)) * max(0, min(y + h, b + d) - max(y, b))
+                       for a, b, c, d in placed)
 
         # the first free place (no need to weigh the rest), else the one that covers least
         x, y = next((c for c in candidates if not covered(c)), None) or min(candidates, key=covered)
@@ -70,11 +72,13 @@ def draw_boxes(picture, boxes, texts, colours, widths=None):
     font = text_font(picture)
     widths = widths or [max(2, min(picture.size) // 200)] * len(boxes)
     for (x0, y0, x1, y1), colour, width in zip(boxes.tolist(), colours, widths):
-        draw.rectangle((x0 - 1, y0 - 1, x1 + 1, y1 + 1), outline="black", width=width + 2)  # a dark edge: seen on any background
+        # a dark edge: seen on any background
+        draw.rectangle((x0 - 1, y0 - 1, x1 + 1, y1 + 1), outline="black", width=width + 2)
         draw.rectangle((x0, y0, x1, y1), outline=colour, width=width)
     extents = [draw.textbbox((0, 0), text, font=font) for text in texts]  # (left, top, right, bottom) each
     sizes = [(right - left + 6, bottom - top + 4) for left, top, right, bottom in extents]
-    for (x, y, w, h), (left, top, _, _), text, colour in zip(place_labels(boxes.tolist(), sizes, picture.size), extents, texts, colours):
+    for (x, y, w, h), (left, top, _, _), text, colour in zip(place_labels(boxes.tolist(), sizes, picture.size),
+                                                             extents, texts, colours):
         draw.rectangle((x, y, x + w - 1, y + h - 1), fill=colour, outline="black")
         dark = sum(c * k for c, k in zip(colour, (0.299, 0.587, 0.114))) < 140
         draw.text((x + 3 - left, y + 2 - top), text, fill="white" if dark else "black", font=font)

@@ -61,8 +61,8 @@ def collate_readable(batch, pad_to=1):
 
 
 @torch.no_grad()
-def predict(model, dataset, device, batch_size=None, pad_to=None, dtype="float32", num_workers=0, indices=None, stop=None,
-            layers=False):
+def predict(model, dataset, device, batch_size=None, pad_to=None, dtype="float32", num_workers=0, indices=None,
+            stop=None, layers=False):
     """{image id: its postprocessed detections (every query's; float32, on the CPU)} of the dataset's images
     (those of indices, else all), batch_size at a time, padded to a multiple of pad_to (both default to the
     model's run's: model.eval_config). dataset: an ImageFiles, or a DetectionDataset (its val transform).
@@ -111,20 +111,24 @@ def class_map(model, classes):
     none is shared."""
     if model.classes is None:  # an official-format file fine-tuned elsewhere: its outputs by number
         if model.num_classes != len(classes):
-            raise SystemExit(f"error: the model names no classes and has {model.num_classes} of them, the dataset {len(classes)}")
+            raise SystemExit(f"error: the model names no classes and has {model.num_classes} of them, "
+                             f"the dataset {len(classes)}")
         print(f"note: the model names no classes: its {model.num_classes} outputs are taken as the dataset's, in order")
         return torch.arange(len(classes))
     names = [class_key(c) for c in classes]
     mapping = torch.tensor([names.index(class_key(c)) if class_key(c) in names else -1 for c in model.classes])
     shared = set(mapping.tolist()) - {-1}
     if not shared:
-        raise SystemExit(f"error: the model's classes {model.classes[:5]}... and the dataset's {classes[:5]}... share no name")
+        raise SystemExit(f"error: the model's classes {model.classes[:5]}... and the dataset's {classes[:5]}... "
+                         "share no name")
     if len(shared) < len(classes):
         missing = [c for i, c in enumerate(classes) if i not in shared]
-        print(f"note: {len(missing)} of the dataset's classes are not among the model's ({', '.join(missing[:10])}): their AP is 0")
+        print(f"note: {len(missing)} of the dataset's classes are not among the model's ({', '.join(missing[:10])}): "
+              "their AP is 0")
     if (mapping < 0).any():
         dropped = [c for c, m in zip(model.classes, mapping.tolist()) if m < 0]
-        print(f"note: the detections of the model's {len(dropped)} classes that the dataset lacks ({', '.join(dropped[:10])}) are left out")
+        print(f"note: the detections of the model's {len(dropped)} classes that the dataset lacks "
+              f"({', '.join(dropped[:10])}) are left out")
     return mapping
 
 
@@ -143,7 +147,8 @@ def evaluate(model, dataset, cfg, device, rank=0, world_size=1, stop=None):
     when stop() turned true on any process (a signal: the evaluation is left for the resume)."""
     batches = range(rank, math.ceil(len(dataset) / cfg.batch_size), world_size)  # whole batches: one process's padding
     shard = [i for b in batches for i in range(b * cfg.batch_size, min((b + 1) * cfg.batch_size, len(dataset)))]
-    parts = gather(predict(model, dataset, device, cfg.batch_size, cfg.pad_to, cfg.dtype, cfg.num_workers, shard, stop), world_size)
+    parts = gather(predict(model, dataset, device, cfg.batch_size, cfg.pad_to, cfg.dtype, cfg.num_workers, shard, stop),
+                   world_size)
     if any(part is None for part in parts):
         return None
     predictions = {i: p for part in parts for i, p in part.items()}  # every process's shard

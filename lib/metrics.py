@@ -86,7 +86,8 @@ def compute_map(detections, ground_truths, num_classes, max_dets=100, details=Fa
         gt_ignored = gt_difficult | gt_crowd | (gt_area < low) | (gt_area > high)
         tp, ignored, matched = match_coco(ious, gt_ignored, gt_crowd, iou_thresholds, det_counted)
         if name == "" and details:  # back in each image's given order: o.argsort() inverts the sort
-            matches = [(matched[0, n, :len(o)][o.argsort()], ignored[0, n, :len(o)][o.argsort()]) for n, o in enumerate(orders)]
+            matches = [(matched[0, n, :len(o)][o.argsort()], ignored[0, n, :len(o)][o.argsort()])
+                       for n, o in enumerate(orders)]
         ignored |= ~tp & ((det_area < low) | (det_area > high))  # an unmatched detection outside the range
         coco[name] = gt_ignored, tp.flatten(1)[:, order], ignored.flatten(1)[:, order]
     labels_sorted = det_labels.flatten()[order]
@@ -269,7 +270,8 @@ def query_diagnostics(outputs, targets, num_queries, matched, dn_pairs=None, sig
     record = {"query_classes": float(np.mean([len(c.unique()) for c in classes]))}
     centres = outputs["pred_boxes"][:, :Q, :2].float()  # (B, Q, 2)
     record["query_box_spread"] = centres.var(1, unbiased=False).sum(-1).sqrt().mean().item()
-    record["query_box_image_std"] = centres.var(0, unbiased=False).sum(-1).sqrt().mean().item() if len(centres) > 1 else math.nan
+    record["query_box_image_std"] = (centres.var(0, unbiased=False).sum(-1).sqrt().mean().item() if len(centres) > 1
+                                     else math.nan)
     layers = [o["pred_boxes"][:, :Q] for o in outputs["aux_outputs"] + [outputs]]
     boxes = {"start": outputs.get("start_boxes"), **{f"layer_{l}": b for l, b in enumerate(layers)}}
     if "dn_outputs" in outputs:
@@ -301,5 +303,6 @@ def plateau_warning(record, warmup_iters):
     what = f"box whatever the image ({moves:.3f} image widths from image to image)" if moves < PLATEAU_IMAGE_STD \
         else f"class ({classes:.1f} classes an image)"
     return (f"warning: iteration {record['iter']}: DETR's early plateau: every query gives nearly the same {what}: the "
-            f"model has not yet learnt where the objects are. It may leave it with more steps; faster with the additions "
-            f"(config/shapes.py), a pretrained start (--init_from) or a lower learning_rate (tools/analyses.py --log draws it)")
+            f"model has not yet learnt where the objects are. It may leave it with more steps; faster with the "
+            f"additions (config/shapes.py), a pretrained start (--init_from) or a lower learning_rate "
+            f"(tools/analyses.py --log draws it)")

@@ -111,7 +111,8 @@ def exit_with_the_launcher(rank):
     def watch():
         while os.getppid() == parent:
             time.sleep(0.5)
-        print(f"error: rank {rank}: its launcher (pid {parent}) is gone; stopping. The last checkpoint is left as it was",
+        print(f"error: rank {rank}: its launcher (pid {parent}) is gone; stopping. "
+              "The last checkpoint is left as it was",
               file=sys.stderr, flush=True)
         kill_data_workers()
         os._exit(1)
@@ -164,5 +165,6 @@ def out_of_memory(it, images, cfg, device, ckpt_path):
     B, _, H, W = images.shape
     return SystemExit(f"error: out of memory at iteration {it} on {device}, a batch of {B} images padded to {H}x{W}; "
                       f"lower batch_size={cfg.batch_size} (a larger gradient_accumulation_steps keeps the batch), "
-                      f"max_size={cfg.max_size} or train_scales (up to {max(cfg.train_scales)}; val_scale={cfg.val_scale} "
+                      f"max_size={cfg.max_size} or train_scales (up to {max(cfg.train_scales)}; "
+                      f"val_scale={cfg.val_scale} "
                       f"at evaluation). {ckpt_path} is left as it was")

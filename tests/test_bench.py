@@ -59,7 +59,8 @@ def test_step_memory_holds_at_least_weights_gradients_and_adam_state(monkeypatch
 
     from tools import bench
 
-    settings = {"batch_size": 1, "height": 320, "width": 352, "additions": True, "backbone": "resnet18", "channels_last": False}
+    settings = {"batch_size": 1, "height": 320, "width": 352, "additions": True, "backbone": "resnet18",
+                "channels_last": False}
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         gib = pool.apply(bench.step_memory, (settings, "fp32"))
     for key, value in settings.items():
@@ -81,6 +82,7 @@ def test_gpu_check_writes_its_json_and_the_readme_rows(tmp_path, capsys, monkeyp
     speed, run = json.loads(path.read_text())
     low, high = speed["train_img_per_s_range"]
     assert speed["impl"] == "minidetr" and low <= speed["train_img_per_s"] <= high and "train_times" not in speed
-    assert run["steps"] >= 1 and run["train_img_per_s"] > 0 and run["host_syncs_per_step"] is None  # counted on CUDA only
+    # host syncs: counted on CUDA only
+    assert run["steps"] >= 1 and run["train_img_per_s"] > 0 and run["host_syncs_per_step"] is None
     rows = capsys.readouterr().out.strip().splitlines()
     assert len(rows) == 2 and all(row.startswith("| cpu | ") and row.endswith(" |") for row in rows)

@@ -42,10 +42,12 @@ def test_prepare_converts_ids_boxes_crowds_and_logs_skips(tmp_path):
         {"id": 8, "image_id": 9, "category_id": 3, "bbox": [1, 1, 5, 5]},       # its image was skipped
     ]
     categories = [{"id": 17, "name": "dog"}, {"id": 3, "name": "car"}, {"id": 5, "name": "kite"}]
-    (tmp_path / "ann.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    (tmp_path / "ann.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                   "categories": categories}))
     lines = []
     prepare = load_script("data/coco/prepare.py")
-    assert prepare.prepare(str(tmp_path / "ann.json"), str(tmp_path / "img"), str(tmp_path / "out"), "val", lines.append) == (2, 3, 1)
+    assert prepare.prepare(str(tmp_path / "ann.json"), str(tmp_path / "img"), str(tmp_path / "out"), "val",
+                           lines.append) == (2, 3, 1)
     data = json.loads((tmp_path / "out" / "val.json").read_text())
     assert data["classes"] == ["car", "kite", "dog"] and data["category_ids"] == [3, 5, 17]
     b, a = data["images"]  # sorted by id
@@ -54,7 +56,8 @@ def test_prepare_converts_ids_boxes_crowds_and_logs_skips(tmp_path):
     assert a["labels"] == [2, 0, 1] and a["iscrowd"] == [0, 1, 0] and a["area"] == [150.0, 900.0, 900.0]
     assert sum(line.startswith("skip image") for line in lines) == 1
     assert sum(line.startswith("skip object") for line in lines) == 4  # the one on a skipped image is not counted twice
-    assert lines[-1].startswith("val: 2 images (1 without objects), 3 objects (1 crowds), 3 classes; skipped 1 images, 4 objects")
+    assert lines[-1].startswith("val: 2 images (1 without objects), 3 objects (1 crowds), 3 classes; "
+                                "skipped 1 images, 4 objects")
     read_dataset_json(tmp_path / "out" / "val.json")  # train.py reads it
 
 
@@ -96,10 +99,12 @@ def test_official_model_keeps_its_rows_for_coco_classes(tmp_path):
     annotations = [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [4, 4, 30, 30], "iscrowd": 0},
                    {"id": 2, "image_id": 2, "category_id": 1, "bbox": [10, 8, 20, 40], "iscrowd": 0}]
     categories = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}]
-    (tmp_path / "ann.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    (tmp_path / "ann.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                   "categories": categories}))
     prepare = load_script("data/coco/prepare.py")
     for split in ("train", "val"):
-        prepare.prepare(str(tmp_path / "ann.json"), str(tmp_path / "img"), str(tmp_path / "data"), split, lambda line: None)
+        prepare.prepare(str(tmp_path / "ann.json"), str(tmp_path / "img"), str(tmp_path / "data"), split,
+                        lambda line: None)
     official = DETR(num_classes=91, backbone="resnet18", hidden_dim=32, num_heads=8, num_encoder_layers=1,
                     num_decoder_layers=1, dim_feedforward=64, num_queries=8)
     with torch.no_grad():  # every query says "person": its detections are written under COCO's id for it
@@ -107,16 +112,18 @@ def test_official_model_keeps_its_rows_for_coco_classes(tmp_path):
     torch.save({"model": {weights.minidetr_to_official_key(k): v for k, v in official.state_dict().items()}},
                tmp_path / "official.pth")
     config = train.get_config([])
-    config.update(dataset=str(tmp_path / "data"), out_dir=str(tmp_path / "out"), init_from=str(tmp_path / "official.pth"),
-                  backbone="resnet18", hidden_dim=32, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=64,
-                  num_queries=8, eval_only=True, batch_size=2, num_workers=0, val_scale=64, max_size=96, device="cpu", dtype="float32")
+    config.update(dataset=str(tmp_path / "data"), out_dir=str(tmp_path / "out"),
+                  init_from=str(tmp_path / "official.pth"), backbone="resnet18", hidden_dim=32, num_encoder_layers=1,
+                  num_decoder_layers=1, dim_feedforward=64, num_queries=8, eval_only=True, batch_size=2, num_workers=0,
+                  val_scale=64, max_size=96, device="cpu", dtype="float32")
     model, _ = train.train(config)
     rows = [COCO_CLASSES.index("person"), COCO_CLASSES.index("car"), 91]
     assert torch.equal(model.class_head.weight, official.class_head.weight[rows])
     assert torch.equal(model.class_head.bias, official.class_head.bias[rows])
     # the one way to write detections: sample.py --json, of a prepared split with its own ids, classes by name
-    result = subprocess.run([sys.executable, "sample.py", f"--ckpt={tmp_path / 'official.pth'}", f"--dataset={tmp_path / 'data'}",
-                             "--split=val", f"--json={tmp_path / 'detections.json'}", "--threshold=0"],
+    result = subprocess.run([sys.executable, "sample.py", f"--ckpt={tmp_path / 'official.pth'}",
+                             f"--dataset={tmp_path / 'data'}", "--split=val", f"--json={tmp_path / 'detections.json'}",
+                             "--threshold=0"],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     written = json.loads((tmp_path / "detections.json").read_text())

@@ -11,8 +11,8 @@ from data import pipeline
 from detr import DETR
 from conftest import ROOT, load_script
 
-VOC_XML = """<annotation><filename>{id}.jpg</filename><size><width>{w}</width><height>{h}</height><depth>3</depth></size>
-{objects}</annotation>"""
+VOC_XML = ("<annotation><filename>{id}.jpg</filename><size><width>{w}</width><height>{h}</height>"
+           "<depth>3</depth></size>\n{objects}</annotation>")
 VOC_OBJECT = """<object><name>{name}</name><difficult>{difficult}</difficult>
 <bndbox><xmin>{box[0]}</xmin><ymin>{box[1]}</ymin><xmax>{box[2]}</xmax><ymax>{box[3]}</ymax></bndbox></object>"""
 
@@ -225,7 +225,8 @@ def test_a_phone_photo_is_read_as_displayed(tmp_path):
             "categories": [{"id": 1, "name": "mug"}]}
     (tmp_path / "ann.json").write_text(json.dumps(coco))
     lines = []
-    load_script("data/coco/prepare.py").prepare(str(tmp_path / "ann.json"), str(tmp_path), str(tmp_path / "d"), "val", lines.append)
+    load_script("data/coco/prepare.py").prepare(str(tmp_path / "ann.json"), str(tmp_path), str(tmp_path / "d"), "val",
+                                                lines.append)
     record = json.loads((tmp_path / "d" / "val.json").read_text())["images"][0]
     assert (record["width"], record["height"]) == (48, 80) and not any(line.startswith("skip") for line in lines)
     pixels = pipeline.read_image(str(tmp_path / "phone.jpg"))
@@ -250,7 +251,8 @@ def test_images_without_exif_are_read_as_before(tmp_path):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8)).save(tmp_path / "plain.png")
     ours = pipeline.read_image(str(tmp_path / "plain.png"))
-    assert torch.equal(ours, torch.from_numpy(np.array(Image.open(tmp_path / "plain.png").convert("RGB"))).permute(2, 0, 1))
+    assert torch.equal(ours, torch.from_numpy(np.array(Image.open(tmp_path / "plain.png").convert("RGB")))
+                       .permute(2, 0, 1))
 
 
 def mosaic_dataset(tmp_path, max_objects=6, count=6):
@@ -280,7 +282,8 @@ def test_mosaic_puts_each_tiles_boxes_on_its_pixels(tmp_path):
         pixels = x * std + mean
         h, w = x.shape[1:]
         counts.add(len(target["labels"]))
-        for (cx, cy, bw, bh), label in zip((target["boxes"] * torch.tensor([w, h, w, h])).tolist(), target["labels"].tolist()):
+        for (cx, cy, bw, bh), label in zip((target["boxes"] * torch.tensor([w, h, w, h])).tolist(),
+                                           target["labels"].tolist()):
             x0, y0, x1, y1 = round(cx - bw / 2), round(cy - bh / 2), round(cx + bw / 2), round(cy + bh / 2)
             inside = pixels[label, y0 + 1 : y1 - 1, x0 + 1 : x1 - 1]  # red for class 0, green for class 1
             assert inside.numel() > 0 and (inside > 0.5).float().mean() > 0.95

@@ -85,7 +85,8 @@ def test_report_counts_every_kind_of_error_as_by_hand(evaluation, tmp_path):
     with open(tmp_path / "report" / "errors.csv") as f:
         errors = {r["class"]: r for r in csv.DictReader(f)}
     assert {k: int(v) for k, v in errors["b"].items() if k != "class"} == {
-        "objects": 1, "true positives": 1, "duplicate": 4, "wrong class": 1, "poor localisation": 0, "background": 3, "missed": 0}
+        "objects": 1, "true positives": 1, "duplicate": 4, "wrong class": 1, "poor localisation": 0, "background": 3,
+        "missed": 0}
     assert errors["c"]["missed"] == "1" and errors["all"]["objects"] == "3" and errors["all"]["missed"] == "1"
     def not_json(constant):
         raise ValueError(f"{constant} is not JSON")
@@ -139,7 +140,8 @@ def test_classes_listed_in_another_order_give_the_same_per_class_numbers(evaluat
             rows.append({r["class"].lower(): r for r in csv.DictReader(f)})
     assert sorted(rows[0]) == sorted(rows[1]) == ["a", "b", "c"]
     for name in "abc":
-        assert {k: v for k, v in rows[0][name].items() if k != "class"} == {k: v for k, v in rows[1][name].items() if k != "class"}
+        assert ({k: v for k, v in rows[0][name].items() if k != "class"}
+                == {k: v for k, v in rows[1][name].items() if k != "class"})
 
 
 def test_compute_map_matches_are_in_the_callers_order():
@@ -197,8 +199,10 @@ def test_without_matplotlib_the_figures_are_one_logged_skip(evaluation, tmp_path
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails, as where it is not installed
     run_report(evaluation, fixed_box_model(["a", "b", "c"]), three_images(tmp_path / "data"), tmp_path / "report")
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [
-        "by_object_count.csv", "confusion_matrix.csv", "errors.csv", "per_class.csv", "per_class.md", "summary.json", "worst"]
-    assert "skip: pr_curves.png, confusion_matrix.png and by_object_count.png need matplotlib" in capsys.readouterr().out
+        "by_object_count.csv", "confusion_matrix.csv", "errors.csv", "per_class.csv", "per_class.md", "summary.json",
+        "worst"]
+    assert ("skip: pr_curves.png, confusion_matrix.png and by_object_count.png need matplotlib"
+            in capsys.readouterr().out)
 
 
 def test_false_positives_are_sorted_into_tides_kinds(evaluation):
@@ -206,7 +210,8 @@ def test_false_positives_are_sorted_into_tides_kinds(evaluation):
     duplicate on the first, a class-0 box on the second (wrong class), a box half off the first (poor
     localisation) and one far away (background); the second object, taken by the wrong class, is not missed."""
     gt = {"boxes": torch.tensor([[0.0, 0, 10, 10], [20, 0, 30, 10]]), "labels": torch.tensor([0, 1])}
-    det = {"boxes": torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 9.5], [20, 0, 30, 10], [5, 0, 15, 10], [50, 50, 60, 60]]),
+    det = {"boxes": torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 9.5], [20, 0, 30, 10], [5, 0, 15, 10],
+                                  [50, 50, 60, 60]]),
            "scores": torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5]), "labels": torch.tensor([0, 0, 0, 0, 0])}
     match, ignored = torch.tensor([0, -1, -1, -1, -1]), torch.zeros(5, dtype=torch.bool)
     tp, fp, missed, kinds, objects = evaluation.image_errors(match, ignored, det, gt, 0.3)
@@ -217,14 +222,15 @@ def test_false_positives_are_sorted_into_tides_kinds(evaluation):
     assert counts == ["true positives: 1", "duplicate: 1", "wrong class: 1", "poor localisation: 1", "background: 1",
                       "missed: 0"]
     _, fp, missed, kinds, _ = evaluation.image_errors(match, ignored, det, gt, 0.75)  # the wrong class below it
-    assert [text for text, _ in evaluation.error_counts((tp, fp, missed, kinds, []))][-2:] == ["duplicate: 1", "missed: 1"]
+    assert ([text for text, _ in evaluation.error_counts((tp, fp, missed, kinds, []))][-2:]
+            == ["duplicate: 1", "missed: 1"])
 
 
 def test_layers_give_the_papers_fig_4_and_end_at_the_reports_numbers(evaluation, tmp_path):
     """tools/eval.py --layers: COCO's AP and AP50 after each decoder layer, without and with class-wise NMS; the last
     layer without NMS is the report's own mAP and AP50 (per_class.md's mean row)."""
     pytest.importorskip("matplotlib")
-    data = three_images(tmp_path / "data")
+    three_images(tmp_path / "data")
     torch.manual_seed(3)
     model = DETR(num_classes=3, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1,
                  num_decoder_layers=2, dim_feedforward=64, num_queries=12).eval()
@@ -234,7 +240,8 @@ def test_layers_give_the_papers_fig_4_and_end_at_the_reports_numbers(evaluation,
     cfg = {"dataset": str(tmp_path / "data"), "val_split": "val", "val_scale": 64, "max_size": 200, "batch_size": 2}
     torch.save({"model": model.state_dict(), "model_args": model.config, "classes": model.classes, "config": cfg},
                tmp_path / "best.pt")
-    evaluation.ckpt, evaluation.out_dir, evaluation.layers, evaluation.max_dets = str(tmp_path / "best.pt"), str(tmp_path / "r"), True, 0
+    evaluation.ckpt, evaluation.out_dir, evaluation.layers, evaluation.max_dets = (str(tmp_path / "best.pt"),
+                                                                                   str(tmp_path / "r"), True, 0)
     evaluation.main()
     with open(tmp_path / "r" / "layers.csv") as f:
         rows = list(csv.DictReader(f))
@@ -247,7 +254,8 @@ def test_layers_give_the_papers_fig_4_and_end_at_the_reports_numbers(evaluation,
     assert (tmp_path / "r" / "layers.png").exists()
     with open(tmp_path / "r" / "by_object_count.csv") as f:  # one object an image, then all
         counts = list(csv.DictReader(f))
-    assert [(r["objects an image holds"], r["images"], r["objects"]) for r in counts] == [("1", "3", "3"), ("all", "3", "3")]
+    assert ([(r["objects an image holds"], r["images"], r["objects"]) for r in counts]
+            == [("1", "3", "3"), ("all", "3", "3")])
     single = DETR(**{**model.config, "num_decoder_layers": 1})
     torch.save({"model": single.state_dict(), "model_args": single.config, "classes": model.classes, "config": cfg},
                tmp_path / "one.pt")

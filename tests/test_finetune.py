@@ -89,12 +89,13 @@ def test_fine_tuning_from_a_minidetr_checkpoint_evaluates_as_its_source(tmp_path
             image["labels"] = [order.index(data["classes"][label]) for label in image["labels"]]
             image["file"] = str(tmp_path / "data" / image["file"])
         (reordered / f"{split}.json").write_text(json.dumps({**data, "classes": order}))
-    tuned_again, again = run(tmp_path / "again", reordered, init_from=str(tmp_path / "source" / "best.pt"), eval_only=True,
-                             **config)
+    tuned_again, again = run(tmp_path / "again", reordered, init_from=str(tmp_path / "source" / "best.pt"),
+                             eval_only=True, **config)
     names = json.loads((tmp_path / "data" / "val.json").read_text())["classes"]
     by_name, again_by_name = dict(zip(names, metrics["AP_per_class"])), dict(zip(names[::-1], again["AP_per_class"]))
     assert by_name.keys() == again_by_name.keys()
-    assert all(by_name[c] == again_by_name[c] or (math.isnan(by_name[c]) and math.isnan(again_by_name[c])) for c in names)
+    assert all(by_name[c] == again_by_name[c] or (math.isnan(by_name[c]) and math.isnan(again_by_name[c]))
+               for c in names)
     # the detections themselves, class by class name (after 3 steps the APs are near 0: this is the strong check)
     cfg = types.SimpleNamespace(**{**train.get_config([]), **TINY, **config, "dataset": str(tmp_path / "data")})
     val_set = train.load_datasets(cfg)[1]
@@ -102,7 +103,8 @@ def test_fine_tuning_from_a_minidetr_checkpoint_evaluates_as_its_source(tmp_path
     assert a.keys() == b.keys() and len(a) > 0
     for i in a:
         assert [names[label] for label in a[i]["labels"]] == [names[::-1][label] for label in b[i]["labels"]]
-        assert torch.allclose(a[i]["scores"], b[i]["scores"], atol=1e-6) and torch.allclose(a[i]["boxes"], b[i]["boxes"], atol=1e-4)
+        assert (torch.allclose(a[i]["scores"], b[i]["scores"], atol=1e-6)
+                and torch.allclose(a[i]["boxes"], b[i]["boxes"], atol=1e-4))
 
 
 def test_pretrained_weights_start_a_model_with_additions(tmp_path):
@@ -115,7 +117,8 @@ def test_pretrained_weights_start_a_model_with_additions(tmp_path):
                  dim_feedforward=64, num_queries=8)
     pretrained = DETR(3, **small)
     pretrained.classes = ["circle", "square", "star"]
-    model = DETR(3, **small, anchor_queries=True, encoder_proposals=True, denoising_groups=2, conditional_cross_attn=True)
+    model = DETR(3, **small, anchor_queries=True, encoder_proposals=True, denoising_groups=2,
+                 conditional_cross_attn=True)
     model.classes = ["star", "circle", "hexagon"]
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     done = weights.transfer_weights(pretrained, model, "vanilla")
@@ -162,7 +165,8 @@ def test_ema_is_evaluated_saved_and_resumed_exactly(tmp_path):
 
 
 def test_ema_update_and_its_warm_up():
-    """ema = d * ema + (1 - d) * weights, with d = ema_decay * (1 - exp(-step / ema_warmup_iters)); integer buffers copied."""
+    """ema = d * ema + (1 - d) * weights, with d = ema_decay * (1 - exp(-step / ema_warmup_iters)); integer
+    buffers copied."""
     model = torch.nn.BatchNorm1d(3)
     ema = torch.nn.BatchNorm1d(3)
     with torch.no_grad():
@@ -215,7 +219,8 @@ def test_a_softmax_checkpoint_starts_a_sigmoid_model_with_new_class_heads():
     done = weights.transfer_weights(pretrained, model, "vanilla")
     assert "class_head" in done["new"] and "class_head" not in done["loaded"] and "decoder" in done["loaded"]
     assert model.class_head.weight.shape == (3, 32) and torch.equal(model.class_head.bias, fresh["class_head.bias"])
-    assert torch.equal(model.state_dict()["decoder.1.linear1.weight"], pretrained.state_dict()["decoder.1.linear1.weight"])
+    assert torch.equal(model.state_dict()["decoder.1.linear1.weight"],
+                       pretrained.state_dict()["decoder.1.linear1.weight"])
     back = DETR(3, **small)
     back.classes = model.classes
     assert "class_head" in weights.transfer_weights(model, back, "sigmoid")["new"]

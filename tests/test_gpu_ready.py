@@ -86,13 +86,15 @@ def test_the_loss_moves_its_costs_to_the_host_once_per_step(monkeypatch):
     losses = criterion(outputs, targets)
     monkeypatch.undo()
     hw = outputs["enc_outputs"]["pred_logits"].shape[1]
-    assert reads == [3 * 2 * 10 * 3 + 2 * hw * 3]  # (layers, images, 2 groups of 5, targets) + (images, tokens, targets)
+    # (layers, images, 2 groups of 5, targets) + (images, tokens, targets)
+    assert reads == [3 * 2 * 10 * 3 + 2 * hw * 3]
     assert torch.isfinite(losses["loss"]) and "loss_ce_enc" in losses
 
 
 def batch(generator, height, width, counts, padded=True):
     """Images (B, 3, H, W) with the second one's bottom quarter padded (or none), and random targets."""
-    images, mask = torch.randn(len(counts), 3, height, width, generator=generator), torch.zeros(len(counts), height, width, dtype=torch.bool)
+    images, mask = (torch.randn(len(counts), 3, height, width, generator=generator),
+                    torch.zeros(len(counts), height, width, dtype=torch.bool))
     if padded:
         mask[1, height * 3 // 4 :] = True
     targets = [{"labels": torch.randint(0, 3, (n,), generator=generator),
@@ -125,7 +127,8 @@ def test_compiled_training_and_evaluation_compile_in_their_first_steps_only(monk
         graphs.append(counters["stats"]["unique_graphs"])
     model.eval()
     with torch.no_grad():
-        for height, width, padded in [(64, 96, True), (64, 64, False), (128, 96, True), (96, 160, False), (64, 64, True)]:
+        for height, width, padded in [(64, 96, True), (64, 64, False), (128, 96, True), (96, 160, False),
+                                      (64, 64, True)]:
             images, mask, _ = batch(g, height, width, (1, 1), padded)
             model(images, mask if padded else None)
             graphs.append(counters["stats"]["unique_graphs"])
@@ -150,7 +153,8 @@ def test_matching_several_sets_at_once_equals_matching_each():
                {"labels": torch.tensor([], dtype=torch.int64), "boxes": torch.zeros(0, 4)},
                {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
     decoder = {"pred_logits": torch.randn(3, 3, 8, 4), "pred_boxes": torch.rand(3, 3, 8, 4)}  # 3 layers, 2 groups of 4
-    encoder = {"pred_logits": torch.randn(3, 12, 4), "pred_boxes": torch.rand(3, 12, 4), "valid": torch.rand(3, 12) > 0.3}
+    encoder = {"pred_logits": torch.randn(3, 12, 4), "pred_boxes": torch.rand(3, 12, 4),
+               "valid": torch.rand(3, 12) > 0.3}
     together = matcher.match_sets([(decoder, 2), (encoder, 1)], targets)
     alone = [matcher(decoder, targets, 2), matcher(encoder, targets)]
     flat = lambda x: [t.tolist() for pair in x for t in pair]  # noqa: E731

@@ -101,7 +101,8 @@ def devkit_voc_ap(dets, gts, num_classes, use_07):
                 iw = np.maximum(np.minimum(boxes[:, 2], b[2]) - np.maximum(boxes[:, 0], b[0]), 0)
                 ih = np.maximum(np.minimum(boxes[:, 3], b[3]) - np.maximum(boxes[:, 1], b[1]), 0)
                 inter = iw * ih
-                union = (b[2] - b[0]) * (b[3] - b[1]) + (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) - inter
+                union = ((b[2] - b[0]) * (b[3] - b[1]) + (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+                         - inter)
                 overlaps = inter / union
                 ovmax, jmax = overlaps.max(), overlaps.argmax()
             if ovmax > 0.5:
@@ -150,7 +151,8 @@ def test_coco_map_equals_pycocotools(seed):
             annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": l, "bbox": [b[0], b[1], w, h],
                                 "area": w * h, "iscrowd": 0})
         for b, s, l in zip(d["boxes"].tolist(), d["scores"].tolist(), d["labels"].tolist()):
-            results.append({"image_id": i, "category_id": l, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": s})
+            results.append({"image_id": i, "category_id": l, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                            "score": s})
     coco = COCO()
     coco.dataset = {"images": images, "annotations": annotations, "categories": [{"id": c} for c in range(5)]}
     coco.createIndex()
@@ -195,7 +197,8 @@ def coco_export(rng, num_images=60, category_ids=(2, 5, 11, 40)):
         for _ in range(int(rng.integers(0, 4))):  # random boxes
             xy = rng.uniform(0, 250, 2)
             results.append({"image_id": image_id, "category_id": int(rng.choice(category_ids)),
-                            "bbox": [*xy.tolist(), *rng.uniform(5, 70, 2).tolist()], "score": float(rng.random() * 0.6)})
+                            "bbox": [*xy.tolist(), *rng.uniform(5, 70, 2).tolist()],
+                            "score": float(rng.random() * 0.6)})
     crowded = images[1]["id"]  # 130 detections of one class in one image: only the best 100 count
     for _ in range(130):
         xy = rng.uniform(0, 300, 2)
@@ -237,7 +240,8 @@ def test_coco_crowds_areas_and_ids_equal_pycocotools(seed, max_dets):
     m = compute_map(dets, gts, num_classes=len(label), max_dets=max_dets)
     precision = evaluator.eval["precision"][:, :, :, 0, -1]  # (IoUs, recalls, classes) at every area, max_dets
     ours = [m["mAP"], m["mAP75"], m["mAP_small"], m["mAP_medium"], m["mAP_large"], m[f"AR{max_dets}"]]
-    theirs = [precision[precision > -1].mean(), *(evaluator.stats[i] for i in (2, 3, 4, 5, 8))]  # stats[0] is at 100 always
+    # stats[0] is at 100 always
+    theirs = [precision[precision > -1].mean(), *(evaluator.stats[i] for i in (2, 3, 4, 5, 8))]
     assert ours == pytest.approx(theirs, abs=1e-6)
     per_class = [precision[:, :, k][precision[:, :, k] > -1].mean() for k in range(len(label))]
     assert m["AP_per_class"] == pytest.approx(per_class, abs=1e-6)
@@ -250,5 +254,6 @@ def test_coco_crowds_areas_and_ids_equal_pycocotools(seed, max_dets):
             assert d["per_class"][key][k] == pytest.approx(precision[t, :, k][precision[t, :, k] > -1].mean(), abs=1e-6)
         assert d["per_class"][f"AR{max_dets}"][k] == pytest.approx(recall[:, k].mean(), abs=1e-6)
         category = ground_truth["categories"][k]["id"]
-        assert d["per_class"]["objects"][k] == sum(a["category_id"] == category and not a["iscrowd"] for a in ground_truth["annotations"])
+        assert d["per_class"]["objects"][k] == sum(a["category_id"] == category and not a["iscrowd"]
+                                                   for a in ground_truth["annotations"])
     assert d["per_class"]["AP"] == m["AP_per_class"] and d["mAP"] == m["mAP"]

@@ -27,8 +27,10 @@ def test_fine_tuning_a_minidetr_checkpoint_takes_its_architecture(tmp_path, caps
     run(tmp_path / "mine", tmp_path / "data", max_iters=1, num_queries=6, frozen_bn=False, lr_backbone=0.0)  # frozen
     (tmp_path / "custom.py").write_text("learning_rate = 1e-4\nbatch_size = 2\n")
     capsys.readouterr()
-    config = train.get_config([str(tmp_path / "custom.py"), f"--init_from={tmp_path / 'mine' / 'best.pt'}", "--dropout=0.2"])
-    assert (config["backbone"], config["hidden_dim"], config["num_queries"], config["frozen_bn"]) == ("resnet18", 32, 6, False)
+    config = train.get_config([str(tmp_path / "custom.py"), f"--init_from={tmp_path / 'mine' / 'best.pt'}",
+                               "--dropout=0.2"])
+    assert ((config["backbone"], config["hidden_dim"], config["num_queries"], config["frozen_bn"])
+            == ("resnet18", 32, 6, False))
     assert config["dropout"] == 0.2 and config["learning_rate"] == 1e-4  # set by the flag and the file
     assert config["trainable_layers"] == 3  # how the source run trained (lr_backbone=0: none) is not architecture
     out = capsys.readouterr().out
@@ -63,8 +65,8 @@ def test_fine_tuning_says_what_it_loaded_made_new_and_left_out(tmp_path, capsys)
     run(tmp_path / "out", tmp_path / "data", max_iters=1, init_from=str(tmp_path / "source.pt"), anchor_queries=True)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("init_from=")]
     assert len(lines) == 3
-    assert lines[0].endswith("loaded backbone, input_proj, encoder, decoder, query_embed, class_head, box_head, anchors; "
-                             "the class rows of 2 of the 4 classes (by name)")
+    assert lines[0].endswith("loaded backbone, input_proj, encoder, decoder, query_embed, class_head, box_head, "
+                             "anchors; the class rows of 2 of the 4 classes (by name)")
     assert lines[1].endswith("new class_head; rows for triangle, star")
     assert lines[2].endswith("left out denoising; dropped the class rows of hexagon (not in this data)")
 
@@ -78,7 +80,8 @@ def test_official_models_run_at_the_batch_they_were_trained_with(tmp_path):
         torch.save({"model": {weights.minidetr_to_official_key(k): v for k, v in model.state_dict().items()}},
                    tmp_path / "official.pth")
         loaded = weights.load_model(str(tmp_path / "official.pth"), dilation=dilation)[0]
-        assert loaded.eval_config == {"val_scale": 800, "max_size": 1333, "batch_size": batch, "pad_to": 1, "dtype": "float32"}
+        assert loaded.eval_config == {"val_scale": 800, "max_size": 1333, "batch_size": batch, "pad_to": 1,
+                                      "dtype": "float32"}
 
 
 def test_a_run_ends_with_a_summary_and_prints_the_detections_limit_only_where_it_binds(tmp_path, capsys):
@@ -86,7 +89,8 @@ def test_a_run_ends_with_a_summary_and_prints_the_detections_limit_only_where_it
     run(tmp_path / "out", tmp_path / "data", max_iters=2, eval_interval=1)
     out = capsys.readouterr().out
     best = tmp_path / "out" / "best.pt"
-    assert "done: best val mAP50 " in out and f"at iteration {torch.load(best, weights_only=False)['best_iter']}, in {best}" in out
+    assert ("done: best val mAP50 " in out
+            and f"at iteration {torch.load(best, weights_only=False)['best_iter']}, in {best}" in out)
     assert f"python sample.py --ckpt={best}" in out and f"python tools/eval.py --ckpt={best}" in out
     assert "detections an image and class" not in out  # 8 queries, max_dets 100: no limit binds
     run(tmp_path / "few", tmp_path / "data", max_iters=1, max_dets=4)
@@ -110,17 +114,18 @@ def test_a_photo_labelled_on_its_raw_frame_is_one_warning_line(tmp_path, source)
     Image.new("RGB", (80, 48)).save(tmp_path / "phone.jpg", exif=exif)
     lines = []
     if source == "voc":
-        (tmp_path / "phone.xml").write_text("<annotation><size><width>80</width><height>48</height></size><object><name>cat"
-                                            "</name><bndbox><xmin>5</xmin><ymin>5</ymin><xmax>30</xmax><ymax>30</ymax>"
-                                            "</bndbox></object></annotation>")
-        load_script("data/voc/prepare.py").parse_annotation(str(tmp_path / "phone.xml"), str(tmp_path / "phone.jpg"), lines.append)
+        (tmp_path / "phone.xml").write_text("<annotation><size><width>80</width><height>48</height></size>"
+                                            "<object><name>cat</name><bndbox><xmin>5</xmin><ymin>5</ymin>"
+                                            "<xmax>30</xmax><ymax>30</ymax></bndbox></object></annotation>")
+        load_script("data/voc/prepare.py").parse_annotation(str(tmp_path / "phone.xml"), str(tmp_path / "phone.jpg"),
+                                                            lines.append)
     else:
         coco = {"images": [{"id": 1, "file_name": "phone.jpg", "width": 80, "height": 48}], "annotations": [],
                 "categories": [{"id": 1, "name": "cat"}]}
         (tmp_path / "ann.json").write_text(json.dumps(coco))
         with pytest.raises(SystemExit):  # its only image skipped
-            load_script("data/coco/prepare.py").prepare(str(tmp_path / "ann.json"), str(tmp_path), str(tmp_path / "d"), "val",
-                                                        lines.append)
+            load_script("data/coco/prepare.py").prepare(str(tmp_path / "ann.json"), str(tmp_path), str(tmp_path / "d"),
+                                                        "val", lines.append)
     warnings = [line for line in lines if line.startswith("warning: ")]
     assert len(warnings) == 1 and "phone.jpg" in warnings[0] and "raw frame" in warnings[0] and "48x80" in warnings[0]
 
@@ -147,7 +152,8 @@ def test_a_run_on_the_plateau_says_so_once(tmp_path, capsys, monkeypatch):
     vanilla = {"iter": 800, "query_box_spread": 0.0, "query_box_image_std": 0.0, "query_classes": 1.0}
     assert metrics.plateau_warning(readme_run, 100) is None
     line = metrics.plateau_warning(vanilla, 100)
-    assert line.startswith("warning: iteration 800: DETR's early plateau: every query gives nearly the same box whatever")
+    assert line.startswith("warning: iteration 800: DETR's early plateau: every query gives nearly the same box "
+                           "whatever")
     assert "--init_from" in line and "\n" not in line
     assert metrics.plateau_warning({**vanilla, "query_box_image_std": 0.3}, 100).count("same class") == 1
     assert metrics.plateau_warning(vanilla, 800) is None  # still in the warm-up
@@ -211,7 +217,8 @@ def test_a_cpu_run_takes_a_thread_per_free_core(monkeypatch, capsys):
     for others, threads in ((0.1, 2), (0.4, 2), (0.6, 1), (1.0, 1), (1.9, 1)):
         monkeypatch.setattr(processes, "busy_cores", lambda: others)
         assert processes.cpu_threads() == threads
-    assert "cpu: other work keeps 1.0 of the 2 cores busy: 1 thread (OMP_NUM_THREADS=N chooses)\n" in capsys.readouterr().out
+    assert ("cpu: other work keeps 1.0 of the 2 cores busy: 1 thread (OMP_NUM_THREADS=N chooses)\n"
+            in capsys.readouterr().out)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert processes.cpu_threads() == 2
 

@@ -119,7 +119,8 @@ def test_checkpoint_minutes_writes_ckpt_without_evaluating(tmp_path, monkeypatch
     make_shapes(tmp_path / "data", 4, 2)
     writes = []
     real_save = train.save_checkpoint
-    monkeypatch.setattr(train, "save_checkpoint", lambda ckpt, path: writes.append((path.rsplit("/", 1)[1], ckpt["iter_num"]))
+    monkeypatch.setattr(train, "save_checkpoint",
+                        lambda ckpt, path: writes.append((path.rsplit("/", 1)[1], ckpt["iter_num"]))
                         or real_save(ckpt, path))
     run(tmp_path / "out", tmp_path / "data", max_iters=3, checkpoint_minutes=1e-9)
     assert writes == [("ckpt.pt", 1), ("ckpt.pt", 2), ("ckpt.pt", 3), ("best.pt", 3)]  # best.pt only at the evaluation
@@ -171,7 +172,8 @@ def a_failing_torchrun(tmp_path, script_text):
     script.write_text(script_text)
     start = time.time()
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script)], capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             str(script)], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode != 0 and time.time() - start < 60
     return result
 
@@ -201,8 +203,10 @@ def test_out_of_memory_in_a_step_is_one_line_and_keeps_the_checkpoint(tmp_path, 
     with pytest.raises(SystemExit) as stop:
         run(tmp_path / "out", tmp_path / "data", max_iters=4, init_from="resume")
     message = stop.value.code
-    assert message.startswith("error: out of memory at iteration 2 on cpu, a batch of 2 images padded to ") and "\n" not in message
-    assert all(key in message for key in ("batch_size=2", "gradient_accumulation_steps", "max_size=96", "train_scales (up to 64", "val_scale=64"))
+    assert (message.startswith("error: out of memory at iteration 2 on cpu, a batch of 2 images padded to ")
+            and "\n" not in message)
+    assert all(key in message for key in ("batch_size=2", "gradient_accumulation_steps", "max_size=96",
+                                          "train_scales (up to 64", "val_scale=64"))
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["iter_num"] == 2
 
 
@@ -229,7 +233,8 @@ def test_out_of_memory_on_one_rank_under_torchrun_stops_every_rank(tmp_path):
                                         "max_iters": 1000, "device": "cpu"}.items()]
     result = a_failing_torchrun(tmp_path, DDP_OUT_OF_MEMORY_SCRIPT.format(root=str(ROOT), flags=flags))
     errors = [line for line in result.stderr.splitlines() if "error: " in line]
-    assert "error: out of memory at iteration 2 on cpu" in errors[0] and len(errors) <= 2, errors  # rank 1's, maybe rank 0's
+    # rank 1's, maybe rank 0's
+    assert "error: out of memory at iteration 2 on cpu" in errors[0] and len(errors) <= 2, errors
     assert traceback_frames_of_the_run(result.stderr) == []
 
 

@@ -85,11 +85,13 @@ def test_a_new_run_never_overwrites_a_finished_one(tmp_path, capsys):
     assert all(choice in message for choice in ("--init_from=resume", "another --out_dir", "--overwrite"))
     assert (tmp_path / "out" / "best.pt").read_bytes() == best
     with pytest.raises(SystemExit, match="is in out_dir=.*give another --out_dir"):  # --overwrite would delete it
-        run(tmp_path / "out", tmp_path / "data", max_iters=1, overwrite=True, init_from=str(tmp_path / "out" / "best.pt"))
+        run(tmp_path / "out", tmp_path / "data", max_iters=1, overwrite=True,
+            init_from=str(tmp_path / "out" / "best.pt"))
     assert (tmp_path / "out" / "best.pt").read_bytes() == best
     run(tmp_path / "out", tmp_path / "data", max_iters=2, overwrite=True)  # starting over: one run in the log
     log = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
-    assert [r["iter"] for r in log] == [1, 2, 2] and torch.load(tmp_path / "out" / "best.pt", weights_only=False)["iter_num"] == 2
+    assert ([r["iter"] for r in log] == [1, 2, 2]
+            and torch.load(tmp_path / "out" / "best.pt", weights_only=False)["iter_num"] == 2)
 
 
 def test_a_resume_cuts_the_log_back_to_its_checkpoint(tmp_path):
@@ -301,7 +303,8 @@ def test_sigkill_keeps_the_last_checkpoint_and_the_workers_end(tmp_path):
     make_shapes(tmp_path / "data", 10, 2)
     child = subprocess.Popen([sys.executable, "train.py", *tiny_flags(tmp_path, num_workers=2, max_iters=1000,
                                                                       checkpoint_minutes=1e-9)],
-                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             start_new_session=True)
     wait_for_step(child)
     workers = children(child.pid)
     child.kill()

@@ -21,21 +21,27 @@ RECORDED = json.loads((ROOT / "tests" / "data" / "transformers_detr_names.json")
 BACKBONE = {"timm": "model.backbone.conv_encoder.model.", "resnet": "model.backbone.conv_encoder.model."}
 # our backbone key -> the file's, per backbone naming (torchvision's and timm's names are the same)
 BACKBONE_KEYS = {
-    "timm": {"backbone.conv1.weight": "conv1.weight", "backbone.layer2.0.downsample.1.running_var": "layer2.0.downsample.1.running_var",
-             "backbone.layer3.1.conv2.weight": "layer3.1.conv2.weight", "backbone.layer4.0.bn1.bias": "layer4.0.bn1.bias"},
+    "timm": {"backbone.conv1.weight": "conv1.weight",
+             "backbone.layer2.0.downsample.1.running_var": "layer2.0.downsample.1.running_var",
+             "backbone.layer3.1.conv2.weight": "layer3.1.conv2.weight",
+             "backbone.layer4.0.bn1.bias": "layer4.0.bn1.bias"},
     "resnet": {"backbone.conv1.weight": "embedder.embedder.convolution.weight",
-               "backbone.layer2.0.downsample.1.running_var": "encoder.stages.1.layers.0.shortcut.normalization.running_var",
+               "backbone.layer2.0.downsample.1.running_var":
+                   "encoder.stages.1.layers.0.shortcut.normalization.running_var",
                "backbone.layer3.1.conv2.weight": "encoder.stages.2.layers.1.layer.1.convolution.weight",
                "backbone.layer4.0.bn1.bias": "encoder.stages.3.layers.0.layer.0.normalization.bias"},
 }
 # our key -> the file's, for the transformer and heads (written out by hand from the recorded folder)
 TRANSFORMER_KEYS = {
-    "input_proj.weight": "model.input_projection.weight", "query_embed.weight": "model.query_position_embeddings.weight",
-    "encoder.0.linear1.weight": "model.encoder.layers.0.fc1.weight", "encoder.0.norm1.bias": "model.encoder.layers.0.self_attn_layer_norm.bias",
+    "input_proj.weight": "model.input_projection.weight",
+    "query_embed.weight": "model.query_position_embeddings.weight",
+    "encoder.0.linear1.weight": "model.encoder.layers.0.fc1.weight",
+    "encoder.0.norm1.bias": "model.encoder.layers.0.self_attn_layer_norm.bias",
     "encoder.0.norm2.weight": "model.encoder.layers.0.final_layer_norm.weight",
     "decoder.1.cross_attn.out_proj.weight": "model.decoder.layers.1.encoder_attn.out_proj.weight",
     "decoder.0.norm2.weight": "model.decoder.layers.0.encoder_attn_layer_norm.weight",
-    "decoder.1.norm3.bias": "model.decoder.layers.1.final_layer_norm.bias", "decoder.1.linear2.weight": "model.decoder.layers.1.fc2.weight",
+    "decoder.1.norm3.bias": "model.decoder.layers.1.final_layer_norm.bias",
+    "decoder.1.linear2.weight": "model.decoder.layers.1.fc2.weight",
     "decoder_norm.weight": "model.decoder.layernorm.weight", "class_head.bias": "class_labels_classifier.bias",
     "box_head.2.weight": "bbox_predictor.layers.2.weight",
 }
@@ -148,7 +154,8 @@ def test_the_older_hub_config_and_a_dc5_model_build_the_same_architecture(tmp_pa
     newer["dilation"] = True
     assert weights.hf_model_args(newer, "newer", 5)[0]["dilation"] is False
     # no id2label and no num_labels: as many classes as the class head has rows, less "no object"
-    assert weights.hf_model_args({**recorded["config"], "id2label": None}, "unnamed", 7)[1] == [f"LABEL_{i}" for i in range(6)]
+    assert (weights.hf_model_args({**recorded["config"], "id2label": None}, "unnamed", 7)[1]
+            == [f"LABEL_{i}" for i in range(6)])
 
 
 def one_line_error(call):
@@ -172,23 +179,27 @@ def test_each_bad_folder_is_one_line(tmp_path):
         ({"model_type": "conditional_detr"}, "model_type is 'conditional_detr'"),
         ({"architectures": ["DetrForSegmentation"]}, "the model is a DetrForSegmentation"),
         ({"position_embedding_type": "learned"}, "position_embedding_type is 'learned'"),
-        ({"backbone_config": {**recorded["config"]["backbone_config"], "backbone": "resnet50d"}}, "the backbone is 'resnet50d'"),
+        ({"backbone_config": {**recorded["config"]["backbone_config"], "backbone": "resnet50d"}},
+         "the backbone is 'resnet50d'"),
         ({"backbone_config": {"model_type": "swin"}}, "the backbone is a 'swin'"),
         ({"backbone_config": {**recorded["config"]["backbone_config"], "output_stride": 8}}, "output_stride 8"),
         ({"backbone_config": "resnet18"}, "backbone_config is 'resnet18', not a dict"),
         ({"id2label": ["circle", "square"]}, "id2label is not a mapping"),
         ({"d_model": "32"}, "d_model is '32', not a number"),
-        ({"encoder_attention_heads": 5, "decoder_attention_heads": 5}, "hidden_dim=32 must be a multiple of num_heads=5"),
+        ({"encoder_attention_heads": 5, "decoder_attention_heads": 5},
+         "hidden_dim=32 must be a multiple of num_heads=5"),
     ):
         folder = write_folder(tmp_path / message.split()[-1].strip("'"), {**recorded["config"], **change}, weights)
         assert message in one_line_error(lambda: load_model(str(folder))[0])
     resnet = RECORDED["resnet"]
-    stride_2_first = {**resnet["config"], "backbone_config": {**resnet["config"]["backbone_config"], "downsample_in_first_stage": True}}
+    stride_2_first = {**resnet["config"],
+                      "backbone_config": {**resnet["config"]["backbone_config"], "downsample_in_first_stage": True}}
     folder = write_folder(tmp_path / "first_stage", stride_2_first, random_weights(resnet["weights"]))
     assert "downsample_in_first_stage=True" in one_line_error(lambda: load_model(str(folder))[0])
     del weights["model.decoder.layers.1.self_attn.v_proj.bias"]
     folder = write_folder(tmp_path / "missing", recorded["config"], weights)
-    assert "missing key 'model.decoder.layers.1.self_attn.v_proj.bias'" in one_line_error(lambda: load_model(str(folder))[0])
+    assert ("missing key 'model.decoder.layers.1.self_attn.v_proj.bias'"
+            in one_line_error(lambda: load_model(str(folder))[0]))
 
 
 def test_a_hub_id_comes_from_the_local_cache_or_says_what_to_install(tmp_path, monkeypatch):
@@ -215,17 +226,20 @@ def test_fine_tuning_keeps_the_rows_of_same_named_classes_and_the_writer_checks_
     """weights.transfer_weights (train.py's init_from) from a transformers folder: every tensor loaded, the
     class head's rows picked by name (in the dataset's order), "no object" kept, no pretrained ids."""
     recorded = RECORDED["timm"]
-    pretrained = load_model(str(write_folder(tmp_path / "in", recorded["config"], random_weights(recorded["weights"]))))[0]
+    pretrained = load_model(str(write_folder(tmp_path / "in", recorded["config"],
+                                             random_weights(recorded["weights"]))))[0]
     pretrained.category_ids = [1, 2, 3, 4]
     model = DETR(**{**pretrained.config, "num_classes": 2})
     model.classes = ["square", "circle"]
     done = weights.transfer_weights(pretrained, model, "folder")
     rows = [pretrained.classes.index("square"), pretrained.classes.index("circle"), pretrained.num_classes]
     assert torch.equal(model.class_head.weight, pretrained.class_head.weight[rows]) and done["new"] == []
-    assert done["new_classes"] == [] and "backbone" in done["loaded"] and torch.equal(model.box_head[0].weight, pretrained.box_head[0].weight)
+    assert (done["new_classes"] == [] and "backbone" in done["loaded"]
+            and torch.equal(model.box_head[0].weight, pretrained.box_head[0].weight))
     assert model.category_ids is None
     model.category_ids = [7, 8, 9]
-    assert "2 classes but 3 category_ids" in one_line_error(lambda: weights.write_transformers_folder(model, str(tmp_path / "x")))
+    assert "2 classes but 3 category_ids" in one_line_error(
+        lambda: weights.write_transformers_folder(model, str(tmp_path / "x")))
 
 
 def test_a_model_with_additions_is_not_written(tmp_path):

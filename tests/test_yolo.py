@@ -49,10 +49,13 @@ def test_a_yolo_yaml_becomes_one_json_per_split(tmp_path, monkeypatch):
     by_name = {r["file"].rsplit("/", 1)[1]: r for r in train["images"]}
     assert sorted(by_name) == ["a.jpg", "b.png", "c.jpg"] and train["classes"] == ["cat", "dog"]
     assert by_name["a.jpg"]["boxes"] == [[80, 30, 120, 70], [20, 20, 60, 60]] and by_name["a.jpg"]["labels"] == [0, 1]
-    assert by_name["b.png"]["boxes"] == by_name["c.jpg"]["boxes"] == [] and (by_name["b.png"]["width"], by_name["b.png"]["height"]) == (50, 40)
+    assert (by_name["b.png"]["boxes"] == by_name["c.jpg"]["boxes"] == []
+            and (by_name["b.png"]["width"], by_name["b.png"]["height"]) == (50, 40))
     skips = [line for line in lines if line.startswith("skip")]
-    assert len(skips) == 6 and any("broken.jpg" in s for s in skips) and any("ghost.txt has no image" in s for s in skips)
-    assert any("skipped 1 images, 4 objects, 0 duplicate lines, 1 label files without an image" in line for line in lines)
+    assert (len(skips) == 6 and any("broken.jpg" in s for s in skips)
+            and any("ghost.txt has no image" in s for s in skips))
+    assert any("skipped 1 images, 4 objects, 0 duplicate lines, 1 label files without an image" in line
+               for line in lines)
     val = read_dataset_json(tmp_path / "out" / "val.json")
     assert val["images"][0]["boxes"] == [[0, 0, 40, 40]] and val["images"][0]["labels"] == [1]
 
@@ -98,7 +101,8 @@ def test_labels_are_checked_as_ultralytics_checks_them(tmp_path):
 def test_a_bad_yaml_is_one_error_line(tmp_path, monkeypatch, capsys, yaml_text, message):
     (tmp_path / "empty").mkdir()
     (tmp_path / "data.yaml").write_text(yaml_text)
-    monkeypatch.setattr(sys, "argv", ["prepare.py", f"--yaml={tmp_path / 'data.yaml'}", f"--out_dir={tmp_path / 'out'}"])
+    monkeypatch.setattr(sys, "argv", ["prepare.py", f"--yaml={tmp_path / 'data.yaml'}",
+                                      f"--out_dir={tmp_path / 'out'}"])
     with pytest.raises(SystemExit) as stop:
         runpy.run_path(str(ROOT / "data" / "yolo" / "prepare.py"), run_name="__main__")
     assert stop.value.code.startswith("error: ") and message in stop.value.code and "\n" not in stop.value.code

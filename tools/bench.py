@@ -2,7 +2,7 @@
 How fast is DETR here: training-step and inference images/s, peak GPU memory and model FLOPs
 utilisation (MFU), on random input so that no data is needed. One JSON line per setting.
 
-    python tools/bench.py                          # DETR-R50, 91 classes: GPU batch 8 at 800x1066, CPU batch 2 at 512x512
+    python tools/bench.py                          # DETR-R50, 91 classes: GPU batch 8 at 800x1066, CPU 2 at 512x512
     python tools/bench.py --compare=hf             # the same for Hugging Face's DetrForObjectDetection, and the ratios
     python tools/bench.py --settings=bf16-compile --profile    # a Chrome trace of one training step, and its top ops
     python tools/bench.py --what=map               # compute_map on 5,000 images x 100 detections
@@ -52,7 +52,7 @@ channels_last = True  # the backbone's convolutions in NHWC, faster on tensor co
 warmup = 5 if on_gpu else 2
 iters = 20 if on_gpu else 5
 repeats = 3  # timed turns per implementation, interleaved (A B A B ...): one pass of each is noise
-additions = False  # config/voc.py's additions on (anchor queries, proposals, denoising, query groups, conditional attention)
+additions = False  # config/voc.py's additions on (anchors, proposals, denoising, query groups, conditional attention)
 compare = ""  # 'hf': also measure transformers' DetrForObjectDetection
 peak_tflops = 0.0  # the device's dense bf16 peak; 0: looked up from the GPU's name
 profile = False  # write trace.json for one training step of the first setting
@@ -61,7 +61,8 @@ duration = 180.0  # gpu_check: seconds of training config/voc.py's model with ev
 FLAGS = ("device", "batch_size", "height", "width", "backbone", "num_classes", "hidden_dim", "num_encoder_layers",
          "num_decoder_layers", "dim_feedforward", "num_queries", "settings", "channels_last", "warmup", "iters",
          "repeats", "additions", "compare", "peak_tflops", "profile", "what", "duration")
-ADDITIONS = dict(anchor_queries=True, encoder_proposals=True, denoising_groups=3, query_groups=3, conditional_cross_attn=True)
+ADDITIONS = dict(anchor_queries=True, encoder_proposals=True, denoising_groups=3, query_groups=3,
+                 conditional_cross_attn=True)
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "A10": 125.0, "4090": 165.2}
 
@@ -89,10 +90,12 @@ def random_batch(generator, size=None):
     targets = []
     for _ in range(batch_size):
         n = int(torch.randint(1, 21, (), generator=generator))
-        centres, sizes = torch.rand(n, 2, generator=generator) * 0.6 + 0.2, torch.rand(n, 2, generator=generator) * 0.3 + 0.05
+        centres, sizes = (torch.rand(n, 2, generator=generator) * 0.6 + 0.2,
+                          torch.rand(n, 2, generator=generator) * 0.3 + 0.05)
         targets.append({"labels": torch.randint(0, num_classes, (n,), generator=generator).to(device),
                         "boxes": torch.cat([centres, sizes], 1).to(device)})
-    images = images.to(device).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    images = images.to(device).contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return images, mask.to(device), targets
 
 
@@ -149,7 +152,8 @@ class HFDETR:
         config = DetrConfig(num_labels=num_classes, num_queries=num_queries, d_model=hidden_dim,
                             encoder_layers=num_encoder_layers, decoder_layers=num_decoder_layers,
                             encoder_ffn_dim=dim_feedforward, decoder_ffn_dim=dim_feedforward, auxiliary_loss=True,
-                            attention_dropout=0.1, activation_dropout=0.1, backbone=backbone, use_pretrained_backbone=False)
+                            attention_dropout=0.1, activation_dropout=0.1, backbone=backbone,
+                            use_pretrained_backbone=False)
         self.model = DetrForObjectDetection(config).to(device).train()
         for name, p in self.model.named_parameters():  # the same frozen stem and layer1 as the paper (and minidetr)
             if "backbone" in name and not any(f"layer{i}." in name for i in (2, 3, 4)):
@@ -169,7 +173,8 @@ class HFDETR:
     def infer(self, images, mask, autocast):
         with torch.no_grad(), autocast:
             out = self.forward(pixel_values=images, pixel_mask=(~mask).long())
-            return postprocess({"pred_logits": out.logits, "pred_boxes": out.pred_boxes}, [(height, width)] * len(images))
+            return postprocess({"pred_logits": out.logits, "pred_boxes": out.pred_boxes},
+                               [(height, width)] * len(images))
 
 
 def synchronize():
@@ -434,5 +439,6 @@ def speed_lines(impls, setting):
 if __name__ == "__main__":
     globals().update(configure({k: globals()[k] for k in FLAGS}, sys.argv[1:]))
     if what not in ("speed", "memory", "gpu_check", "map") or compare not in ("", "hf"):
-        sys.exit(f"error: --what must be speed, memory, gpu_check or map, and --compare '' or hf (not {what!r}, {compare!r})")
+        sys.exit(f"error: --what must be speed, memory, gpu_check or map, and --compare '' or hf "
+                 f"(not {what!r}, {compare!r})")
     main()

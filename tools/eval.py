@@ -60,22 +60,23 @@ from lib.metrics import compute_map, ground_truth, precision_recall
 from lib.weights import LoadError, load_model
 
 # defaults, each overridable as --key=value
-ckpt = "out-shapes/best.pt"  # any model sample.py takes: a minidetr checkpoint, an official one, a transformers folder / hub id
+ckpt = "out-shapes/best.pt"  # what sample.py takes: a minidetr or official checkpoint, a transformers folder / hub id
 dataset = ""  # a prepared dataset: a name under data/ or a folder; empty: the checkpoint's own
 split = ""  # its split (<split>.json); empty: the checkpoint's val_split, else val
 out_dir = "report"  # where the tables and pictures go
-threshold = 0.5  # a detection counts for precision, recall, the confusion matrix and worst/ when its score is above this
-max_dets = 0  # detections per image and class that COCO's AP and AR count (train.py's key); 0: the checkpoint's own, else 100
+threshold = 0.5  # a detection counts for precision, recall, the confusion matrix and worst/ when its score is above it
+max_dets = 0  # detections per image and class COCO's AP and AR count (train.py's key); 0: the checkpoint's, else 100
 worst = 8  # how many images worst/ draws
 device = "cpu"  # cpu, or cuda
-dtype = ""  # autocast dtype: float32 (none), bfloat16 or float16; empty: the checkpoint's own on a GPU, float32 on a CPU
+dtype = ""  # autocast dtype: float32 (none), bfloat16 or float16; empty: the checkpoint's on a GPU, float32 on a CPU
 batch_size = 0  # images per forward pass; 0: the checkpoint's own batch_size (the official models': 2), see above
 num_workers = 2  # data-loading processes
 layers = False  # also AP after every decoder layer, with and without NMS (the paper's Fig. 4): layers.csv and .png
 nms_iou = 0.7  # --layers: the IoU above which class-wise NMS (torchvision's batched_nms) drops the less sure box
 
 IOU_THRESHOLD = 0.5  # the matching of the precision, recall, confusion matrix and worst/ (COCO's AP50, VOC's rule)
-COLOURS = {"true positive": (0, 158, 115), "false positive": (213, 94, 0), "missed": (86, 180, 233)}  # Okabe-Ito: colour-blind safe
+# Okabe-Ito: colour-blind safe
+COLOURS = {"true positive": (0, 158, 115), "false positive": (213, 94, 0), "missed": (86, 180, 233)}
 
 
 FALSE_POSITIVE_KINDS = ("duplicate", "wrong class", "poor localisation", "background")  # TIDE's (Bolya et al. 2020)
@@ -112,7 +113,8 @@ def image_errors(match, ignored, det, gt, threshold):
         else:
             j = int(ious[k].argmax()) if len(gt["labels"]) else -1
             best = float(ious[k, j]) if j >= 0 else 0.0
-            kinds.append("duplicate" if best >= IOU_THRESHOLD else "poor localisation" if best >= BACKGROUND_IOU else "background")
+            kinds.append("duplicate" if best >= IOU_THRESHOLD
+                         else "poor localisation" if best >= BACKGROUND_IOU else "background")
             j = -1
         objects.append(j)
     return tp, fp, torch.nonzero(~found & counted).flatten(), kinds, objects
@@ -156,7 +158,8 @@ def error_table(detections, ground_truths, errors, classes):
         for d, kind in zip(fp.tolist(), kinds):
             counts[det["labels"][d], 2 + FALSE_POSITIVE_KINDS.index(kind)] += 1
         np.add.at(counts[:, -1], gt["labels"][missed].numpy(), 1)
-    return ["class", *columns], [[c, *row.tolist()] for c, row in zip(classes, counts)] + [["all", *counts.sum(0).tolist()]]
+    return (["class", *columns],
+            [[c, *row.tolist()] for c, row in zip(classes, counts)] + [["all", *counts.sum(0).tolist()]])
 
 
 def class_curves(detections, matches, num_classes):
@@ -188,7 +191,8 @@ def per_class_table(classes, result, curves, threshold, max_dets):
         true = int(tp[:above].sum())
         precision = true / above if above else math.nan
         recall = true / objects if objects else math.nan
-        rows.append([name, objects] + [per_class[k][c] for k in ("AP", "AP50", "AP75", f"AR{max_dets}")] + [precision, recall])
+        rows.append([name, objects] + [per_class[k][c] for k in ("AP", "AP50", "AP75", f"AR{max_dets}")]
+                    + [precision, recall])
     return rows
 
 
@@ -208,8 +212,10 @@ def markdown_table(header, rows, total="mean"):
         total = ["mean", sum(r[1] for r in rows)] + [mean([r[k] for r in counted]) for k in range(2, len(header))]
     table = [header] + [[cell(v) for v in r] for r in rows + ([total] if total else [])]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    lines = ["| " + " | ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))) + " |" for r in table]
-    lines.insert(1, "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|")  # numbers right-aligned
+    lines = ["| " + " | ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))) + " |"
+             for r in table]
+    # numbers right-aligned
+    lines.insert(1, "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|")
     return "\n".join(lines) + "\n"
 
 
@@ -269,8 +275,10 @@ def error_counts(errors):
     """The title's counts, [(text, colour)], each as the boxes are labelled: the true positives, each kind of
     false positive that the image has (so an object taken for another class is counted as that), the missed."""
     tp, fp, missed, kinds, _ = errors
-    wrong = [(f"{kind}: {kinds.count(kind)}", COLOURS["false positive"]) for kind in FALSE_POSITIVE_KINDS if kind in kinds]
-    return [(f"true positives: {len(tp)}", COLOURS["true positive"]), *wrong, (f"missed: {len(missed)}", COLOURS["missed"])]
+    wrong = [(f"{kind}: {kinds.count(kind)}", COLOURS["false positive"])
+             for kind in FALSE_POSITIVE_KINDS if kind in kinds]
+    return [(f"true positives: {len(tp)}", COLOURS["true positive"]), *wrong,
+            (f"missed: {len(missed)}", COLOURS["missed"])]
 
 
 def draw_errors(path, det, gt, errors, classes, title):
@@ -283,9 +291,11 @@ def draw_errors(path, det, gt, errors, classes, title):
     tp, fp, missed, kinds, _ = errors
     boxes = torch.cat([det["boxes"][tp], det["boxes"][fp], gt["boxes"][missed].float().reshape(-1, 4)]) * scale
     texts = ([f"{classes[l]} {s:.2f}" for l, s in zip(det["labels"][tp].tolist(), det["scores"][tp].tolist())]
-             + [f"{classes[l]} {s:.2f} {k}" for l, s, k in zip(det["labels"][fp].tolist(), det["scores"][fp].tolist(), kinds)]
+             + [f"{classes[l]} {s:.2f} {k}"
+                for l, s, k in zip(det["labels"][fp].tolist(), det["scores"][fp].tolist(), kinds)]
              + [f"missed {classes[l]}" for l in gt["labels"][missed].tolist()])
-    colours = [COLOURS["true positive"]] * len(tp) + [COLOURS["false positive"]] * len(fp) + [COLOURS["missed"]] * len(missed)
+    colours = ([COLOURS["true positive"]] * len(tp) + [COLOURS["false positive"]] * len(fp)
+               + [COLOURS["missed"]] * len(missed))
     draw_boxes(picture, boxes, texts, colours)
     # the title: the file, then each kind with its count on its own colour, on as many lines as it takes
     font = text_font(picture)
@@ -333,7 +343,8 @@ def layer_table(predictions, data, mapping, max_dets, iou):
     rows = []
     for layer in range(len(predictions[indices[0]]["layers"])):
         detections = [in_dataset_classes(predictions[i]["layers"][layer], mapping) for i in indices]
-        kept = [{k: v[batched_nms(d["boxes"], d["scores"], d["labels"], iou)] for k, v in d.items()} for d in detections]
+        kept = [{k: v[batched_nms(d["boxes"], d["scores"], d["labels"], iou)] for k, v in d.items()}
+                for d in detections]
         for nms, dets in ((False, detections), (True, kept)):
             result = compute_map(dets, ground_truths, len(data.classes), max_dets, details=True)
             rows.append([layer + 1, nms, result["mAP"], coco_ap50(result)])
@@ -351,7 +362,8 @@ def plot_layers(plt, rows, iou, path):
     ax.set_xticks(sorted({r[0] for r in rows}))
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("COCO's AP")
-    ax.set_title("AP after each decoder layer (paper Fig. 4):\nwhere NMS stops helping, the set loss has removed the duplicates")
+    ax.set_title("AP after each decoder layer (paper Fig. 4):\n"
+                 "where NMS stops helping, the set loss has removed the duplicates")
     ax.grid(alpha=0.3)
     ax.legend()
     save_figure(fig, path, f"{len(rows) // 2} decoder layers")
@@ -375,7 +387,8 @@ def by_object_count(detections, ground_truths, errors, num_classes, max_dets, re
         scored = compute_map([detections[k] for k in picked], [ground_truths[k] for k in picked], num_classes, max_dets,
                              details=True)
         rows.append(row(n, picked, scored))
-    return ["objects an image holds", "images", "objects", "recall", "AP", "AP50"], rows + [row("all", range(len(counts)), result)]
+    return (["objects an image holds", "images", "objects", "recall", "AP", "AP50"],
+            rows + [row("all", range(len(counts)), result)])
 
 
 def plot_by_object_count(plt, rows, threshold, path):
@@ -442,17 +455,20 @@ def report(model, data, predictions, out_dir, threshold, max_dets=100, worst=8, 
     with open(os.path.join(out_dir, "confusion_matrix.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["true \\ predicted"] + list(data.classes) + ["missed"])
-        writer.writerows([[name] + row.tolist() for name, row in zip(list(data.classes) + list(CONFUSION_ROWS), matrix)])
+        writer.writerows([[name] + row.tolist()
+                          for name, row in zip(list(data.classes) + list(CONFUSION_ROWS), matrix)])
 
-    summary = {"checkpoint": source, "json": data.json_path, "images": len(indices), "images_unreadable": len(data) - len(indices),
-               "threshold": threshold, "max_dets": max_dets, "iou_threshold": IOU_THRESHOLD, "classes": data.classes, **result}
+    summary = {"checkpoint": source, "json": data.json_path, "images": len(indices),
+               "images_unreadable": len(data) - len(indices), "threshold": threshold, "max_dets": max_dets,
+               "iou_threshold": IOU_THRESHOLD, "classes": data.classes, **result}
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(no_nan(summary), f, indent=1, allow_nan=False)
     try:
         plt = pyplot()
     except SystemExit:  # matplotlib is optional here: the tables and worst/ need none
         plt = None
-        print("skip: pr_curves.png, confusion_matrix.png and by_object_count.png need matplotlib (pip install matplotlib)")
+        print("skip: pr_curves.png, confusion_matrix.png and by_object_count.png need matplotlib "
+              "(pip install matplotlib)")
     if plt is not None:
         plot_pr_curves(plt, data.classes, curves, rows, threshold, os.path.join(out_dir, "pr_curves.png"))
         plot_confusion_matrix(plt, data.classes, matrix, threshold, os.path.join(out_dir, "confusion_matrix.png"))
@@ -476,7 +492,8 @@ def report(model, data, predictions, out_dir, threshold, max_dets=100, worst=8, 
     for rank, k in enumerate(ranked):
         i = indices[k]
         record = data.records[i]
-        picture = draw_errors(data.paths[i], detections[k], ground_truths[k], errors[k], data.classes, os.path.basename(record["file"]))
+        picture = draw_errors(data.paths[i], detections[k], ground_truths[k], errors[k], data.classes,
+                              os.path.basename(record["file"]))
         if picture is not None:
             name = os.path.splitext(os.path.basename(record["file"]))[0]
             picture.save(os.path.join(worst_dir, f"{rank:02d}_{name}.png"))
@@ -503,8 +520,8 @@ def main():
         raise SystemExit(f"error: --layers compares the decoder's layers, and {ckpt} has one")
     model.to(device)
     try:
-        predictions = predict(model, data, device, batch_size or None, None, dtype or run_dtype(model, device), num_workers,
-                              layers=layers)
+        predictions = predict(model, data, device, batch_size or None, None, dtype or run_dtype(model, device),
+                              num_workers, layers=layers)
     except RuntimeError as e:  # DetectionDataset's: every image of the split is unreadable
         if "could be decoded" not in str(e):
             raise

@@ -4,7 +4,7 @@ or write it as a Hugging Face transformers folder.
 
     python tools/export.py --ckpt=out-shapes/ckpt.pt --out=shapes.onnx
     python tools/export.py --ckpt=detr-r50 --out=detr-r50.onnx
-    python tools/export.py --ckpt=out-custom/best.pt --hf=detr-mine  # a folder for DetrForObjectDetection.from_pretrained
+    python tools/export.py --ckpt=out-custom/best.pt --hf=detr-mine  # for DetrForObjectDetection.from_pretrained
 
 The graph takes `images` (B, 3, H, W) float32, ImageNet-normalised and padded bottom/right, and
 `mask` (B, H, W) bool, True on padding (all False when nothing is padded), with B, H and W dynamic;
@@ -39,7 +39,7 @@ from configurator import configure
 from lib.weights import LoadError, load_model, write_transformers_folder
 
 # defaults, each overridable as --key=value
-ckpt = ""  # a minidetr checkpoint (out_dir/ckpt.pt or best.pt), an official file or name, or a transformers folder / hub id
+ckpt = ""  # a minidetr checkpoint (out_dir/ckpt.pt or best.pt), an official file / name, a transformers folder / hub id
 out = "model.onnx"  # the ONNX file written
 sizes = "480x640,400x320"  # HxW of the two check batches (each gets a second, padded image)
 opset = 18  # the ONNX opset
@@ -70,7 +70,8 @@ def export(model, path, example_size=(320, 480)):
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (images, mask), path, dynamo=True, opset_version=opset, external_data=False,
                           input_names=["images", "mask"], output_names=["pred_logits", "pred_boxes"], verbose=False,
-                          dynamic_shapes={"images": {0: batch, 2: height, 3: width}, "mask": {0: batch, 1: height, 2: width}})
+                          dynamic_shapes={"images": {0: batch, 2: height, 3: width},
+                                          "mask": {0: batch, 1: height, 2: width}})
     return path
 
 
@@ -125,7 +126,8 @@ def latency(model, path, size, runs=5):
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     images, mask = torch.randn(1, 3, *size), torch.zeros(1, *size, dtype=torch.bool)
     timings = []
-    for run in (lambda: model(images, mask), lambda: session.run(None, {"images": images.numpy(), "mask": mask.numpy()})):
+    for run in (lambda: model(images, mask),
+                lambda: session.run(None, {"images": images.numpy(), "mask": mask.numpy()})):
         seconds = []
         for _ in range(runs + 1):  # the first is a warm-up
             start = time.perf_counter()
@@ -167,7 +169,8 @@ def main():
     print(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB); onnxruntime vs PyTorch on {sizes} "
           f"(one image padded): max |diff| logits {logits:.2e}, boxes {boxes:.2e}")
     print(f"pred_logits: {model.num_classes} sigmoid scores, one per class (cls_loss={model.config['cls_loss']!r})"
-          if model.sigmoid_classes else f"pred_logits: {model.num_classes} classes then \"no object\", read with a softmax")
+          if model.sigmoid_classes
+          else f"pred_logits: {model.num_classes} classes then \"no object\", read with a softmax")
     eager, ort = latency(model.eval(), out, check_sizes[0])
     print(f"latency of one {check_sizes[0][0]}x{check_sizes[0][1]} image on {torch.get_num_threads()} threads: "
           f"PyTorch eager {eager * 1000:.0f} ms, onnxruntime {ort * 1000:.0f} ms")

@@ -55,7 +55,8 @@ def read_coco_json(path):
     if not ids:
         raise SystemExit(f"error: {path} has no categories")
     for i, im in enumerate(data["images"]):
-        if not isinstance(im, dict) or not isinstance(im.get("id"), (int, str)) or not isinstance(im.get("file_name"), str):
+        if (not isinstance(im, dict) or not isinstance(im.get("id"), (int, str))
+                or not isinstance(im.get("file_name"), str)):
             raise SystemExit(f"error: {path}: image {i} needs an 'id' and a 'file_name'")
     return data
 
@@ -81,7 +82,8 @@ def prepare(ann, images, out_dir, split, log=print):
             warning = raw_frame_warning(path, im.get("width"), im.get("height"))
             if warning:  # the likely cause, before the skip
                 log(warning)
-            log(f"skip image {im['id']}: {path} is {width}x{height}, the json says {im.get('width')}x{im.get('height')}")
+            log(f"skip image {im['id']}: {path} is {width}x{height}, "
+                f"the json says {im.get('width')}x{im.get('height')}")
             skipped_images += 1
             continue
         if im["id"] in records:

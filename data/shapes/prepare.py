@@ -1,12 +1,12 @@
-"""
+r"""
 Draw the synthetic "shapes" detection set: coloured circles, squares, triangles and stars on noisy,
 textured backgrounds, some overlapping, some cut by the border. It is minidetr's embedded default:
 no download, and a small DETR learns it on a CPU in minutes.
 
     python data/shapes/prepare.py                         # 2000 train + 200 val images, 128x128
     python data/shapes/prepare.py --image_size=256 --num_train=10000
-    python data/shapes/prepare.py --out_dir=data/shapes_crowded --num_train=0 --min_objects=7 --max_objects=10 --seed=4242
-                                          # more objects an image than training showed (tools/eval.py, paper §4.2)
+    python data/shapes/prepare.py --out_dir=data/shapes_crowded --num_train=0 --min_objects=7 \
+        --max_objects=10 --seed=4242      # more objects an image than training showed (tools/eval.py, paper §4.2)
 
 Writes data/shapes/{train,val}.json (the format of data/format.py) and data/shapes/images/{train,val}/*.jpg.
 Ground-truth boxes are exact: computed from the drawn geometry (shapes are drawn at 4x resolution
@@ -28,7 +28,7 @@ out_dir = os.path.dirname(os.path.abspath(__file__))  # where the jsons and imag
 num_train = 2000  # training images
 num_val = 200  # validation images
 image_size = 128  # images are square, image_size x image_size pixels
-min_objects, max_objects = 1, 6  # objects per image, uniform (more, for the paper's §4.2: tools/eval.py's by_object_count)
+min_objects, max_objects = 1, 6  # objects per image, uniform (more: the paper's §4.2, tools/eval.py's by_object_count)
 min_size, max_size = 0.15, 0.45  # object size (box side before rotation) as a fraction of the image
 seed = 1337  # the same seed draws the same images
 workers = os.cpu_count()  # drawing processes

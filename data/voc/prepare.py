@@ -62,7 +62,8 @@ def parse_annotation(xml_path, jpeg_path, log):
         log(f"skip image: cannot read {jpeg_path} ({type(e).__name__})")
         return None
     size = [int(float(root.findtext(f"size/{k}") or 0)) for k in ("width", "height")]
-    warning = raw_frame_warning(jpeg_path, *size) if size != [width, height] else None  # (a second header read: only then)
+    # (a second header read: only then)
+    warning = raw_frame_warning(jpeg_path, *size) if size != [width, height] else None
     if warning:
         log(warning)
     record = {"file": os.path.abspath(jpeg_path), "width": width, "height": height,
@@ -159,7 +160,8 @@ def fetch(voc_root, years):
 
 
 if __name__ == "__main__":
-    globals().update(configure({k: globals()[k] for k in ("voc_root", "years", "splits", "out_dir", "download")}, sys.argv[1:]))
+    globals().update(configure({k: globals()[k] for k in ("voc_root", "years", "splits", "out_dir", "download")},
+                               sys.argv[1:]))
     if not voc_root:
         sys.exit("error: give --voc_root=/path/to/VOCdevkit (add --download to fetch VOC first)")
     years = [y.strip() for y in years.split(",")]

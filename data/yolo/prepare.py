@@ -15,8 +15,9 @@ become pixels of the image as displayed (EXIF orientation applied: data/format.p
 An image with no label file, or an empty one, is kept with no objects. As ultralytics checks labels: a
 malformed line, an unknown class (0.0 is class 0), a coordinate outside [0, 1] (a label in pixels; 0.01
 of slack, then clipped) or a box with no area is one logged skip, and duplicate lines are removed; so
-is an image that cannot be read, or a label file with no image skipped. The summary counts them. A yaml without names or splits, or a split with no image,
-is one error line. Needs PyYAML for --yaml (pip install pyyaml; ultralytics installs it).
+is an image that cannot be read, or a label file with no image skipped. The summary counts them. A yaml
+without names or splits, or a split with no image, is one error line. Needs PyYAML for --yaml (pip
+install pyyaml; ultralytics installs it).
 """
 
 import glob
@@ -181,10 +182,12 @@ def prepare(image_paths, classes, out_dir, split, labels_dir="", log=print):
     # a label file in this split's label folders with no image of its name in its image folders (other
     # splits may share the folders): each folder listed once
     label_dirs = {os.path.dirname(label_file(p, labels_dir)) for p in image_paths}
-    image_dirs = {os.path.dirname(p) for p in image_paths if os.path.isdir(os.path.dirname(p))}  # a txt list may name missing ones
+    # a txt list may name missing ones
+    image_dirs = {os.path.dirname(p) for p in image_paths if os.path.isdir(os.path.dirname(p))}
     image_names = {os.path.splitext(f)[0] for d in image_dirs for f in os.listdir(d)}
     for orphan in sorted(f for d in label_dirs for f in glob.glob(os.path.join(glob.escape(d), "*.txt"))):
-        if os.path.splitext(os.path.basename(orphan))[0] not in image_names and os.path.basename(orphan) != "classes.txt":
+        if (os.path.splitext(os.path.basename(orphan))[0] not in image_names
+                and os.path.basename(orphan) != "classes.txt"):
             log(f"skip labels: {orphan} has no image")
             orphans += 1
     if not records:
@@ -196,8 +199,8 @@ def prepare(image_paths, classes, out_dir, split, labels_dir="", log=print):
     os.replace(out_path + ".tmp", out_path)
     objects, empty = sum(len(r["labels"]) for r in records), sum(not r["labels"] for r in records)
     log(f"{split}: {len(records)} images ({empty} without objects), {objects} objects, {len(classes)} classes; "
-        f"skipped {skipped_images} images, {skipped_objects} objects, {duplicates} duplicate lines, {orphans} label files "
-        f"without an image -> {out_path}")
+        f"skipped {skipped_images} images, {skipped_objects} objects, {duplicates} duplicate lines, "
+        f"{orphans} label files without an image -> {out_path}")
     return len(records), objects
 
 

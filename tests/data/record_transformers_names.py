@@ -3,7 +3,7 @@ transformers_detr_names.json, for tests/test_transformers_format.py: a timm ResN
 hub's default) and transformers' own ResNet (the hub's no_timm revision). Needs transformers and timm:
     python tests/data/record_transformers_names.py tests/data/transformers_detr_names.json"""
 import json, sys, tempfile
-import torch, transformers
+import transformers
 from safetensors import safe_open
 
 tiny = dict(d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
