@@ -1,5 +1,6 @@
 """What the scripts share, and what a reader of the paper's code can skip:
 
+    run.py         a training run around its steps: checkpoints saved and resumed, evaluations, the log, stops
     weights.py     every weight format (official .pth, minidetr checkpoints, transformers folders), the run
                    folder (ckpt.pt, best.pt, log.jsonl) and fine-tuning's transfer of weights
     inference.py   the one way a model runs over images (predict), and train.py's evaluation

@@ -19,7 +19,6 @@ import torch
 
 from data.format import class_key
 from data.pipeline import collate, read_image, val_transform, worker_ignores_signals
-from detr import postprocess
 from lib.metrics import compute_map, ground_truth
 from lib.processes import gather
 
@@ -94,10 +93,10 @@ def predict(model, dataset, device, batch_size=None, pad_to=None, dtype="float32
                              f"{images.shape[2]}x{images.shape[3]} on {device}; lower the evaluation's "
                              f"batch_size={batch_size} or its image size (val_scale)") from None
         sizes = torch.stack([t["orig_size"] for t in targets])
-        results = postprocess(outputs, sizes, model.sigmoid_classes)
+        results = model.postprocess(outputs, sizes)
         earlier = [()] * len(results)  # per image: its detections after each earlier decoder layer
         if layers and outputs["aux_outputs"]:
-            earlier = list(zip(*[postprocess(aux, sizes, model.sigmoid_classes) for aux in outputs["aux_outputs"]]))
+            earlier = list(zip(*[model.postprocess(aux, sizes) for aux in outputs["aux_outputs"]]))
         for target, r, before in zip(targets, results, earlier):
             last = on_cpu(r)
             predictions[target["image_id"]] = {**last, "layers": [*map(on_cpu, before), last]} if layers else last

@@ -160,9 +160,9 @@ def same_on_every_rank(model, ddp):
         dist.broadcast(tensor, 0)
 
 
-def out_of_memory(it, images, cfg, device, ckpt_path):
+def out_of_memory(it, batch_shape, cfg, device, ckpt_path):
     """The exit for a training step that ran out of memory: one line with the batch and the keys that size it."""
-    B, _, H, W = images.shape
+    B, _, H, W = batch_shape
     return SystemExit(f"error: out of memory at iteration {it} on {device}, a batch of {B} images padded to {H}x{W}; "
                       f"lower batch_size={cfg.batch_size} (a larger gradient_accumulation_steps keeps the batch), "
                       f"max_size={cfg.max_size} or train_scales (up to {max(cfg.train_scales)}; "

@@ -25,7 +25,8 @@ import torch
 import torchvision
 
 from data.format import class_key
-from detr import BACKBONES, DETR, PARTS
+from additions.model import ADDITIONS_OFF, AdditionsDETR, build_model, model_args
+from detr import BACKBONES, DETR
 
 class LoadError(RuntimeError):
     """A checkpoint or weights file could not be loaded; the message is one line meant for the user."""
@@ -172,8 +173,10 @@ def official_model_args(state_dict, source):
             backbone=backbone[(bottleneck, len(blocks))],
             hidden_dim=hidden_dim,
             num_queries=num_queries,
-            num_encoder_layers=len({k.split(".")[3] for k in state_dict if k.startswith("transformer.encoder.layers.")}),
-            num_decoder_layers=len({k.split(".")[3] for k in state_dict if k.startswith("transformer.decoder.layers.")}),
+            num_encoder_layers=len({k.split(".")[3] for k in state_dict
+                                    if k.startswith("transformer.encoder.layers.")}),
+            num_decoder_layers=len({k.split(".")[3] for k in state_dict
+                                    if k.startswith("transformer.decoder.layers.")}),
             dim_feedforward=state_dict["transformer.encoder.layers.0.linear1.weight"].shape[0],
         )
     except (KeyError, AttributeError, ValueError, TypeError) as e:
@@ -194,7 +197,7 @@ def model_from_official_checkpoint(checkpoint, source, **overrides):
     """The DETR of an official checkpoint already read ({'model': state dict}, or the state dict), with
     COCO's class names when it has COCO's 91 outputs."""
     state_dict = checkpoint.get("model", checkpoint)
-    model = DETR(**{**official_model_args(state_dict, source), **overrides})
+    model = build_model(**{**official_model_args(state_dict, source), **overrides})
     load_official_state_dict(model, state_dict, source)
     model.classes = COCO_CLASSES if model.num_classes == len(COCO_CLASSES) else None
     return model
@@ -202,7 +205,8 @@ def model_from_official_checkpoint(checkpoint, source, **overrides):
 
 def load_official_state_dict(model, state_dict, source="checkpoint"):
     """Load a state dict with the official key names into model (see load_named_state_dict)."""
-    named = {official_to_minidetr_key(k): (k, v) for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+    named = {official_to_minidetr_key(k): (k, v) for k, v in state_dict.items()
+             if not k.endswith("num_batches_tracked")}
     load_named_state_dict(model, named, source, "an official DETR checkpoint", minidetr_to_official_key)
 
 
@@ -227,7 +231,7 @@ def model_from_checkpoint(checkpoint, source, ema=True, **overrides):
     if missing:
         raise LoadError(f"{source}: not a minidetr checkpoint (no '{missing[0]}')")
     try:
-        model = DETR(**{**checkpoint["model_args"], **overrides})
+        model = build_model(**{**checkpoint["model_args"], **overrides})
         model.load_state_dict(checkpoint["ema_model"] if ema and "ema_model" in checkpoint else checkpoint["model"])
     except (TypeError, ValueError, RuntimeError) as e:
         detail = [line.strip() for line in str(e).strip().splitlines()][-1][:300]
@@ -280,7 +284,8 @@ def save_checkpoint(checkpoint, path):
 def load_training_checkpoint(path, classes):
     """train.py's out_dir/ckpt.pt for a resume: every key an exact resume needs, and the dataset's classes."""
     checkpoint = load_checkpoint_file(path)
-    missing = [k for k in ("model", "optimizer", "model_args", "iter_num", "best_val", "classes", "rng") if k not in checkpoint]
+    missing = [k for k in ("model", "optimizer", "model_args", "iter_num", "best_val", "classes", "rng")
+               if k not in checkpoint]
     if missing:
         raise LoadError(f"{path} is not a minidetr training checkpoint (no '{missing[0]}')")
     if checkpoint["classes"] != classes:
@@ -306,7 +311,8 @@ def check_out_dir(cfg, master):
     if master:
         for f in found if cfg.init_from != "resume" else ():
             os.remove(os.path.join(cfg.out_dir, f))
-        try:  # one error line before any training when out_dir cannot be written: a run must be able to save what it learns
+        # one error line before any training when out_dir cannot be written: a run must be able to save what it learns
+        try:
             os.makedirs(cfg.out_dir, exist_ok=True)
             with open(os.path.join(cfg.out_dir, ".writable"), "w"):
                 pass
@@ -326,14 +332,15 @@ def cut_log(out_dir, iter_num):
 
 
 def append_log(out_dir, record, writer=None, classes=()):
-    """One line of out_dir/log.jsonl; with a TensorBoard writer, each of its numbers too (the per-class APs by class name).
-    A failed append (a full disk) is one error line."""
+    """One line of out_dir/log.jsonl; with a TensorBoard writer, each of its numbers too (the per-class APs by
+    class name). A failed append (a full disk) is one error line."""
     path = os.path.join(out_dir, "log.jsonl")
     try:
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
     except OSError as e:
-        raise SystemExit(f"error: could not append to {path} ({e.strerror or e}); the last checkpoint is left as it was") from None
+        raise SystemExit(f"error: could not append to {path} ({e.strerror or e}); "
+                         f"the last checkpoint is left as it was") from None
     for key, value in record.items() if writer is not None else ():
         for name, x in zip(classes, value) if isinstance(value, list) else [(None, value)]:
             if key != "iter" and isinstance(x, (int, float)) and math.isfinite(x):
@@ -341,7 +348,8 @@ def append_log(out_dir, record, writer=None, classes=()):
 
 
 # Fine-tuning (train.py's init_from): a pretrained model's weights into the config's model
-# The architecture the transfer refuses another value of (num_heads and dilation shape no tensor, but change what they mean)
+# The architecture the transfer refuses another value of
+# (num_heads and dilation shape no tensor, but change what they mean)
 ARCHITECTURE_KEYS = ("backbone", "dilation", "hidden_dim", "num_heads", "num_encoder_layers", "num_decoder_layers",
                      "dim_feedforward", "num_queries", "feature_stride")
 
@@ -349,7 +357,7 @@ ARCHITECTURE_KEYS = ("backbone", "dilation", "hidden_dim", "num_heads", "num_enc
 def transfer_weights(pretrained, model, source):
     """Copy into model (built from train.py's config for the dataset's classes, model.classes) every
     tensor of the pretrained model (load_model's) that it has too, and return what it did: the parts
-    (detr.PARTS) that got pretrained tensors (loaded), those that start as new (new), those of the
+    (AdditionsDETR.PARTS) that got pretrained tensors (loaded), those that start as new (new), those of the
     pretrained model that the config's has not (left_out), the model's classes that start with fresh
     rows (new_classes) and the pretrained classes whose rows are dropped (dropped_classes).
     - The architecture must be the same (ARCHITECTURE_KEYS but those the file does not say, then
@@ -362,16 +370,19 @@ def transfer_weights(pretrained, model, source):
       config switches off are left out. The object queries are loaded when they mean the same
       (DETR's positions, or DAB-DETR's content with anchor_queries), as many groups as both have, and
       so is the box head (an absolute box in DETR, an offset of the anchor box with anchor_queries)."""
+    theirs_args, ours_args = model_args(pretrained), model_args(model)
     for key in ARCHITECTURE_KEYS:
-        if key not in getattr(pretrained, "assumed", ()) and pretrained.config[key] != model.config[key]:
-            raise LoadError(f"{source} is a DETR with {key}={pretrained.config[key]!r}, the config has "
-                            f"{key}={model.config[key]!r}: set --{key}={pretrained.config[key]!r} to fine-tune it")
-    part_of = {attr: part for part, attrs in PARTS.items() for attr in attrs}
-    additions = {attr for part, attrs in list(PARTS.items())[7:] for attr in attrs}
+        if key not in getattr(pretrained, "assumed", ()) and theirs_args[key] != ours_args[key]:
+            raise LoadError(f"{source} is a DETR with {key}={theirs_args[key]!r}, the config has "
+                            f"{key}={ours_args[key]!r}: set --{key}={theirs_args[key]!r} to fine-tune it")
+    part_of = {attr: part for part, attrs in AdditionsDETR.PARTS.items() for attr in attrs}
+    additions = {attr for part, attrs in AdditionsDETR.PARTS.items() if part not in DETR.PARTS for attr in attrs}
+    sigmoid = {m: m_args["cls_loss"] != "ce" for m, m_args in ((pretrained, theirs_args), (model, ours_args))}
     theirs, ours = pretrained.state_dict(), model.state_dict()
     names = [class_key(c) for c in pretrained.classes or []]
-    rows = {i: names.index(class_key(c)) for i, c in enumerate(model.classes) if class_key(c) in names}  # ours -> theirs
-    same_queries = pretrained.anchor_queries == model.anchor_queries  # the queries and the box head mean the same
+    rows = {i: names.index(class_key(c))  # ours -> theirs
+            for i, c in enumerate(model.classes) if class_key(c) in names}
+    same_queries = theirs_args["anchor_queries"] == ours_args["anchor_queries"]  # queries and box head mean the same
     loaded, new = set(), set()
     with torch.no_grad():
         for key, value in ours.items():
@@ -382,12 +393,12 @@ def transfer_weights(pretrained, model, source):
                 if attr not in additions:
                     raise LoadError(f"{source} has no '{key}': it is another architecture than the config's")
                 new.add(part)
-            elif attr in ("class_head", "proposal_class_head") and pretrained.sigmoid_classes != model.sigmoid_classes:
+            elif attr in ("class_head", "proposal_class_head") and sigmoid[pretrained] != sigmoid[model]:
                 new.add(part)  # softmax rows with "no object" and sigmoid rows without mean different scores (cls_loss)
             elif attr in ("class_head", "proposal_class_head", "label_embed"):  # rows by class name
                 for i, j in rows.items():
                     value[i] = theirs[key][j]
-                if rows and attr != "label_embed" and not model.sigmoid_classes:  # "no object", the last row
+                if rows and attr != "label_embed" and not sigmoid[model]:  # "no object", the last row
                     value[-1] = theirs[key][-1]
                 (loaded if rows else new).add(part)
                 if len(rows) < len(model.classes):
@@ -413,12 +424,13 @@ def transfer_weights(pretrained, model, source):
                         and not k.endswith("num_batches_tracked")), None)
         if unknown:
             raise LoadError(f"{source} has '{unknown}', which the config's model has not: it is another architecture")
-    order = list(PARTS)
+    order = list(AdditionsDETR.PARTS)
     left_out = {part_of[k.split(".")[0]] for k in theirs if k.split(".")[0] in additions and k not in ours}
     return {"loaded": sorted(loaded, key=order.index), "new": sorted(new, key=order.index),
             "left_out": sorted(left_out, key=order.index),
             "new_classes": [c for i, c in enumerate(model.classes) if i not in rows],
-            "dropped_classes": [c for j, c in enumerate(pretrained.classes or []) if j not in rows.values() and c != "N/A"]}
+            "dropped_classes": [c for j, c in enumerate(pretrained.classes or [])
+                                if j not in rows.values() and c != "N/A"]}
 
 
 def checkpoint_architecture(path):
@@ -440,16 +452,17 @@ def few(names):
 def new_model(config, num_classes, trainable_layers):
     """A new DETR with the config's model keys (they are named as DETR's arguments), its backbone
     from ImageNet's weights with pretrained_backbone."""
-    args = {k: config[k] for k in inspect.signature(DETR).parameters if k in config}
-    model = DETR(num_classes, **{**args, "trainable_layers": trainable_layers})
+    args = {k: config[k] for k in [*inspect.signature(DETR).parameters, *ADDITIONS_OFF] if k in config}
+    model = build_model(**{**args, "num_classes": num_classes, "trainable_layers": trainable_layers})
     if config["pretrained_backbone"]:
         load_imagenet_backbone(model)
     return model
 
 
-def initial_model(cfg, config, classes):
+def initial_model(cfg, classes):
     """(model, checkpoint or None), as init_from says: resumed from out_dir/ckpt.pt, new, or the config's
     model with every tensor it shares with pretrained weights (weights.transfer_weights)."""
+    config = vars(cfg)
     trainable_layers = cfg.trainable_layers if cfg.lr_backbone > 0 else 0  # lr_backbone=0 freezes the backbone
     if cfg.init_from == "scratch":
         return new_model(config, len(classes), trainable_layers), None
@@ -460,9 +473,12 @@ def initial_model(cfg, config, classes):
         done, say = transfer_weights(pretrained, model, cfg.init_from), f"init_from={cfg.init_from}:"
         if os.environ.get("RANK", "0") != "0":  # the master says it
             return model, None
-        kept, new_classes, dropped = len(classes) - len(done["new_classes"]), done["new_classes"], done["dropped_classes"]
-        print(f"{say} loaded {', '.join(done['loaded'])}; the class rows of {kept} of the {len(classes)} classes (by name)")
-        print(f"{say} new {', '.join(done['new']) or 'nothing'}" + (f"; rows for {few(new_classes)}" if new_classes else ""))
+        kept, new_classes, dropped = (len(classes) - len(done["new_classes"]), done["new_classes"],
+                                      done["dropped_classes"])
+        print(f"{say} loaded {', '.join(done['loaded'])}; "
+              f"the class rows of {kept} of the {len(classes)} classes (by name)")
+        print(f"{say} new {', '.join(done['new']) or 'nothing'}"
+              + (f"; rows for {few(new_classes)}" if new_classes else ""))
         print(f"{say} left out {', '.join(done['left_out']) or 'no module'}"
               + (f"; dropped the class rows of {few(dropped)} (not in this data)" if dropped else ""))
         return model, None
@@ -504,10 +520,14 @@ HF_LAYER_PARTS = {  # inside our encoder.i / decoder.i: transformers' module nam
 HF_RESNET_NAMES = [  # transformers' own ResNet -> torchvision's names
     (r"^embedder\.embedder\.convolution\.", "conv1."),
     (r"^embedder\.embedder\.normalization\.", "bn1."),
-    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.convolution\.", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.downsample.0."),
-    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.normalization\.", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.downsample.1."),
-    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.convolution\.", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.conv{int(m[3]) + 1}."),
-    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.normalization\.", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.bn{int(m[3]) + 1}."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.convolution\.",
+     lambda m: f"layer{int(m[1]) + 1}.{m[2]}.downsample.0."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.normalization\.",
+     lambda m: f"layer{int(m[1]) + 1}.{m[2]}.downsample.1."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.convolution\.",
+     lambda m: f"layer{int(m[1]) + 1}.{m[2]}.conv{int(m[3]) + 1}."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.normalization\.",
+     lambda m: f"layer{int(m[1]) + 1}.{m[2]}.bn{int(m[3]) + 1}."),
 ]
 
 
@@ -599,13 +619,15 @@ def hf_model_args(config, source, num_outputs):
     for key, paper in (("position_embedding_type", "sine"), ("activation_function", "relu"), ("num_channels", 3)):
         if config.get(key, paper) != paper:
             refuse(f"{key} is {config[key]!r}, not {paper!r}")
-    for a, b, default in (("encoder_attention_heads", "decoder_attention_heads", 8), ("encoder_ffn_dim", "decoder_ffn_dim", 2048)):
+    for a, b, default in (("encoder_attention_heads", "decoder_attention_heads", 8),
+                          ("encoder_ffn_dim", "decoder_ffn_dim", 2048)):
         if config.get(a, default) != config.get(b, default):
             refuse(f"{a} ({config.get(a, default)}) and {b} ({config.get(b, default)}) differ")
     args = dict(hidden_dim=number("d_model", 256), num_heads=number("encoder_attention_heads", 8),
                 num_encoder_layers=number("encoder_layers", 6), num_decoder_layers=number("decoder_layers", 6),
                 dim_feedforward=number("encoder_ffn_dim", 2048), num_queries=number("num_queries", 100),
-                dropout=number("dropout", 0.1, (int, float)))  # transformers' attention and activation dropouts are not DETR's
+                # transformers' attention and activation dropouts are not DETR's
+                dropout=number("dropout", 0.1, (int, float)))
 
     # the backbone, as transformers builds it: a backbone_config decides alone, else the top-level keys
     backbone_config = config.get("backbone_config")
@@ -624,12 +646,15 @@ def hf_model_args(config, source, num_outputs):
         name = (backbone_config.get("backbone") or config.get("backbone") or "resnet50").split("/")[-1].split(".")[0]
         last_stage = (backbone_config.get("out_indices") or [4])[-1]
     elif kind == "resnet":  # transformers' ResNet: read its depth off the blocks
-        layer_type, depths = backbone_config.get("layer_type", "bottleneck"), backbone_config.get("depths", [3, 4, 6, 3])
-        name = {("basic", (2, 2, 2, 2)): "resnet18", ("basic", (3, 4, 6, 3)): "resnet34", ("bottleneck", (3, 4, 6, 3)): "resnet50",
-                ("bottleneck", (3, 4, 23, 3)): "resnet101"}.get((layer_type, tuple(depths)), f"a {layer_type} ResNet of depths {depths}")
+        layer_type, depths = (backbone_config.get("layer_type", "bottleneck"),
+                              backbone_config.get("depths", [3, 4, 6, 3]))
+        name = {("basic", (2, 2, 2, 2)): "resnet18", ("basic", (3, 4, 6, 3)): "resnet34",
+                ("bottleneck", (3, 4, 6, 3)): "resnet50", ("bottleneck", (3, 4, 23, 3)): "resnet101"}.get(
+                    (layer_type, tuple(depths)), f"a {layer_type} ResNet of depths {depths}")
         last_stage = int(str((backbone_config.get("out_features") or ["stage4"])[-1]).removeprefix("stage"))
-        for key, torchvision_value in (("embedding_size", 64), ("downsample_in_bottleneck", False), ("hidden_act", "relu"),
-                                       ("downsample_in_first_stage", False), ("num_channels", 3)):
+        for key, torchvision_value in (("embedding_size", 64), ("downsample_in_bottleneck", False),
+                                       ("hidden_act", "relu"), ("downsample_in_first_stage", False),
+                                       ("num_channels", 3)):
             if backbone_config.get(key, torchvision_value) != torchvision_value:
                 refuse(f"its ResNet has {key}={backbone_config[key]!r}, torchvision's {torchvision_value!r}")
         if stride == 16:
@@ -661,7 +686,8 @@ def hf_model_args(config, source, num_outputs):
 
 def hf_cache_folder():
     """The Hugging Face hub cache, where huggingface_hub would put a download."""
-    home = os.environ.get("HF_HOME", os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "huggingface"))
+    home = os.environ.get("HF_HOME", os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                                                  "huggingface"))
     return os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
 
 
@@ -693,7 +719,8 @@ def fetch_transformers_folder(name_or_path):
         raise LoadError(f"'{name_or_path}' is no local file or folder, nor in the Hugging Face cache ({cache}): "
                         f"pip install huggingface_hub to download it, or give the folder that holds its config.json "
                         f"and model.safetensors") from None
-    weights = ["model.safetensors", "pytorch_model.bin"] if importlib.util.find_spec("safetensors") else ["pytorch_model.bin"]
+    weights = (["model.safetensors", "pytorch_model.bin"] if importlib.util.find_spec("safetensors")
+               else ["pytorch_model.bin"])
     try:
         for name in weights:  # the first the repository has; older ones hold only pytorch_model.bin
             folder = huggingface_hub.snapshot_download(name_or_path, allow_patterns=["*.json", name])
@@ -711,7 +738,8 @@ def model_from_transformers_folder(folder, source, **overrides):
             config = json.load(f)
     except FileNotFoundError:
         hint = next((f"; for a training run's folder give its {n}" for n in ("best.pt", "ckpt.pt")
-                     if os.path.isfile(os.path.join(folder, n))), " (a transformers model folder holds config.json and model.safetensors)")
+                     if os.path.isfile(os.path.join(folder, n))),
+                    " (a transformers model folder holds config.json and model.safetensors)")
         raise LoadError(f"{source}: no config.json in {folder}{hint}") from None
     except (OSError, ValueError) as e:
         raise LoadError(f"{source}: config.json is not readable json ({e})") from None
@@ -721,7 +749,7 @@ def model_from_transformers_folder(folder, source, **overrides):
     head = weights.get("class_labels_classifier.bias")
     args, classes, category_ids = hf_model_args(config, source, len(head) if torch.is_tensor(head) else 92)
     try:
-        model = DETR(**{**args, **overrides})
+        model = build_model(**{**args, **overrides})
     except (TypeError, ValueError) as e:
         raise LoadError(f"{source}: config.json describes no DETR minidetr can build ({e})") from None
     load_named_state_dict(model, hf_to_minidetr(weights, source), source, "transformers' DetrForObjectDetection",
@@ -764,9 +792,10 @@ def write_transformers_folder(model, folder, val_scale=800, max_size=1333):
     as id2label, a dataset's own ids as category_ids), model.safetensors (needs the safetensors
     package) and preprocessor_config.json (the image sizes). DetrForObjectDetection.from_pretrained
     then gives the same outputs."""
-    c = model.config
+    c = model_args(model)
     on = [k for k in ("anchor_queries", "encoder_proposals", "denoising_groups", "conditional_cross_attn") if c[k]]
-    on += [f"cls_loss={c['cls_loss']!r}"] * model.sigmoid_classes  # transformers' DETR reads a softmax with "no object"
+    # transformers' DETR reads a softmax with "no object"
+    on += [f"cls_loss={c['cls_loss']!r}"] * (c["cls_loss"] != "ce")
     on += ["query_groups"] * (c["query_groups"] > 1) + ["feature_stride"] * (c["feature_stride"] != 32)
     if on:
         raise LoadError(f"the model uses {', '.join(on)}, which transformers' DETR does not have: "

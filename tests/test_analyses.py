@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from additions.model import AdditionsDETR
 from conftest import ROOT, load_script
-from detr import DETR
 from lib.weights import load_model
 from test_sample import fixed_box_model, save_checkpoint
 
@@ -49,8 +49,8 @@ def test_curves_png_from_a_hand_made_log(analyses, tmp_path):
 
 
 def test_weight_histograms_one_panel_per_part(analyses, tmp_path, capsys):
-    model = DETR(num_classes=3, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1,
-                 num_decoder_layers=1, dim_feedforward=64, num_queries=3, anchor_queries=True)
+    model = AdditionsDETR(num_classes=3, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1,
+                          num_decoder_layers=1, dim_feedforward=64, num_queries=3, anchor_queries=True)
     save_checkpoint(model, tmp_path / "ckpt.pt", ["a", "b", "c"])
     path = analyses.plot_weights(load_model(str(tmp_path / "ckpt.pt"))[0], str(tmp_path / "weights.png"))
     assert capsys.readouterr().out.startswith("8 parts")  # the paper's 7 and the anchors

@@ -17,7 +17,8 @@ def test_flags_and_files_override_in_order_with_their_types(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--stpes=3"], "error: unknown flag --stpes; did you mean --steps? (known: --out_dir, --lr, --steps, --compile, --sizes, --names)"),
+    (["--stpes=3"], "error: unknown flag --stpes; did you mean --steps? "
+                    "(known: --out_dir, --lr, --steps, --compile, --sizes, --names)"),
     (["--steps=many"], "error: steps='many' should be an integer"),
     (["--compile=1"], "error: compile=1 should be True or False"),
     (["--lr=fast"], "error: lr='fast' should be a number"),
@@ -32,8 +33,8 @@ def test_a_bad_flag_is_one_error_line(argv, message):
 def test_a_config_file_that_sets_an_unknown_key_or_fails_is_one_line(tmp_path):
     (tmp_path / "typo.py").write_text("step = 3\n")
     (tmp_path / "broken.py").write_text("steps = 1 / 0\n")
-    for name, message in (("typo.py", "sets 'step', which is not a config key"), ("broken.py", "fails: ZeroDivisionError"),
-                          ("missing.py", "no config file")):
+    for name, message in (("typo.py", "sets 'step', which is not a config key"),
+                          ("broken.py", "fails: ZeroDivisionError"), ("missing.py", "no config file")):
         with pytest.raises(SystemExit) as e:
             configure(DEFAULTS, [str(tmp_path / name)], config_files=True)
         assert message in str(e.value) and "\n" not in str(e.value)
@@ -80,7 +81,8 @@ def test_help_lists_every_key_with_its_default_and_comment_in_the_scripts_groups
 
     from conftest import ROOT, load_script
 
-    result = subprocess.run([sys.executable, script, "--out_dir=ignored", flag], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, script, "--out_dir=ignored", flag], cwd=ROOT, capture_output=True,
+                            text=True)
     assert result.returncode == 0 and not result.stderr, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert lines[0] == f"usage: python {script}{' [config.py ...]' if script == 'train.py' else ''} [--key=value ...]"
@@ -93,5 +95,6 @@ def test_help_lists_every_key_with_its_default_and_comment_in_the_scripts_groups
         default = getattr(module, key)
         assert configure({key: default}, [flag]) == {key: default} and flag.startswith(f"--{key}=") and comment
     if script == "train.py":  # under the comment that heads its group
-        assert lines.index("model") < lines.index(listed["backbone"]) < lines.index(listed["hidden_dim"]) < lines.index("data")
+        assert (lines.index("model") < lines.index(listed["backbone"]) < lines.index(listed["hidden_dim"])
+                < lines.index("data"))
         assert lines.index("I/O") < lines.index(listed["out_dir"]) < lines.index("model")

@@ -11,6 +11,7 @@ import detr
 from lib import weights
 from detr import DETR, Backbone
 from lib.weights import LoadError
+from additions.model import AdditionsDETR, finer_backbone
 
 DATA = __import__("pathlib").Path(__file__).parent / "data"
 
@@ -47,7 +48,8 @@ def test_official_keys_and_shapes_map_exactly(detr_r50):
         assert weights.official_to_minidetr_key(weights.minidetr_to_official_key(key)) == key
     assert weights.official_to_minidetr_key("transformer.decoder.layers.3.multihead_attn.out_proj.weight") == \
         "decoder.3.cross_attn.out_proj.weight"
-    assert weights.official_to_minidetr_key("backbone.0.body.layer4.2.bn3.running_var") == "backbone.layer4.2.bn3.running_var"
+    assert weights.official_to_minidetr_key("backbone.0.body.layer4.2.bn3.running_var") == \
+        "backbone.layer4.2.bn3.running_var"
 
 
 def test_official_r50_checkpoint_round_trip(detr_r50, tmp_path, monkeypatch):
@@ -61,7 +63,8 @@ def test_official_r50_checkpoint_round_trip(detr_r50, tmp_path, monkeypatch):
 
     reads, real_read = [], weights.load_checkpoint_file
     monkeypatch.setattr(weights, "load_checkpoint_file", lambda path: reads.append(path) or real_read(path))
-    model, sizes = weights.load_model(str(tmp_path / "detr.pth"))  # as sample.py and tools/export.py load: the file read once
+    # as sample.py and tools/export.py load: the file read once
+    model, sizes = weights.load_model(str(tmp_path / "detr.pth"))
     assert len(reads) == 1 and model.classes == weights.COCO_CLASSES and sizes == {"val_scale": 800, "max_size": 1333}
 
 
@@ -77,7 +80,8 @@ def test_round_trip_reproduces_outputs(tmp_path):
 
 
 @pytest.mark.parametrize("corrupt, message", [
-    (lambda sd: sd.update({"class_embed.bias": torch.zeros(7)}), "key 'class_embed.bias' has shape (7,), expected (4,)"),
+    (lambda sd: sd.update({"class_embed.bias": torch.zeros(7)}),
+     "key 'class_embed.bias' has shape (7,), expected (4,)"),
     (lambda sd: sd.update({"transformer.encoder.layers.0.extra.weight": torch.zeros(1)}),
      "unexpected key 'transformer.encoder.layers.0.extra.weight'"),
     (lambda sd: sd.pop("transformer.decoder.norm.bias"), "missing key 'transformer.decoder.norm.bias'"),
@@ -122,10 +126,12 @@ def test_imagenet_weights_load_into_every_stage_the_backbone_keeps(monkeypatch, 
     torch.manual_seed(0)
     resnet = torchvision.models.resnet18()
     monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", lambda self, *a, **k: resnet.state_dict())
-    model = DETR(num_classes=3, backbone="resnet18", feature_stride=feature_stride, num_encoder_layers=1, num_decoder_layers=1)
+    model = AdditionsDETR(num_classes=3, backbone="resnet18", feature_stride=feature_stride, num_encoder_layers=1,
+                          num_decoder_layers=1)
     weights.load_imagenet_backbone(model)
     kept = model.backbone.state_dict()
-    assert kept.keys() <= resnet.state_dict().keys() and ("backbone.layer4.0.conv1.weight" in model.state_dict()) == (feature_stride == 32)
+    assert kept.keys() <= resnet.state_dict().keys() and (
+        "backbone.layer4.0.conv1.weight" in model.state_dict()) == (feature_stride == 32)
     assert all(torch.equal(v, resnet.state_dict()[k]) for k, v in kept.items())
 
 
@@ -210,7 +216,7 @@ def test_output_shapes_and_postprocess():
     assert torch.allclose(out["dec_attn"][-1].sum(-1), torch.ones(2, 4, 5))
     out = {"pred_logits": torch.tensor([[[0.0, 5.0, 0.0, 0.0], [0.0, 0.0, 0.0, 9.0]]]),
            "pred_boxes": torch.tensor([[[0.5, 0.5, 0.5, 0.25], [0.1, 0.1, 0.1, 0.1]]])}
-    (result,) = detr.postprocess(out, torch.tensor([[100, 200]]))
+    (result,) = model.postprocess(out, torch.tensor([[100, 200]]))
     assert result["labels"].tolist() == [1, 0]
     assert result["boxes"][0].tolist() == [50.0, 37.5, 150.0, 62.5]
     assert result["scores"][0] == pytest.approx(math.exp(5) / (math.exp(5) + 3))
@@ -234,5 +240,6 @@ def test_a_stage_that_does_not_learn_keeps_its_batchnorm_statistics():
     (16, 0, set()),
 ])
 def test_trainable_layers_count_from_the_top_over_the_stages_that_exist(feature_stride, trainable_layers, learning):
-    backbone = Backbone("resnet18", frozen_bn=False, trainable_layers=trainable_layers, feature_stride=feature_stride)
+    backbone = (Backbone("resnet18", frozen_bn=False, trainable_layers=trainable_layers) if feature_stride == 32
+                else finer_backbone("resnet18", trainable_layers, False, feature_stride))
     assert {n.split(".")[0] for n, p in backbone.named_parameters() if p.requires_grad} == learning

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 import train
+from lib.run import ema_update
 from lib import weights
 from detr import DETR
 from lib.inference import predict
 from test_train import TINY, make_shapes, run
+from additions.model import AdditionsDETR
 
 WITH_ADDITIONS = dict(feature_stride=8, anchor_queries=True, encoder_proposals=True, denoising_groups=2, query_groups=2,
                       conditional_cross_attn=True)
@@ -117,8 +119,8 @@ def test_pretrained_weights_start_a_model_with_additions(tmp_path):
                  dim_feedforward=64, num_queries=8)
     pretrained = DETR(3, **small)
     pretrained.classes = ["circle", "square", "star"]
-    model = DETR(3, **small, anchor_queries=True, encoder_proposals=True, denoising_groups=2,
-                 conditional_cross_attn=True)
+    model = AdditionsDETR(3, **small, anchor_queries=True, encoder_proposals=True, denoising_groups=2,
+                          conditional_cross_attn=True)
     model.classes = ["star", "circle", "hexagon"]
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     done = weights.transfer_weights(pretrained, model, "vanilla")
@@ -172,7 +174,7 @@ def test_ema_update_and_its_warm_up():
     with torch.no_grad():
         model.weight.fill_(2.0)
         model.num_batches_tracked.fill_(7)
-    train.ema_update(ema, model, 0.25)
+    ema_update(ema, model, 0.25)
     assert torch.allclose(ema.weight, torch.full((3,), 0.25 * 1 + 0.75 * 2)) and ema.num_batches_tracked == 7
 
 
@@ -212,8 +214,8 @@ def test_a_softmax_checkpoint_starts_a_sigmoid_model_with_new_class_heads():
     torch.manual_seed(0)
     small = dict(backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1, num_decoder_layers=2,
                  dim_feedforward=64, num_queries=8, anchor_queries=True)
-    pretrained = DETR(3, **small)
-    model = DETR(3, **small, cls_loss="iou_aware")
+    pretrained = AdditionsDETR(3, **small)
+    model = AdditionsDETR(3, **small, cls_loss="iou_aware")
     pretrained.classes = model.classes = ["circle", "square", "star"]
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     done = weights.transfer_weights(pretrained, model, "vanilla")
@@ -221,9 +223,9 @@ def test_a_softmax_checkpoint_starts_a_sigmoid_model_with_new_class_heads():
     assert model.class_head.weight.shape == (3, 32) and torch.equal(model.class_head.bias, fresh["class_head.bias"])
     assert torch.equal(model.state_dict()["decoder.1.linear1.weight"],
                        pretrained.state_dict()["decoder.1.linear1.weight"])
-    back = DETR(3, **small)
+    back = AdditionsDETR(3, **small)
     back.classes = model.classes
     assert "class_head" in weights.transfer_weights(model, back, "sigmoid")["new"]
-    sigmoid_twin = DETR(3, **small, cls_loss="focal")  # focal and iou_aware read their scores alike
+    sigmoid_twin = AdditionsDETR(3, **small, cls_loss="focal")  # focal and iou_aware read their scores alike
     sigmoid_twin.classes = model.classes
     assert "class_head" in weights.transfer_weights(model, sigmoid_twin, "sigmoid")["loaded"]

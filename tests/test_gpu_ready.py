@@ -8,8 +8,9 @@ from torch.utils._pytree import tree_leaves
 
 from lib import inference
 import train
-import detr
-from detr import DETR
+import additions.model
+from additions.loss import AdditionsCriterion, AdditionsMatcher
+from additions.model import AdditionsDETR
 
 aten = torch.ops.aten
 
@@ -38,8 +39,9 @@ def meta_model_and_batch(**additions):
     """A small DETR and a batch on the meta device: shapes without data, so any read of a value fails
     or shows up, and any tensor made on the CPU is a second device."""
     torch.manual_seed(0)
-    model = DETR(3, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1, num_decoder_layers=2,
-                 dim_feedforward=64, num_queries=5, dropout=0.0, feature_stride=8, **additions).to("meta").train()
+    model = AdditionsDETR(3, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1,
+                          num_decoder_layers=2, dim_feedforward=64, num_queries=5, dropout=0.0, feature_stride=8,
+                          **additions).to("meta").train()
     images, mask = torch.zeros(2, 3, 64, 96, device="meta"), torch.zeros(2, 64, 96, dtype=torch.bool, device="meta")
     targets = [{"labels": torch.zeros(n, dtype=torch.int64, device="meta"), "boxes": torch.zeros(n, 4, device="meta")}
                for n in (3, 1)]
@@ -74,12 +76,13 @@ def test_host_access_is_caught():
 def test_the_loss_moves_its_costs_to_the_host_once_per_step(monkeypatch):
     """Decoder layers, query groups and encoder proposals are matched from one copy of their costs."""
     torch.manual_seed(0)
-    model = DETR(3, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1, num_decoder_layers=3,
-                 dim_feedforward=64, num_queries=5, dropout=0.0, feature_stride=8, **ALL_ADDITIONS).train()
+    model = AdditionsDETR(3, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1,
+                          num_decoder_layers=3,
+                          dim_feedforward=64, num_queries=5, dropout=0.0, feature_stride=8, **ALL_ADDITIONS).train()
     targets = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2]])},
                {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
     outputs = model(torch.randn(2, 3, 64, 64), None, targets)
-    criterion = train.SetCriterion(train.HungarianMatcher(), query_groups=2)
+    criterion = AdditionsCriterion(train.SetCriterion(train.HungarianMatcher()), query_groups=2)
     reads = []
     numpy = torch.Tensor.numpy
     monkeypatch.setattr(torch.Tensor, "numpy", lambda self, *a, **k: reads.append(self.numel()) or numpy(self, *a, **k))
@@ -112,10 +115,11 @@ def test_compiled_training_and_evaluation_compile_in_their_first_steps_only(monk
     counters.clear()
     monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     torch.manual_seed(0)
-    model = DETR(3, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=2, num_decoder_layers=2,
-                 dim_feedforward=64, num_queries=5, dropout=0.1, feature_stride=8, **ALL_ADDITIONS).train()
+    model = AdditionsDETR(3, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=2,
+                          num_decoder_layers=2,
+                          dim_feedforward=64, num_queries=5, dropout=0.1, feature_stride=8, **ALL_ADDITIONS).train()
     inference.compile_model(model, backend="eager")
-    criterion = train.SetCriterion(train.HungarianMatcher(), query_groups=2)
+    criterion = AdditionsCriterion(train.SetCriterion(train.HungarianMatcher()), query_groups=2)
     g = torch.Generator().manual_seed(0)
     first = [(64, 64, (2, 1)), (96, 64, (0, 5)), (64, 128, (12, 3))]  # square, not, more objects than 8
     later = [(int(h), int(w), tuple(c.tolist())) for h, w, c in zip(torch.randint(2, 6, (8,), generator=g) * 32,
@@ -139,7 +143,7 @@ def test_compiled_training_and_evaluation_compile_in_their_first_steps_only(monk
 def test_denoising_slots_take_a_few_sizes_and_padding_is_marked():
     def slots(*counts):
         targets = [{"labels": torch.zeros(n, dtype=torch.int64), "boxes": torch.full((n, 4), 0.3)} for n in counts]
-        labels, boxes, real = detr.padded_targets(targets, torch.float32)
+        labels, boxes, real = additions.model.padded_targets(targets, torch.float32)
         assert real.sum(1).tolist() == list(counts) and (boxes[~real] == 0.5).all()
         return labels.shape[1]
 
@@ -148,7 +152,7 @@ def test_denoising_slots_take_a_few_sizes_and_padding_is_marked():
 
 def test_matching_several_sets_at_once_equals_matching_each():
     torch.manual_seed(0)
-    matcher = train.HungarianMatcher()
+    matcher = AdditionsMatcher(train.HungarianMatcher())
     targets = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2]])},
                {"labels": torch.tensor([], dtype=torch.int64), "boxes": torch.zeros(0, 4)},
                {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]

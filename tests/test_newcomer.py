@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import lib.run
 import train
 from lib import weights
 from conftest import load_script
@@ -16,6 +17,7 @@ from data import pipeline
 from detr import DETR
 from test_train import make_shapes, run
 from lib.weights import COCO_CLASSES
+from additions.model import AdditionsDETR
 
 VOC_CLASSES = load_script("data/voc/prepare.py").CLASSES
 
@@ -45,8 +47,8 @@ def test_fine_tuning_says_what_it_loaded_made_new_and_left_out(tmp_path, capsys)
     official = DETR(num_classes=91, backbone="resnet18", hidden_dim=32, num_heads=8, num_encoder_layers=1,
                     num_decoder_layers=2, dim_feedforward=64, num_queries=8)
     official.classes = COCO_CLASSES
-    model = DETR(num_classes=20, backbone="resnet18", hidden_dim=32, num_heads=8, num_encoder_layers=1,
-                 num_decoder_layers=2, dim_feedforward=64, num_queries=8, anchor_queries=True)
+    model = AdditionsDETR(num_classes=20, backbone="resnet18", hidden_dim=32, num_heads=8, num_encoder_layers=1,
+                          num_decoder_layers=2, dim_feedforward=64, num_queries=8, anchor_queries=True)
     model.classes = VOC_CLASSES
     done = weights.transfer_weights(official, model, "detr-r50")
     assert done["new_classes"] == [] and len(done["dropped_classes"]) == 60 and "box_head" in done["new"]
@@ -58,7 +60,7 @@ def test_fine_tuning_says_what_it_loaded_made_new_and_left_out(tmp_path, capsys)
     make_shapes(tmp_path / "data", 4, 2)
     small = dict(backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1, num_decoder_layers=2,
                  dim_feedforward=64, num_queries=8)
-    source = DETR(num_classes=3, **small, anchor_queries=True, denoising_groups=2)
+    source = AdditionsDETR(num_classes=3, **small, anchor_queries=True, denoising_groups=2)
     source.classes = ["circle", "square", "hexagon"]
     torch.save({"model": source.state_dict(), "model_args": source.config, "classes": source.classes, "config": {}},
                tmp_path / "source.pt")
@@ -159,7 +161,7 @@ def test_a_run_on_the_plateau_says_so_once(tmp_path, capsys, monkeypatch):
     assert metrics.plateau_warning(vanilla, 800) is None  # still in the warm-up
     assert metrics.plateau_warning({**vanilla, "query_box_image_std": float("nan"), "query_classes": 3.0}, 100) is None
     make_shapes(tmp_path / "data", 4, 2)
-    monkeypatch.setattr(train, "plateau_warning", lambda record, warmup: "warning: the plateau")
+    monkeypatch.setattr(lib.run, "plateau_warning", lambda record, warmup: "warning: the plateau")
     run(tmp_path / "out", tmp_path / "data", max_iters=4, log_interval=1, warmup_iters=0)
     assert capsys.readouterr().out.count("warning: the plateau") == 1
 

@@ -45,7 +45,8 @@ def with_batchnorm_statistics(state):
 CONFIGS = {
     "timm-r50": dict(backbone="resnet50", use_pretrained_backbone=False),
     "timm-r50-dc5": dict(backbone="resnet50", use_pretrained_backbone=False, dilation=True),
-    "transformers-resnet50": dict(use_timm_backbone=False, backbone_config=transformers.ResNetConfig(out_features=["stage4"])),
+    "transformers-resnet50": dict(use_timm_backbone=False,
+                                  backbone_config=transformers.ResNetConfig(out_features=["stage4"])),
 }
 
 

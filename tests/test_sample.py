@@ -66,7 +66,8 @@ def test_labels_stay_inside_the_picture_and_apart(sample):
     not cover each other; the first label goes above its box's top-left corner."""
     W, H = 600, 512
     # ... and eight wide labels on one box no taller than a label (the corners' places are all taken)
-    boxes = [(0, 0, 80, 60), (520, 450, 600, 512), (590, 100, 600, 140)] + [(200, 200, 300, 300)] * 4 + [(400, 300, 410, 310)] * 8
+    boxes = ([(0, 0, 80, 60), (520, 450, 600, 512), (590, 100, 600, 140)] + [(200, 200, 300, 300)] * 4
+             + [(400, 300, 410, 310)] * 8)
     sizes = [(150, 20), (120, 20), (90, 20)] + [(60, 20)] * 4 + [(180, 20)] * 8
     placed = draw.place_labels(boxes, sizes, (W, H))
     for (x, y, w, h), size in zip(placed, sizes):
@@ -80,7 +81,8 @@ def test_labels_stay_inside_the_picture_and_apart(sample):
     # and drawn: each label a block of its colour, inside the picture
     picture = Image.new("RGB", (W, H), "white")
     colours = [(255, 0, 0), (0, 0, 255), (0, 160, 0)]
-    draw.draw_boxes(picture, torch.tensor(boxes[:3], dtype=torch.float32), ["top left", "bottom right", "edge"], colours)
+    draw.draw_boxes(picture, torch.tensor(boxes[:3], dtype=torch.float32), ["top left", "bottom right", "edge"],
+                    colours)
     pixels = np.asarray(picture)
     for colour in colours:
         assert (pixels == colour).all(-1).sum() > 200
@@ -98,7 +100,8 @@ def test_attention_maps_are_distributions_over_the_feature_map(sample, tmp_path)
     # and the --attention path draws one grid per image
     save_checkpoint(model, tmp_path / "ckpt.pt", ["a", "b", "c"])
     Image.new("RGB", (96, 64), (40, 40, 40)).save(tmp_path / "grey.jpg")
-    written = sample.sample(load_model(str(tmp_path / "ckpt.pt"))[0], [str(tmp_path / "grey.jpg")], sample.out_dir, attention=True)
+    written = sample.sample(load_model(str(tmp_path / "ckpt.pt"))[0], [str(tmp_path / "grey.jpg")], sample.out_dir,
+                            attention=True)
     assert [p.rsplit("/", 1)[1] for p in written] == ["grey.png", "grey_attention.png"]
     # detections panel, 3 query panels, 3 encoder panels: a 4-column grid of two rows of 768x512 panels,
     # each under a title line
@@ -123,8 +126,8 @@ def test_bad_input_gives_one_line(sample, tmp_path, capsys):
     # an undecodable image is skipped with one line, the others are still drawn
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     Image.new("RGB", (64, 64)).save(tmp_path / "fine.png")
-    written = sample.sample(load_model(str(tmp_path / "ckpt.pt"))[0], [str(tmp_path / "broken.jpg"), str(tmp_path / "fine.png")],
-                            sample.out_dir)
+    written = sample.sample(load_model(str(tmp_path / "ckpt.pt"))[0],
+                            [str(tmp_path / "broken.jpg"), str(tmp_path / "fine.png")], sample.out_dir)
     assert [p.rsplit("/", 1)[1] for p in written] == ["fine.png"]
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "broken.jpg" in err[0]
@@ -172,7 +175,8 @@ def test_the_python_api_gives_what_json_writes(sample, tmp_path):
     paths = [str(tmp_path / n) for n in ("a.png", "b.png", "c.png")]
     found = sample.detect(model, [paths[0], Image.open(paths[1]), paths[2]], threshold=0.3)
     assert len(found) == 3 and all(set(d) == {"boxes", "scores", "labels", "names"} for d in found)
-    assert all((d["scores"] > 0.3).all() and (d["scores"].diff() <= 0).all() for d in found) and sum(len(d["scores"]) for d in found) > 0
+    assert (all((d["scores"] > 0.3).all() and (d["scores"].diff() <= 0).all() for d in found)
+            and sum(len(d["scores"]) for d in found) > 0)
     assert found[0]["names"] == [["a", "b", "c"][label] for label in found[0]["labels"].tolist()]
     records = sample.write_json(model, paths, str(tmp_path), str(tmp_path / "d.json"), threshold=0.3)
     for i, d in enumerate(found):
@@ -207,14 +211,16 @@ def test_json_of_a_prepared_split_has_the_datasets_own_ids(tmp_path):
                              f"--json={tmp_path / 'd.json'}", "--top_k=1"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     records = json.loads((tmp_path / "d.json").read_text())
-    assert {(r["file_name"], r["image_id"], r["category_id"]) for r in records} == {("b.png", 397133, 20), ("a.png", 42, 20)}
+    assert {(r["file_name"], r["image_id"], r["category_id"]) for r in records} == {("b.png", 397133, 20),
+                                                                                    ("a.png", 42, 20)}
     result = subprocess.run([sys.executable, "sample.py", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--images={data}",
                              f"--json={tmp_path / 'e.json'}", "--top_k=1"], cwd=ROOT, capture_output=True, text=True)
     records = json.loads((tmp_path / "e.json").read_text())  # a folder: the index in sorted file order
     assert {(r["file_name"], r["image_id"]) for r in records} == {("a.png", 0), ("b.png", 1)}
     result = subprocess.run([sys.executable, "sample.py", "--ckpt=" + str(tmp_path / "ckpt.pt"), "--split=test",
                              f"--json={tmp_path / 'f.json'}"], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 1 and result.stderr.startswith("error: give --images=path, or --split=NAME") and "test.json" in result.stderr and "Traceback" not in result.stderr
+    assert (result.returncode == 1 and result.stderr.startswith("error: give --images=path, or --split=NAME")
+            and "test.json" in result.stderr and "Traceback" not in result.stderr)
 
 
 def test_json_by_default_is_what_cocos_evaluation_counts(tmp_path):
@@ -245,7 +251,8 @@ def test_json_by_default_is_what_cocos_evaluation_counts(tmp_path):
     torch.save({"model": model.state_dict(), "model_args": model.config, "classes": ["a", "b", "c"], "config": config},
                tmp_path / "ckpt.pt")
     # the ground truth: some of the model's own boxes, moved a few pixels, some with another class
-    found = detect(load_model(str(tmp_path / "ckpt.pt"))[0], [str(data / f"{i}.png") for i in range(len(sizes))], top_k=10)
+    found = detect(load_model(str(tmp_path / "ckpt.pt"))[0], [str(data / f"{i}.png") for i in range(len(sizes))],
+                   top_k=10)
     images, annotations = [], []
     for i, (d, (w, h)) in enumerate(zip(found, sizes)):
         boxes, labels = [], []
@@ -258,7 +265,8 @@ def test_json_by_default_is_what_cocos_evaluation_counts(tmp_path):
         annotations += [{"id": len(annotations) + k + 1, "image_id": 100 + i, "category_id": label + 1, "iscrowd": 0,
                          "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "area": (b[2] - b[0]) * (b[3] - b[1])}
                         for k, (b, label) in enumerate(zip(boxes, labels))]
-    (data / "val.json").write_text(json.dumps({"classes": ["a", "b", "c"], "category_ids": [1, 2, 3], "images": images}))
+    (data / "val.json").write_text(json.dumps({"classes": ["a", "b", "c"], "category_ids": [1, 2, 3],
+                                               "images": images}))
     (tmp_path / "coco.json").write_text(json.dumps({
         "images": [{"id": r["id"], "file_name": r["file"], "width": r["width"], "height": r["height"]} for r in images],
         "annotations": annotations, "categories": [{"id": k + 1, "name": n} for k, n in enumerate("abc")]}))
@@ -274,8 +282,9 @@ def test_json_by_default_is_what_cocos_evaluation_counts(tmp_path):
         evaluator.summarize()
         return evaluator.stats[0], len(json.loads((tmp_path / "d.json").read_text()))
 
-    result = subprocess.run([sys.executable, "tools/eval.py", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--out_dir={tmp_path / 'report'}",
-                             "--num_workers=0"], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "tools/eval.py", f"--ckpt={tmp_path / 'ckpt.pt'}",
+                             f"--out_dir={tmp_path / 'report'}", "--num_workers=0"], cwd=ROOT, capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     reported = json.loads((tmp_path / "report" / "summary.json").read_text())["mAP"]
     every, count = pycocotools_map([])

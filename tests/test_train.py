@@ -17,7 +17,8 @@ import train
 from data import pipeline
 from lib import weights
 from conftest import ROOT, load_script
-from detr import DETR, postprocess
+from additions.model import build_model
+from detr import DETR
 
 
 def box(cx, cy=0.5, w=0.1, h=0.1):
@@ -47,7 +48,8 @@ def hand_cost(logits, boxes, tgt_labels, tgt_boxes):
 
 
 def random_boxes(n, generator):
-    return torch.cat([torch.rand(n, 2, generator=generator) * 0.6 + 0.2, torch.rand(n, 2, generator=generator) * 0.3 + 0.05], 1)
+    return torch.cat([torch.rand(n, 2, generator=generator) * 0.6 + 0.2,
+                      torch.rand(n, 2, generator=generator) * 0.3 + 0.05], 1)
 
 
 def test_matcher_equals_brute_force():
@@ -142,7 +144,8 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 def make_shapes(folder, num_train, num_val, image_size=64, **overrides):
     shapes = load_script("data/shapes/prepare.py")
-    shapes.out_dir, shapes.num_train, shapes.num_val, shapes.image_size, shapes.workers = str(folder), num_train, num_val, image_size, 1
+    (shapes.out_dir, shapes.num_train, shapes.num_val, shapes.image_size,
+     shapes.workers) = str(folder), num_train, num_val, image_size, 1
     for k, v in overrides.items():
         setattr(shapes, k, v)
     shapes.main()
@@ -237,9 +240,10 @@ def test_overfits_two_images_to_perfect_map(tmp_path):
         losses.append(loss.item())
     assert losses[-1] < 0.1 * losses[0]
     model.eval()
-    detections = postprocess(model(images, mask), [[64, 64], [64, 64]])
+    detections = model.postprocess(model(images, mask), [[64, 64], [64, 64]])
     ground_truths = [{"boxes": torch.tensor(r["boxes"]), "labels": torch.tensor(r["labels"])} for r in dataset.records]
-    assert metrics.compute_map([{k: v.detach() for k, v in d.items()} for d in detections], ground_truths, 4)["mAP50"] == 1.0
+    assert metrics.compute_map([{k: v.detach() for k, v in d.items()} for d in detections], ground_truths,
+                               4)["mAP50"] == 1.0
 
 
 DDP_SCRIPT = """
@@ -267,11 +271,12 @@ def run_ddp(script_text, tmp_path, config):
 
 def test_ddp_two_processes_agree(tmp_path):
     make_shapes(tmp_path / "data", 8, 5)  # 5 val images: the two processes evaluate 2 and 1 batches
-    run_ddp(DDP_SCRIPT, tmp_path, dict(TINY, dataset=str(tmp_path / "data"), out_dir=str(tmp_path / "out"), max_iters=3))
+    run_ddp(DDP_SCRIPT, tmp_path, dict(TINY, dataset=str(tmp_path / "data"), out_dir=str(tmp_path / "out"),
+                                       max_iters=3))
     a, b = (torch.load(tmp_path / f"weights_{r}.pt") for r in (0, 1))
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    start = DETR(**torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["model_args"]).state_dict()
+    start = build_model(**torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["model_args"]).state_dict()
     assert not torch.equal(a["class_head.weight"], start["class_head.weight"])
     log = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
     assert log[-1]["iter"] == 3 and "val_mAP50" in log[-1]
@@ -306,7 +311,8 @@ def test_too_few_queries_and_a_low_max_dets_are_one_warning_line_each(tmp_path, 
     run(tmp_path / "out", tmp_path / "data", max_iters=1, eval_interval=1, num_queries=2, max_dets=1)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
     assert lines[0].startswith("warning: num_queries=2 but max_dets=1: COCO's mAP counts only the 1 best")
-    assert lines[1].startswith("warning: 4 of the 4 images of ") and "train.json" in lines[1] and "(up to 3)" in lines[1]
+    assert (lines[1].startswith("warning: 4 of the 4 images of ") and "train.json" in lines[1]
+            and "(up to 3)" in lines[1])
     assert lines[2].startswith("warning: 2 of the 2 images of ") and len(lines) == 3
     log = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
     assert "val_AR1" in log[-1] and "val_AR100" not in log[-1] and len(log[-1]["val_AP50_per_class"]) == 4

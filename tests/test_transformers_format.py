@@ -16,6 +16,7 @@ from conftest import ROOT
 from detr import DETR
 from lib.weights import LoadError, load_model
 from test_train import make_shapes, run
+from additions.model import AdditionsDETR
 
 RECORDED = json.loads((ROOT / "tests" / "data" / "transformers_detr_names.json").read_text())
 BACKBONE = {"timm": "model.backbone.conv_encoder.model.", "resnet": "model.backbone.conv_encoder.model."}
@@ -243,8 +244,9 @@ def test_fine_tuning_keeps_the_rows_of_same_named_classes_and_the_writer_checks_
 
 
 def test_a_model_with_additions_is_not_written(tmp_path):
-    model = DETR(num_classes=2, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1,
-                 num_decoder_layers=1, dim_feedforward=64, num_queries=4, anchor_queries=True, denoising_groups=2)
+    model = AdditionsDETR(num_classes=2, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1,
+                          num_decoder_layers=1, dim_feedforward=64, num_queries=4, anchor_queries=True,
+                          denoising_groups=2)
     message = one_line_error(lambda: weights.write_transformers_folder(model, str(tmp_path / "out")))
     assert "anchor_queries, denoising_groups" in message and not (tmp_path / "out").exists()
 
@@ -275,7 +277,7 @@ def test_fine_tune_a_folder_then_hand_it_back_with_its_category_ids(tmp_path, ca
 
 
 def test_a_sigmoid_class_head_is_not_written(tmp_path):
-    model = DETR(num_classes=2, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1,
-                 num_decoder_layers=1, dim_feedforward=64, num_queries=4, cls_loss="focal")
+    model = AdditionsDETR(num_classes=2, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1,
+                          num_decoder_layers=1, dim_feedforward=64, num_queries=4, cls_loss="focal")
     message = one_line_error(lambda: weights.write_transformers_folder(model, str(tmp_path / "out")))
     assert "cls_loss='focal'" in message and not (tmp_path / "out").exists()

@@ -24,6 +24,8 @@ from PIL import ImageDraw
 from torchvision.ops import box_convert
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from additions.loss import AdditionsMatcher
+from additions.model import model_args
 from configurator import configure, device_problem
 from data.format import displayed_size
 from data.pipeline import DetectionDataset, read_image, val_transform
@@ -153,7 +155,8 @@ def draw_matching(model, data, index, cost_weights, path, device="cpu"):
         outputs = model(image[None].to(device))
     outputs = {k: outputs[k].float().cpu() for k in ("pred_logits", "pred_boxes")}
     targets = [{"labels": target["labels"], "boxes": target["boxes"]}]
-    matcher = HungarianMatcher(*cost_weights, sigmoid=model.sigmoid_classes)
+    # the additions' matcher is the paper's but for a sigmoid class head's focal cost (additions/loss.py)
+    matcher = AdditionsMatcher(HungarianMatcher(*cost_weights), sigmoid=model_args(model)["cls_loss"] != "ce")
     ((queries, objects),) = matcher(outputs, targets)
     parts = [p[0, 0].T for p in matcher.cost(outputs, targets, parts=True)]  # (T, Q) each: objects x queries
     picture, scale = for_display(pixels)
@@ -164,8 +167,7 @@ def draw_matching(model, data, index, cost_weights, path, device="cpu"):
     query_boxes = box_convert(outputs["pred_boxes"][0, queries], "cxcywh", "xyxy") * size
     colours = [class_colour(l) for l in target["labels"][objects].tolist()]
     logits = outputs["pred_logits"][0, queries]
-    probs = (logits.sigmoid() if model.sigmoid_classes else logits.softmax(-1))
-    probs = probs[torch.arange(len(queries)), target["labels"][objects]]
+    probs = model.class_probabilities(logits)[torch.arange(len(queries)), target["labels"][objects]]
     width = max(2, min(picture.size) // 200)
     # the objects in their class's colour (thick), the queries matched to them in white (thin)
     texts = ([f"object {j}: {model.classes[target['labels'][j]]}" for j in objects.tolist()]

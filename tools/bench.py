@@ -23,6 +23,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from functools import partial
+from types import SimpleNamespace
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -32,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import train
 from configurator import configure
 from lib.metrics import compute_map
-from detr import DETR, postprocess
+from additions.model import build_model
 from lib.inference import compile_model
 
 # defaults, each overridable as --key=value
@@ -118,12 +119,15 @@ class MiniDETR:
     name = "minidetr"
 
     def __init__(self, with_additions=False):
-        self.model = DETR(num_classes, backbone=backbone, hidden_dim=hidden_dim, num_encoder_layers=num_encoder_layers,
-                          num_decoder_layers=num_decoder_layers, dim_feedforward=dim_feedforward,
-                          num_queries=num_queries, **(ADDITIONS if with_additions else {})).to(device)
+        additions = ADDITIONS if with_additions else {}
+        self.model = build_model(num_classes=num_classes, backbone=backbone, hidden_dim=hidden_dim,
+                                 num_encoder_layers=num_encoder_layers, num_decoder_layers=num_decoder_layers,
+                                 dim_feedforward=dim_feedforward, num_queries=num_queries, **additions).to(device)
+        self.denoising = additions.get("denoising_groups", 0) > 0  # its queries copy the targets
         if channels_last:
             self.model.backbone.to(memory_format=torch.channels_last)
-        self.criterion = train.SetCriterion(train.HungarianMatcher(), query_groups=self.model.query_groups).to(device)
+        defaults = {k: getattr(train, k) for k in train.CONFIG_KEYS}  # train.py's costs and weights
+        self.criterion = train.new_criterion(SimpleNamespace(**{**defaults, **additions})).to(device)
         self.optimizer = make_optimizer(self.model)
 
     def compile(self):
@@ -131,12 +135,12 @@ class MiniDETR:
 
     def train_step(self, images, mask, targets, autocast):
         with autocast:
-            outputs = self.model(images, mask, targets if self.model.denoising_groups else None)
+            outputs = self.model(images, mask, targets) if self.denoising else self.model(images, mask)
         backward_and_step(self.criterion(outputs, targets)["loss"], self.model, self.optimizer)
 
     def infer(self, images, mask, autocast):
         with torch.no_grad(), autocast:
-            return postprocess(self.model(images, mask), [(height, width)] * len(images))
+            return self.model.postprocess(self.model(images, mask), [(height, width)] * len(images))
 
 
 class HFDETR:
@@ -146,7 +150,7 @@ class HFDETR:
 
     def __init__(self):
         try:
-            from transformers import DetrConfig, DetrForObjectDetection
+            from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor
         except ImportError:
             raise SystemExit("error: --compare=hf needs transformers and timm: pip install transformers timm") from None
         config = DetrConfig(num_labels=num_classes, num_queries=num_queries, d_model=hidden_dim,
@@ -160,6 +164,7 @@ class HFDETR:
                 p.requires_grad_(False)
         self.optimizer = make_optimizer(self.model)
         self.forward = self.model
+        self.processor = DetrImageProcessor()  # its own postprocessing: softmax, "no object" dropped, boxes in pixels
 
     def compile(self):
         self.forward = torch.compile(self.model)
@@ -173,8 +178,8 @@ class HFDETR:
     def infer(self, images, mask, autocast):
         with torch.no_grad(), autocast:
             out = self.forward(pixel_values=images, pixel_mask=(~mask).long())
-            return postprocess({"pred_logits": out.logits, "pred_boxes": out.pred_boxes},
-                               [(height, width)] * len(images))
+            return self.processor.post_process_object_detection(out, threshold=0.0,
+                                                                target_sizes=[(height, width)] * len(images))
 
 
 def synchronize():

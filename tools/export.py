@@ -9,7 +9,7 @@ or write it as a Hugging Face transformers folder.
 The graph takes `images` (B, 3, H, W) float32, ImageNet-normalised and padded bottom/right, and
 `mask` (B, H, W) bool, True on padding (all False when nothing is padded), with B, H and W dynamic;
 it returns `pred_logits` (B, Q, K+1) and `pred_boxes` (B, Q, 4) exactly as detr.py's forward does
-(detr.postprocess turns them into scored boxes in pixels). A model trained with a sigmoid class loss
+(DETR.postprocess turns them into scored boxes in pixels). A model trained with a sigmoid class loss
 (cls_loss 'focal' or 'iou_aware') gives K logits, each class's own sigmoid score, no "no object": the
 export prints which it is. Each side must be at least the backbone's stride (32, or the model's feature_stride).
 
@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from additions.model import model_args
 from configurator import configure
 from lib.weights import LoadError, load_model, write_transformers_folder
 
@@ -168,8 +169,8 @@ def main():
     logits, boxes = compare(model, out, check_inputs(check_sizes, stride))
     print(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB); onnxruntime vs PyTorch on {sizes} "
           f"(one image padded): max |diff| logits {logits:.2e}, boxes {boxes:.2e}")
-    print(f"pred_logits: {model.num_classes} sigmoid scores, one per class (cls_loss={model.config['cls_loss']!r})"
-          if model.sigmoid_classes
+    cls_loss = model_args(model)["cls_loss"]
+    print(f"pred_logits: {model.num_classes} sigmoid scores, one per class (cls_loss={cls_loss!r})" if cls_loss != "ce"
           else f"pred_logits: {model.num_classes} classes then \"no object\", read with a softmax")
     eager, ort = latency(model.eval(), out, check_sizes[0])
     print(f"latency of one {check_sizes[0][0]}x{check_sizes[0][1]} image on {torch.get_num_threads()} threads: "
