@@ -7,7 +7,7 @@ in one file, top to bottom in the order the data flows:
       -> class head (K + 1) and box head (cx, cy, w, h) for every query
 
 This file is the paper's model and nothing else: it reads and writes no file and imports no other file
-of minidetr. Every weight format lives in lib/weights.py (`weights.load_model('detr-r50')`), the loss in
+of minidetr. Every weight format lives in lib/weights.py (`load_model('detr-r50')`), the loss in
 train.py; the follow-up papers' changes extend this model in additions/model.py.
 
     python detr.py                               # parameter count per part of DETR-R50 (91 classes)
@@ -287,7 +287,7 @@ class DETR(nn.Module):
                 nn.init.zeros_(attn.in_proj_bias)
                 nn.init.zeros_(attn.out_proj.bias)
 
-    def forward(self, images, mask=None, need_weights=False):
+    def forward(self, images, mask=None, *, need_weights=False):
         """images (B, 3, H, W) ImageNet-normalised, padded bottom/right; mask (B, H, W) True on
         padding, or None when nothing is padded. need_weights=True also returns the attention weights
         of every layer (for plots; it uses a slower, written-out attention)."""
@@ -345,7 +345,8 @@ class DETR(nn.Module):
         boxes = box_convert(outputs["pred_boxes"].float(), "cxcywh", "xyxy") * scale[:, None, :]
         return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
 
-    def class_probabilities(self, logits):
+    @staticmethod
+    def class_probabilities(logits):
         """(..., K) each real class's probability: the softmax over K + 1, "no object" dropped."""
         return logits.softmax(-1)[..., :-1]
 

@@ -7,7 +7,7 @@ Train DETR on a prepared dataset (data/<name>/<split>.json, see data/*/prepare.p
 
 Defaults sit below as globals; a config file (plain Python) overrides them, then --key=value.
 The file goes in the order the data flows: the config, the data (data/pipeline.py), the Hungarian
-matcher and set loss (each addition's terms beside it), then the training loop (mAP comes from
+matcher and set loss (the additions' terms extend them in additions/loss.py), then the training loop (mAP comes from
 lib/metrics.py, every weight file from lib/weights.py). Everything above `train()` is importable on its own.
 """
 
@@ -30,7 +30,7 @@ from torchvision.ops import box_convert, generalized_box_iou, generalized_box_io
 from tqdm import tqdm
 
 from additions.loss import AdditionsCriterion
-from additions.model import additions_on, argument_problem
+from additions.model import additions_on, argument_problem, model_args
 from configurator import VALUE_TYPES, configure, device_problem
 from data.pipeline import load_datasets, training_batches
 from lib.inference import autocast, compile_model, evaluate
@@ -66,7 +66,7 @@ num_decoder_layers = 6  # each one's outputs get the auxiliary loss
 dim_feedforward = 2048  # the width of each layer's feed-forward network
 dropout = 0.1  # in every transformer layer
 num_queries = 100  # object queries N: the most objects one image can have detected
-# additions beyond the paper (detr.py, "Additions beyond the paper"), all off: the paper's DETR
+# additions beyond the paper (additions/model.py), all off: the paper's DETR
 feature_stride = 32  # 16 or 8: backbone features from layer3 or layer2, a finer token grid for small images
 anchor_queries = False  # DAB-DETR: queries are boxes, refined by every decoder layer
 encoder_proposals = False  # two-stage: the encoder's best tokens start the queries' boxes (needs anchor_queries)
@@ -109,7 +109,7 @@ ema_warmup_iters = 2000  # the EMA's decay grows as 1 - exp(-iter / this), so ea
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"  # cuda (a GPU) or cpu
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast's; float32: off; float16 adds a loss scaler
-compile = False  # torch.compile the backbone and the transformer layers (compile_model below)
+compile = False  # torch.compile the backbone and the transformer layers (lib/inference.compile_model)
 seed = 1337  # the weights' init, the data order and the augmentation
 tensorboard = False  # also write every logged scalar to out_dir/tensorboard (pip install tensorboard)
 CONFIG_KEYS = [k for k, v in globals().items() if k.islower() and not k.startswith("_") and isinstance(v, VALUE_TYPES)]
@@ -346,13 +346,13 @@ def check_config(c):
         raise SystemExit(f"error: {problem[0]}={getattr(c, problem[0])!r} must be {problem[1]}")
 
 
-def new_criterion(cfg):
-    """The set loss with the config's costs, which are also the loss weights (paper App. A.1); with an
-    addition on, the additions' (additions/loss.py) around it."""
+def new_criterion(cfg, architecture):
+    """The set loss with the config's costs, which are also the loss weights (paper App. A.1); for a model with
+    an addition on (architecture: its model_args, a resumed checkpoint's), the additions' around it."""
     criterion = SetCriterion(HungarianMatcher(cfg.cost_class, cfg.cost_bbox, cfg.cost_giou), cfg.eos_coef, 1.0,
                              cfg.cost_bbox, cfg.cost_giou)
-    if additions_on(vars(cfg)):
-        return AdditionsCriterion(criterion, cfg.query_groups, cfg.cls_loss)
+    if additions_on(architecture):
+        return AdditionsCriterion(criterion, architecture["query_groups"], architecture["cls_loss"])
     return criterion
 
 
@@ -374,7 +374,7 @@ def lr_factor(it, cfg):
 def train(config):
     """Run training with a config dict (get_config's); returns the model and its last validation metrics."""
     cfg = SimpleNamespace(**config)
-    ddp, rank, world_size, device = process = setup_process(cfg)
+    ddp, rank, world_size, device = setup_process(cfg)
     if not cfg.eval_only:
         check_out_dir(cfg, rank == 0)
     torch.manual_seed(cfg.seed + rank)
@@ -391,7 +391,7 @@ def train(config):
     optimizer, scaler = new_optimizer(model, cfg, device)
     # the EMA of the weights (RT-DETR), which evaluation and best.pt use; a new one starts from the weights
     ema_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
-    run = Run(cfg, process, model, optimizer, scaler, ema_model, val_set, checkpoint)
+    run = Run(cfg, (ddp, rank, world_size, device), model, optimizer, scaler, ema_model, val_set, checkpoint)
     if checkpoint is not None:
         run.resume(checkpoint)
     if cfg.compile:
@@ -402,18 +402,19 @@ def train(config):
     if ema_model is not None:
         eval_model = ema_model
         same_on_every_rank(ema_model, ddp)  # DDP gave every rank rank 0's weights: the EMA starts from them too
-    criterion = new_criterion(cfg).to(device)
+    criterion = new_criterion(cfg, model_args(raw_model)).to(device)
+    denoising = model_args(raw_model)["denoising_groups"] > 0  # its queries copy the targets (additions/model.py)
     if rank == 0:
-        describe(cfg, raw_model, train_set, val_set, process)
+        describe(cfg, raw_model, train_set, val_set, device, world_size)
     if cfg.eval_only:
         same_on_every_rank(eval_model, ddp)
         metrics = evaluate(eval_model, val_set, cfg, device, rank, world_size)
         if rank == 0:
             print(json.dumps(metrics))
         return raw_model, metrics
-    run.open_log(resumed=checkpoint is not None)
     batches = training_batches(train_set, cfg, run.iter_num * cfg.batch_size * cfg.gradient_accumulation_steps,
                                rank, world_size, pin_memory="cuda" in device)
+    run.open_log(resumed=checkpoint is not None)  # the clocks start here
     if cfg.compile and rank == 0:
         tqdm.write("compiling the backbone and the transformer layers (compile_model): the first step takes longer")
     with run.guard():  # signals stop every rank after its step; out of memory is one error line
@@ -430,11 +431,11 @@ def train(config):
             num_boxes = sum(len(t["labels"]) for t in all_targets)  # local: the criterion averages it over processes
             class_weight_sum = SetCriterion.cross_entropy_normaliser(all_targets, raw_model.num_queries, cfg.eos_coef)
             for micro_step, batch in enumerate(micro_batches):
-                images, mask, targets = run.to_device(*batch)
+                images, mask, targets = run.batch_to_device(*batch)
                 if ddp:  # all-reduce the gradients once, after the last micro-batch (as DDP.no_sync() would)
                     model.require_backward_grad_sync = micro_step == cfg.gradient_accumulation_steps - 1
-                with autocast(device, cfg.dtype):  # the targets only feed denoising queries (additions/model.py)
-                    outputs = model(images, mask, targets) if cfg.denoising_groups else model(images, mask)
+                with autocast(device, cfg.dtype):
+                    outputs = model(images, mask, targets) if denoising else model(images, mask)
                 losses = set_loss(criterion, outputs, targets, num_boxes, class_weight_sum)
                 scaler.scale(losses["loss"]).backward()
                 run.add_losses(losses)  # summed for the log, and checked for a non-finite loss

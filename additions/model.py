@@ -103,6 +103,7 @@ class AdditionsDETR(DETR):
         self.denoising_groups, self.query_groups = c["denoising_groups"], c["query_groups"]
         self.conditional_cross_attn, self.sigmoid_classes = c["conditional_cross_attn"], c["cls_loss"] != "ce"
         self.look_forward_twice, self.dn_contrastive = c["look_forward_twice"], c["dn_contrastive"]
+        self.decoder_layer = decoder_layer  # how this decoder runs a layer (inference.compile_model compiles it)
         dim, queries = hidden_dim, num_queries * c["query_groups"]
         if self.anchor_queries:  # a query's position is an MLP of its box's sine encoding (DAB-DETR Eq. 2)
             self.box_pos_head = mlp_layers(2 * dim, dim, dim, 2)
@@ -131,10 +132,10 @@ class AdditionsDETR(DETR):
                     if p.dim() > 1:  # Xavier, as Conditional DETR's and DAB-DETR's code give every transformer matrix
                         nn.init.xavier_uniform_(p)
 
-    def forward(self, images, mask=None, targets=None, need_weights=False):
+    def forward(self, images, mask=None, targets=None, *, need_weights=False):
         """detr.DETR.forward, and targets: the training batch's (train.py's), which the denoising queries copy."""
         if not (self.anchor_queries or self.query_groups > 1):  # the paper's decoder
-            return super().forward(images, mask, need_weights)
+            return super().forward(images, mask, need_weights=need_weights)
         memory, pos, feature_mask, token_mask, enc_weights = self.encode(images, mask, need_weights)
         return decode_with_additions(self, memory, pos, feature_mask, token_mask, targets, need_weights, enc_weights)
 
@@ -166,10 +167,12 @@ def finer_backbone(name, trainable_layers, frozen_bn, feature_stride):
 # loop with anchor boxes, proposals, denoising queries and groups
 
 
-def decoder_layer(layer, content, query_pos, memory, pos, mask, need_weights=False, self_attn_mask=None, spatial=None):
-    """A detr.DecoderLayer's computation with what the additions add: a self-attention mask (which queries see
-    which: query groups, denoising) and, for conditional_cross_attn (addition 5), the cross-attention's spatial
-    query and key with whether the positions are added to its content part too (its first layer only)."""
+def decoder_layer(layer, content, query_pos, memory, pos, mask, need_weights=False, self_attn_mask=None,
+                  spatial=None):
+    """detr.DecoderLayer.forward, line for line (keep the two in step), with what the additions add: a
+    self-attention mask (which queries see which: query groups, denoising) and, for conditional_cross_attn
+    (addition 5), the cross-attention's spatial query and key with whether the positions are added to its
+    content part too (its first layer only)."""
     q = k = content + query_pos
     attn, _ = masked_attention(layer.self_attn, q, k, content, self_attn_mask)
     content = layer.norm1(content + F.dropout(attn, layer.dropout, layer.training))
@@ -208,8 +211,8 @@ def decode_with_additions(model, memory, pos, feature_mask, token_mask, targets,
     for i, layer in enumerate(model.decoder):
         if boxes is not None:  # addition 1 (and 5): each layer's positions come from the current boxes
             query_pos, spatial = box_positions(model, i, content, boxes, pos)
-        content, weights = decoder_layer(layer, content, query_pos, memory, pos, token_mask, need_weights,
-                                         self_attn_mask, spatial)
+        content, weights = model.decoder_layer(layer, content, query_pos, memory, pos, token_mask, need_weights,
+                                               self_attn_mask, spatial)
         hs.append(model.decoder_norm(content))
         dec_weights.append(weights)
         if boxes is not None:  # addition 1: ... and each layer moves the boxes; the next layer starts from them,

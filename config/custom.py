@@ -28,7 +28,7 @@ max_size = 1000
 crop_scales = [400, 500, 600]
 crop_size = (384, 600)
 val_scale = 640
-# The faster-convergence additions (config/shapes.py, detr.py "Additions beyond the paper") may be
+# The faster-convergence additions (config/shapes.py, additions/model.py) may be
 # switched on here too: the official weights then fill the backbone, encoder, decoder and heads, and
 # the additions' own modules and the object queries start new (README, "Training and fine-tuning
 # options"; not yet measured). Without a download, or for data unlike COCO's photos, train from

@@ -28,7 +28,7 @@ crop_size = (48, 64)
 val_scale = 64
 pad_to = 32
 feature_stride = 8
-# DETR's convergence fixes (detr.py, "Additions beyond the paper"): val mAP50 at ten CPU minutes ~0.0 without them,
+# DETR's convergence fixes (additions/model.py): val mAP50 at ten CPU minutes ~0.0 without them,
 # ~0.9 with; conditional_cross_attn lets the decoder move its boxes (EXPERIMENTS.md, "Why vanilla DETR is slow here")
 anchor_queries = True
 encoder_proposals = True

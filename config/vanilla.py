@@ -1,5 +1,5 @@
-# The paper's DETR: every addition beyond the paper but feature_stride switched off (detr.py,
-# "Additions beyond the paper"), to compose after any config, e.g. the README's first run without its convergence fixes:
+# The paper's DETR: every addition beyond the paper but feature_stride switched off (additions/model.py),
+# to compose after any config, e.g. the README's first run without its convergence fixes:
 #   python train.py config/shapes.py config/vanilla.py
 # feature_stride stays the first config's: it follows the image size (a 64-pixel image at the
 # paper's stride 32 is a 2x2 token grid); add --feature_stride=32 for the paper's backbone exactly.

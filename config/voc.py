@@ -6,7 +6,7 @@
 # that needs is not yet measured; the paper's DETR alone fine-tunes in far fewer than from ImageNet):
 #   python train.py config/voc.py --init_from=detr-r50 --max_iters=13000 --lr_drop=9000
 out_dir = "out-voc"
-# DETR's convergence fixes (detr.py, "Additions beyond the paper"), measured on CPU only: EXPERIMENTS.md, "Notes moved
+# DETR's convergence fixes (additions/model.py), measured on CPU only: EXPERIMENTS.md, "Notes moved
 # from config/voc.py (issue 45)"; feature_stride stays the paper's 32, the coarsest ResNet has
 anchor_queries = True
 encoder_proposals = True

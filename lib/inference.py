@@ -165,3 +165,5 @@ def compile_model(model, backend="inductor"):
     first evaluation, and none after."""
     for part in [model.backbone, *model.encoder, *model.decoder]:
         part.compile(dynamic=True, backend=backend)
+    if hasattr(model, "decoder_layer"):  # the additions' decoder runs its layers through this function instead
+        model.decoder_layer = torch.compile(model.decoder_layer, dynamic=True, backend=backend)

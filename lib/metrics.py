@@ -239,7 +239,7 @@ def coco_results(detections, image_ids, category_ids=None):
 
 
 # -----------------------------------------------------------------------------
-# training diagnostics (train.training_diagnostics logs them, tools/analyses.py --log draws them)
+# training diagnostics (lib.run.training_diagnostics logs them, tools/analyses.py --log draws them)
 
 
 def paired_iou(a, b):

@@ -21,7 +21,7 @@ from lib.inference import evaluate, is_out_of_memory
 from lib.metrics import plateau_warning, query_diagnostics
 from lib.processes import (NONE_BAD, gather, on_master, out_of_memory, same_on_every_rank, stop_if_not_finite,
                            stop_signals)
-from lib.weights import append_log, cut_log, save_checkpoint
+from lib.weights import append_log, cut_log, write_checkpoint
 
 
 def new_optimizer(model, cfg, device):
@@ -71,13 +71,13 @@ def training_diagnostics(model, outputs, targets, criterion):
     return {**record, **query_diagnostics(outputs, targets, **criterion.diagnostic_matching(outputs, targets))}
 
 
-def describe(cfg, model, train_set, val_set, process):
+def describe(cfg, model, train_set, val_set, device, world_size):
     """The master's first lines: the data, the model and the machine, and a warning for each setting that
     leaves objects uncounted."""
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{cfg.dataset}: {len(train_set) if train_set else 0} train / {len(val_set)} val images, "
-          f"{len(val_set.classes)} classes; model {n_params / 1e6:.2f}M trainable parameters; {process[3]}, "
-          f"{cfg.dtype}, world size {process[2]}")
+          f"{len(val_set.classes)} classes; model {n_params / 1e6:.2f}M trainable parameters; {device}, "
+          f"{cfg.dtype}, world size {world_size}")
     if cfg.num_queries > cfg.max_dets:
         print(f"warning: num_queries={cfg.num_queries} but max_dets={cfg.max_dets}: COCO's mAP counts only the "
               f"{cfg.max_dets} best detections of an image and class (raise max_dets to count them all)")
@@ -101,6 +101,8 @@ class Run:
         self.sums, self.steps, self.images, self.skipped_steps = {}, 0, 0, 0  # since the last log record
         self.first_bad_iter = torch.tensor(NONE_BAD, device=self.device)  # a loss first went non-finite here
         self.batch_shape = None  # the last batch moved to the device: what an out-of-memory line names
+        self.t_start = self.t_log = self.t_checkpoint = time.time()  # open_log starts them again before the loop
+        self.progress = None  # the progress bar, while the loop runs (guard)
 
     def resume(self, checkpoint):
         """A checkpoint's optimizer, scaler, EMA and RNG states into the run, at the config's learning rates (a
@@ -138,9 +140,9 @@ class Run:
                 **({"ema_model": self.ema_model.state_dict()} if self.ema_model is not None else {})}
 
         def write():
-            save_checkpoint(ckpt, self.ckpt_path)
+            write_checkpoint(ckpt, self.ckpt_path)
             if best:
-                save_checkpoint(ckpt, os.path.join(self.cfg.out_dir, "best.pt"))
+                write_checkpoint(ckpt, os.path.join(self.cfg.out_dir, "best.pt"))
 
         on_master(write, self.ddp, self.master, self.device)
         self.checkpoint_iter, self.t_checkpoint = self.iter_num, time.time()
@@ -190,7 +192,7 @@ class Run:
         self.save_checkpoint(improved)
         self.evaluation_due, self.t_log = False, time.time()  # the next record's img_per_s counts training alone
 
-    def to_device(self, images, mask, targets):
+    def batch_to_device(self, images, mask, targets):
         """data.pipeline.to_device, keeping the batch's shape: what an out-of-memory line names."""
         self.batch_shape = images.shape
         return to_device(images, mask, targets, self.device)
@@ -221,8 +223,9 @@ class Run:
             tqdm.write(f"compiled: the first step took {time.time() - self.t_start:.0f} s")
 
     def end_step(self, images, diagnostics):
-        """The step is done: the log record at log_interval (or before an evaluation), and ckpt.pt on the
-        checkpoint_minutes clock; a signal on any rank stops every rank after this same step."""
+        """The step is done: the EMA follows the weights, the log record at log_interval (or before an
+        evaluation), ckpt.pt on the checkpoint_minutes clock; a signal on any rank stops every rank after this
+        same step."""
         self.iter_num, self.steps, self.images = self.iter_num + 1, self.steps + 1, self.images + images
         self.progress.update()
         if self.ema_model is not None:

@@ -260,7 +260,7 @@ def first_line(error):
     return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
 
 
-def save_checkpoint(checkpoint, path):
+def write_checkpoint(checkpoint, path):
     """Write to a temporary file, then rename: a run killed mid-write leaves the old file whole. A
     failed write (a full disk, no permission, a vanished folder) removes the temporary file and
     stops with one error line; the previous checkpoint is left as it was."""
@@ -377,7 +377,7 @@ def transfer_weights(pretrained, model, source):
                             f"{key}={ours_args[key]!r}: set --{key}={theirs_args[key]!r} to fine-tune it")
     part_of = {attr: part for part, attrs in AdditionsDETR.PARTS.items() for attr in attrs}
     additions = {attr for part, attrs in AdditionsDETR.PARTS.items() if part not in DETR.PARTS for attr in attrs}
-    sigmoid = {m: m_args["cls_loss"] != "ce" for m, m_args in ((pretrained, theirs_args), (model, ours_args))}
+    theirs_sigmoid, ours_sigmoid = theirs_args["cls_loss"] != "ce", ours_args["cls_loss"] != "ce"  # addition 6
     theirs, ours = pretrained.state_dict(), model.state_dict()
     names = [class_key(c) for c in pretrained.classes or []]
     rows = {i: names.index(class_key(c))  # ours -> theirs
@@ -393,12 +393,12 @@ def transfer_weights(pretrained, model, source):
                 if attr not in additions:
                     raise LoadError(f"{source} has no '{key}': it is another architecture than the config's")
                 new.add(part)
-            elif attr in ("class_head", "proposal_class_head") and sigmoid[pretrained] != sigmoid[model]:
+            elif attr in ("class_head", "proposal_class_head") and theirs_sigmoid != ours_sigmoid:
                 new.add(part)  # softmax rows with "no object" and sigmoid rows without mean different scores (cls_loss)
             elif attr in ("class_head", "proposal_class_head", "label_embed"):  # rows by class name
                 for i, j in rows.items():
                     value[i] = theirs[key][j]
-                if rows and attr != "label_embed" and not sigmoid[model]:  # "no object", the last row
+                if rows and attr != "label_embed" and not ours_sigmoid:  # "no object", the last row
                     value[-1] = theirs[key][-1]
                 (loaded if rows else new).add(part)
                 if len(rows) < len(model.classes):
@@ -449,12 +449,12 @@ def few(names):
     return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
 
 
-def new_model(config, num_classes, trainable_layers):
-    """A new DETR with the config's model keys (they are named as DETR's arguments), its backbone
-    from ImageNet's weights with pretrained_backbone."""
-    args = {k: config[k] for k in [*inspect.signature(DETR).parameters, *ADDITIONS_OFF] if k in config}
+def new_model(cfg, num_classes, trainable_layers, pretrained_backbone=None):
+    """A new DETR with the config's model keys (they are named as the model's arguments), its backbone from
+    ImageNet's weights with pretrained_backbone (the config's unless given)."""
+    args = {k: getattr(cfg, k) for k in [*inspect.signature(DETR).parameters, *ADDITIONS_OFF] if hasattr(cfg, k)}
     model = build_model(**{**args, "num_classes": num_classes, "trainable_layers": trainable_layers})
-    if config["pretrained_backbone"]:
+    if cfg.pretrained_backbone if pretrained_backbone is None else pretrained_backbone:
         load_imagenet_backbone(model)
     return model
 
@@ -462,12 +462,11 @@ def new_model(config, num_classes, trainable_layers):
 def initial_model(cfg, classes):
     """(model, checkpoint or None), as init_from says: resumed from out_dir/ckpt.pt, new, or the config's
     model with every tensor it shares with pretrained weights (weights.transfer_weights)."""
-    config = vars(cfg)
     trainable_layers = cfg.trainable_layers if cfg.lr_backbone > 0 else 0  # lr_backbone=0 freezes the backbone
     if cfg.init_from == "scratch":
-        return new_model(config, len(classes), trainable_layers), None
+        return new_model(cfg, len(classes), trainable_layers), None
     if cfg.init_from != "resume":  # fine-tuning: a fresh optimizer from iteration 0
-        model = new_model({**config, "pretrained_backbone": False}, len(classes), trainable_layers)
+        model = new_model(cfg, len(classes), trainable_layers, pretrained_backbone=False)
         model.classes = classes
         pretrained = load_model(cfg.init_from)[0]
         done, say = transfer_weights(pretrained, model, cfg.init_from), f"init_from={cfg.init_from}:"

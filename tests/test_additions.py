@@ -13,7 +13,7 @@ import detr
 import train
 from lib.run import training_diagnostics
 from additions.loss import AdditionsCriterion, AdditionsMatcher
-from additions.model import AdditionsDETR, build_model
+from additions.model import AdditionsDETR, build_model, model_args
 from lib import weights
 from conftest import ROOT
 from detr import DETR
@@ -54,7 +54,7 @@ def test_config_vanilla_composes_the_paper_model_onto_any_config(first):
     assert config["denoising_groups"] == 0 and config["query_groups"] == 1
     assert not (config["dn_contrastive"] or config["look_forward_twice"]
                 or config["mosaic_prob"]) and config["cls_loss"] == "ce"
-    model = weights.new_model({**config, "backbone": "resnet18", "pretrained_backbone": False}, 3, 5)
+    model = weights.new_model(SimpleNamespace(**{**config, "backbone": "resnet18", "pretrained_backbone": False}), 3, 5)
     assert set(detr.parameters_by_part(model)) == {"backbone", "input_proj", "encoder", "decoder", "query_embed",
                                                    "class_head", "box_head"}
 
@@ -327,8 +327,8 @@ def test_loss_parts_keep_their_balance_at_every_image_size(config_file, sizes, s
     ratios = []
     for size in sizes:
         torch.manual_seed(0)
-        model = weights.new_model(config, 10, config["trainable_layers"]).train()
-        criterion = train.new_criterion(SimpleNamespace(**config))
+        model = weights.new_model(SimpleNamespace(**config), 10, config["trainable_layers"]).train()
+        criterion = train.new_criterion(SimpleNamespace(**config), model_args(model))
         # the same smooth picture at each size; the second image a quarter padding (at its right)
         images = torch.nn.functional.interpolate(torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)),
                                                  size=(size, size), mode="bilinear")

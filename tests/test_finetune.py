@@ -62,7 +62,8 @@ def test_the_scaler_skips_a_step_whose_gradients_overflow(tmp_path, monkeypatch)
     assert all(state["step"] == 0 for state in ckpt["optimizer"]["state"].values())  # AdamW never stepped
     config = {**train.get_config([]), **TINY}
     torch.manual_seed(config["seed"])  # the run's own initial weights, as train() draws them
-    assert same_state(model.state_dict(), weights.new_model(config, 4, config["trainable_layers"]).state_dict())
+    fresh = weights.new_model(types.SimpleNamespace(**config), 4, config["trainable_layers"])
+    assert same_state(model.state_dict(), fresh.state_dict())
     run(tmp_path / "f32", tmp_path / "data", max_iters=3, log_interval=3)
     assert "skipped_steps" not in log_of(tmp_path / "f32")[0]  # float32 has no scaler
 

@@ -165,3 +165,19 @@ def test_matching_several_sets_at_once_equals_matching_each():
     assert [flat(layer) for layer in together[0]] == [flat(layer) for layer in alone[0]]
     assert flat(together[1]) == flat(alone[1]) and len(together[0][0][0][0]) == 2 * 2  # both groups matched
     assert all(encoder["valid"][b, i] for b, (i, _) in enumerate(together[1]) for i in i.tolist())
+
+
+def test_compile_model_compiles_the_additions_decoder_layers_too():
+    """The additions' decoder runs each layer through additions.model.decoder_layer: compile_model compiles it,
+    so that an anchor-query model captures graphs for its decoder layers as well as the backbone and encoder."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = AdditionsDETR(3, backbone="resnet18", hidden_dim=32, num_heads=4, num_encoder_layers=1,
+                          num_decoder_layers=2, dim_feedforward=64, num_queries=5, anchor_queries=True).eval()
+    inference.compile_model(model, backend="eager")
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    assert counters["stats"]["unique_graphs"] >= 4  # the backbone, the encoder layer, the decoder's layers

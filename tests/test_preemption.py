@@ -119,8 +119,8 @@ def test_sigterm_to_every_process_under_torchrun_saves_and_the_resume_is_exact(t
 def test_checkpoint_minutes_writes_ckpt_without_evaluating(tmp_path, monkeypatch):
     make_shapes(tmp_path / "data", 4, 2)
     writes = []
-    real_save = lib.run.save_checkpoint
-    monkeypatch.setattr(lib.run, "save_checkpoint",
+    real_save = lib.run.write_checkpoint
+    monkeypatch.setattr(lib.run, "write_checkpoint",
                         lambda ckpt, path: writes.append((path.rsplit("/", 1)[1], ckpt["iter_num"]))
                         or real_save(ckpt, path))
     run(tmp_path / "out", tmp_path / "data", max_iters=3, checkpoint_minutes=1e-9)
@@ -250,7 +250,7 @@ def test_a_data_worker_dying_during_a_write_is_not_called_a_full_disk(tmp_path, 
 
     monkeypatch.setattr(torch, "save", worker_killed)
     with pytest.raises(RuntimeError, match="DataLoader worker"):
-        lib.run.save_checkpoint({"model": {}}, str(tmp_path / "ckpt.pt"))
+        lib.run.write_checkpoint({"model": {}}, str(tmp_path / "ckpt.pt"))
     assert not (tmp_path / "ckpt.pt.tmp").exists() and (tmp_path / "ckpt.pt").read_bytes() == b"the last checkpoint"
 
 

@@ -54,7 +54,7 @@ SMALL_BOX = 0.25  # --slots: a box narrower and lower than this share of the ima
 def plot_log(log_path, out_path):
     """Training curves of a log.jsonl, one panel per question a run raises, each titled with what it shows
     and why it matters: the losses (with the additions' own terms where present), learning rate, val mAP,
-    and the diagnostics of train.training_diagnostics (gradient and weight norms per part, how alike the
+    and the diagnostics of lib.run.training_diagnostics (gradient and weight norms per part, how alike the
     queries are: DETR's early plateau is where they all agree, and the matched boxes' IoU by layer). One
     colour per series across the figure, the legends beside the data."""
     plt = pyplot()

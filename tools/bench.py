@@ -33,7 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import train
 from configurator import configure
 from lib.metrics import compute_map
-from additions.model import build_model
+from additions.model import build_model, model_args
+from detr import DETR
 from lib.inference import compile_model
 
 # defaults, each overridable as --key=value
@@ -127,7 +128,7 @@ class MiniDETR:
         if channels_last:
             self.model.backbone.to(memory_format=torch.channels_last)
         defaults = {k: getattr(train, k) for k in train.CONFIG_KEYS}  # train.py's costs and weights
-        self.criterion = train.new_criterion(SimpleNamespace(**{**defaults, **additions})).to(device)
+        self.criterion = train.new_criterion(SimpleNamespace(**defaults), model_args(self.model)).to(device)
         self.optimizer = make_optimizer(self.model)
 
     def compile(self):
@@ -150,7 +151,7 @@ class HFDETR:
 
     def __init__(self):
         try:
-            from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor
+            from transformers import DetrConfig, DetrForObjectDetection
         except ImportError:
             raise SystemExit("error: --compare=hf needs transformers and timm: pip install transformers timm") from None
         config = DetrConfig(num_labels=num_classes, num_queries=num_queries, d_model=hidden_dim,
@@ -164,7 +165,6 @@ class HFDETR:
                 p.requires_grad_(False)
         self.optimizer = make_optimizer(self.model)
         self.forward = self.model
-        self.processor = DetrImageProcessor()  # its own postprocessing: softmax, "no object" dropped, boxes in pixels
 
     def compile(self):
         self.forward = torch.compile(self.model)
@@ -178,8 +178,9 @@ class HFDETR:
     def infer(self, images, mask, autocast):
         with torch.no_grad(), autocast:
             out = self.forward(pixel_values=images, pixel_mask=(~mask).long())
-            return self.processor.post_process_object_detection(out, threshold=0.0,
-                                                                target_sizes=[(height, width)] * len(images))
+            # the paper's postprocess, as minidetr's (it reads no weights: the class stands for a model)
+            return DETR.postprocess(DETR, {"pred_logits": out.logits, "pred_boxes": out.pred_boxes},
+                                    [(height, width)] * len(images))
 
 
 def synchronize():
