@@ -402,8 +402,9 @@ def train(config):
     if ema_model is not None:
         eval_model = ema_model
         same_on_every_rank(ema_model, ddp)  # DDP gave every rank rank 0's weights: the EMA starts from them too
-    criterion = new_criterion(cfg, model_args(raw_model)).to(device)
-    denoising = model_args(raw_model)["denoising_groups"] > 0  # its queries copy the targets (additions/model.py)
+    architecture = model_args(raw_model)  # the model's own arguments (a resume's are its checkpoint's)
+    criterion = new_criterion(cfg, architecture).to(device)
+    denoising = architecture["denoising_groups"] > 0  # its queries copy the targets (additions/model.py)
     if rank == 0:
         describe(cfg, raw_model, train_set, val_set, device, world_size)
     if cfg.eval_only:

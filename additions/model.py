@@ -40,8 +40,8 @@ def additions_on(args):
 def build_model(**args):
     """detr.DETR when every addition in args is off (or absent), else AdditionsDETR: what a config or a
     checkpoint's model_args build."""
-    paper = {k: v for k, v in args.items() if k not in ADDITIONS_OFF}
-    return AdditionsDETR(**paper, **additions_on(args)) if additions_on(args) else DETR(**paper)
+    paper, on = {k: v for k, v in args.items() if k not in ADDITIONS_OFF}, additions_on(args)
+    return AdditionsDETR(**paper, **on) if on else DETR(**paper)
 
 
 def model_args(model):
